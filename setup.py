@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hf_hierseg",
+    version="0.1.0",
+    description="CAST (hierarchical segmentation ViT, ICLR 2024) for the Hugging Face ecosystem",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["hf_hierseg", "hf_hierseg.*"]),
+    package_data={"hf_hierseg": ["default_model/*", "assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "transformers>=5.0,<6",
+        "torch>=2.4",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "evaluate>=0.4",
+        "huggingface-hub>=1.0",
+        "safetensors>=0.4",
+        "peft>=0.13",
+        "numpy>=1.24",
+        "pillow>=10.0",
+        "opencv-contrib-python-headless>=4.8",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=8", "tensorboard"]},
+    entry_points={"console_scripts": ["hf-hierseg=hf_hierseg.cli:main"]},
+)
