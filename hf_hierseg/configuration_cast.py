@@ -42,6 +42,8 @@ class CastConfig(PretrainedConfig):
         freeze_last_pooling (`bool`, defaults to `True`): the original freezes the 4th graph pooling (it does
             not affect the embedding).
         initializer_range (`float`, defaults to 0.02): std of the truncated-normal initialiser.
+        projection_dim, projection_hidden_dim (`int`, default 256 / 4096): MoCo-v3 projector and predictor sizes
+            (used by `CastForSelfSupervisedPretraining`).
     """
 
     model_type = "cast"
@@ -68,6 +70,8 @@ class CastConfig(PretrainedConfig):
         mask_padding_tokens=False,
         freeze_last_pooling=True,
         initializer_range=0.02,
+        projection_dim=256,
+        projection_hidden_dim=4096,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -91,6 +95,8 @@ class CastConfig(PretrainedConfig):
         self.mask_padding_tokens = mask_padding_tokens
         self.freeze_last_pooling = freeze_last_pooling
         self.initializer_range = initializer_range
+        self.projection_dim = projection_dim
+        self.projection_hidden_dim = projection_hidden_dim
         self.validate_cast()
 
     @property

@@ -7,6 +7,8 @@ for every level-1 segment, its group at each coarser level.
 
 import torch
 
+from .segment_ops import present_labels, resize_labels_nearest
+
 
 def parents_from_logits(assignment_logits):
     """Hard parent of every token at each level: a list of int64 [B, N_l] (values in 0..K_l-1)."""
@@ -50,10 +52,34 @@ def paint_segments(segment_values, superpixels):
     return torch.gather(segment_values, 1, index).reshape(batch, height, width, segment_values.shape[-1])
 
 
-def paint_hierarchy(hierarchy, superpixels):
-    """Pixel label maps for every level: a list of int64 [B, H, W], level 0 (the superpixels) first."""
+def effective_superpixels(superpixels, patch_size=8, num_tokens=None):
+    """The superpixel map as the model sees it.
+
+    On the stride-`patch_size` grid the model samples the top-left pixel of each cell; a superpixel that no cell
+    samples has no token of its own (a padding token), so its pixels are given the label of the cell they lie in.
+    With `patch_size=None` (segments pooled at full resolution) the map is returned unchanged.
+    """
     superpixels = superpixels.long()
-    return [superpixels] + [paint_segments(groups, superpixels) for groups in hierarchy]
+    if patch_size is None or patch_size == 1:
+        return superpixels
+    height, width = superpixels.shape[-2:]
+    grid = resize_labels_nearest(superpixels, (height // patch_size, width // patch_size))
+    num_labels = int(superpixels.max()) + 1
+    if num_tokens is not None:
+        num_labels = max(num_labels, num_tokens)
+    present = present_labels(grid, num_labels)  # [B, num_labels]
+    cell_labels = grid.repeat_interleave(patch_size, dim=1).repeat_interleave(patch_size, dim=2)
+    cell_labels = cell_labels[:, :height, :width]
+    sampled = torch.gather(present, 1, superpixels.reshape(superpixels.shape[0], -1)).reshape(superpixels.shape)
+    return torch.where(sampled, superpixels, cell_labels)
+
+
+def paint_hierarchy(hierarchy, superpixels, patch_size=8):
+    """Pixel label maps for every level: a list of int64 [B, H, W], level 0 (the superpixels as the model saw
+    them, see `effective_superpixels`) first, then levels 1..4. Every level-l region is a union of level-(l-1)
+    regions."""
+    level0 = effective_superpixels(superpixels.to(hierarchy[0].device), patch_size, hierarchy[0].shape[1])
+    return [level0] + [paint_segments(groups, level0) for groups in hierarchy]
 
 
 def parent_links(hierarchy):
@@ -71,4 +97,11 @@ def parent_links(hierarchy):
     return links
 
 
-__all__ = ["parents_from_logits", "compose_hierarchy", "paint_segments", "paint_hierarchy", "parent_links"]
+__all__ = [
+    "parents_from_logits",
+    "compose_hierarchy",
+    "paint_segments",
+    "effective_superpixels",
+    "paint_hierarchy",
+    "parent_links",
+]

@@ -1,0 +1,300 @@
+"""Convert the authors' CAST checkpoints (MoCo-v3, DeiT, bare state dicts) into `save_pretrained` directories."""
+
+import argparse
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .configuration_cast import CAST_PRESETS, NUM_LEVELS, CastConfig
+from .modeling_cast import (
+    CastForImageClassification,
+    CastForSelfSupervisedPretraining,
+    CastModel,
+    sincos_position_grid,
+)
+
+
+EXPECTED_KEYS_HELP = (
+    "a CAST checkpoint holds `cls_token`, `patch_embed.proj.*`, `blocks{l}.{i}.*` and `pool{l}.pool_block.*` "
+    "(optionally under `module.base_encoder.` in a MoCo-v3 `state_dict`, or under `model` in a DeiT checkpoint)"
+)
+
+# Graph pooling submodules: original name -> ours.
+POOLING_RENAMES = {
+    "centroid_fc.": "centroid_fc.",
+    "fc1.0.": "token_norm.",
+    "fc1.1.": "token_expand.",
+    "fc2.0.": "cluster_norm.",
+    "fc2.1.": "cluster_project.",
+}
+
+
+@dataclass
+class ConversionReport:
+    source_format: str
+    model_class: str
+    config: CastConfig
+    kept: dict = field(default_factory=dict)  # original key -> new key
+    dropped: dict = field(default_factory=dict)  # original key -> reason
+
+    def lines(self):
+        yield f"source format: {self.source_format}; saved as {self.model_class}"
+        yield f"kept {len(self.kept)} tensors:"
+        for old, new in self.kept.items():
+            yield f"  keep  {old} -> {new}"
+        yield f"dropped {len(self.dropped)} entries:"
+        for old, reason in self.dropped.items():
+            yield f"  drop  {old}  ({reason})"
+
+
+def load_original_checkpoint(path, allow_argparse_namespace=False):
+    """`torch.load(weights_only=True)`; a DeiT checkpoint with an `argparse.Namespace` under `args` needs the
+    explicit opt-in, which allow-lists only that class."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}.")
+    try:
+        if allow_argparse_namespace:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the unpickler names the class it refused
+        if "Namespace" in str(error):
+            raise ValueError(
+                f"{path} stores an `argparse.Namespace` (the DeiT training arguments under `args`). It is not "
+                "loaded by default; pass `allow_argparse_namespace=True` (`--allow-argparse-namespace`) to allow "
+                "that one class."
+            ) from error
+        raise ValueError(f"Could not read {path} with torch.load(weights_only=True): {error}") from error
+
+
+def split_checkpoint(checkpoint):
+    """Return (format name, backbone state dict, MoCo extras {projector/predictor}, dropped {key: reason})."""
+    dropped, extras = {}, {}
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"Not a CAST checkpoint: expected a dict, got {type(checkpoint).__name__}; {EXPECTED_KEYS_HELP}.")
+    if "state_dict" in checkpoint and any(k.startswith("module.base_encoder.") for k in checkpoint["state_dict"]):
+        source_format, state = "moco", {}
+        for key, value in checkpoint["state_dict"].items():
+            if key.startswith("module.base_encoder.head."):
+                extras["projector." + key[len("module.base_encoder.head.") :]] = (key, value)
+            elif key.startswith("module.base_encoder."):
+                state[key[len("module.base_encoder.") :]] = (key, value)
+            elif key.startswith("module.predictor."):
+                extras["predictor." + key[len("module.predictor.") :]] = (key, value)
+            elif key.startswith("module.momentum_encoder."):
+                dropped[key] = "momentum encoder (training state, not needed for inference)"
+            else:
+                dropped[key] = "not part of the base encoder"
+        outer = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    elif "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        source_format = "deit"
+        state = {k: (k, v) for k, v in checkpoint["model"].items()}
+        outer = {k: v for k, v in checkpoint.items() if k != "model"}
+    elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], dict):
+        source_format = "linear-probe"
+        state = {k.removeprefix("module."): (k, v) for k, v in checkpoint["state_dict"].items()}
+        outer = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    else:
+        source_format = "state_dict"
+        state = {k.removeprefix("module."): (k, v) for k, v in checkpoint.items() if torch.is_tensor(v)}
+        outer = {k: v for k, v in checkpoint.items() if not torch.is_tensor(v)}
+    for key in outer:
+        dropped[key] = "training state (optimizer, epoch, scaler, ...)"
+    if "cls_token" not in state or not any(re.match(r"blocks\d\.\d+\.", k) for k in state):
+        sample = ", ".join(list(state)[:8]) or "none"
+        raise ValueError(f"Not a CAST checkpoint: {EXPECTED_KEYS_HELP}. Found keys: {sample} ...")
+    return source_format, state, extras, dropped
+
+
+def infer_architecture(state):
+    """Width, depths, position-embedding type and image size, read off the tensors."""
+    hidden_size = state["cls_token"][1].shape[-1]
+    depths = []
+    for level in range(1, NUM_LEVELS + 1):
+        indices = {int(m.group(1)) for k in state if (m := re.match(rf"blocks{level}\.(\d+)\.norm1\.weight$", k))}
+        depths.append(len(indices))
+    inferred = dict(hidden_size=hidden_size, depths=tuple(depths))
+    if "pos_embed" in state:
+        num_positions = state["pos_embed"][1].shape[1]
+        side = math.isqrt(num_positions)
+        if side * side == num_positions:
+            inferred["position_embedding_type"] = "sincos"
+        elif math.isqrt(num_positions - 1) ** 2 == num_positions - 1:
+            side = math.isqrt(num_positions - 1)
+            inferred["position_embedding_type"] = "learned"
+        else:
+            raise ValueError(f"`pos_embed` has {num_positions} positions: not a square grid (with or without CLS).")
+        inferred["image_size"] = side * 8
+    return inferred
+
+
+def build_config(inferred, preset=None, overrides=None, num_labels=None, projection=None):
+    """Merge preset, overrides and what the tensors say; contradictions raise a `ValueError`."""
+    settings = dict(CAST_PRESETS[preset]) if preset else {}
+    if preset and preset not in CAST_PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(CAST_PRESETS)}.")
+    settings.update(overrides or {})
+    for name, value in inferred.items():
+        given = settings.get(name)
+        if given is not None and (tuple(given) if isinstance(given, (list, tuple)) else given) != value:
+            raise ValueError(
+                f"The checkpoint's tensors say {name}={value}, but the preset/--set says {name}={given}; "
+                "fix the preset or the --set value."
+            )
+        settings[name] = value
+    if num_labels is not None:
+        settings["num_labels"] = num_labels
+    if projection is not None:
+        settings["projection_dim"], settings["projection_hidden_dim"] = projection
+    return CastConfig(**settings)
+
+
+def backbone_key(key, depths):
+    """Our CastModel key for an original backbone key, or None if the key has no counterpart."""
+    offsets = [sum(depths[:level]) for level in range(NUM_LEVELS)]
+    if key.startswith("patch_embed.proj."):
+        return "embeddings.patch_embeddings." + key[len("patch_embed.") :]
+    if key == "cls_token":
+        return "embeddings.cls_token"
+    if key.startswith("norm."):
+        return "layernorm." + key[len("norm.") :]
+    if match := re.match(r"blocks(\d)\.(\d+)\.(.*)$", key):
+        level, index, rest = int(match.group(1)) - 1, int(match.group(2)), match.group(3)
+        local = index - offsets[level] if index >= offsets[level] else index
+        return f"levels.{level}.blocks.{local}.{rest}"
+    if match := re.match(r"pool(\d)\.pool_block\.(.*)$", key):
+        level, rest = int(match.group(1)) - 1, match.group(2)
+        for old, new in POOLING_RENAMES.items():
+            if rest.startswith(old):
+                return f"levels.{level}.pooling.{new}{rest[len(old):]}"
+    return None
+
+
+def map_backbone(state, config, report, prefix=""):
+    """Rename backbone tensors; checks duplicated and fixed tensors instead of copying them."""
+    mapped = {}
+    depths = config.depths
+    for key, (original_key, value) in state.items():
+        if match := re.match(r"blocks\.(\d+)\.(.*)$", key):
+            index, rest = int(match.group(1)), match.group(2)
+            level = next(l for l in range(NUM_LEVELS) if index < sum(depths[: l + 1]))
+            twin = f"blocks{level + 1}.{index}.{rest}"
+            if twin not in state or not torch.equal(state[twin][1], value):
+                raise ValueError(f"`{key}` and its twin `{twin}` should be the same module but differ or are missing.")
+            report.dropped[original_key] = f"duplicate of {twin} (same module in the original)"
+            continue
+        if key == "pos_embed":
+            if config.position_embedding_type == "learned":
+                mapped[prefix + "embeddings.position_embeddings"] = value
+                report.kept[original_key] = prefix + "embeddings.position_embeddings"
+            else:
+                grid = config.image_size // config.patch_size
+                if not torch.allclose(value.float(), sincos_position_grid(grid, grid, config.hidden_size), atol=1e-5):
+                    raise ValueError("`pos_embed` is not the fixed 2D sin-cos table the model builds.")
+                report.dropped[original_key] = "fixed 2D sin-cos table, rebuilt by the model (verified equal)"
+            continue
+        if key == "pe_token":
+            if value.abs().max() > 0:
+                raise ValueError("`pe_token` (the CLS position) is not zero; this converter expects the frozen zeros.")
+            report.dropped[original_key] = "CLS position of the sin-cos model: frozen zeros, rebuilt by the model"
+            continue
+        new_key = backbone_key(key, depths)
+        if new_key is None:
+            continue
+        mapped[prefix + new_key] = value
+        report.kept[original_key] = prefix + new_key
+    return mapped
+
+
+def convert_state(checkpoint, preset=None, overrides=None):
+    """Convert a loaded original checkpoint. Returns (model, report)."""
+    source_format, state, extras, dropped = split_checkpoint(checkpoint)
+    inferred = infer_architecture(state)
+    head = state.get("head.weight")
+    projection = None
+    if extras:
+        projection = (extras["projector.6.weight"][1].shape[0], extras["projector.0.weight"][1].shape[0])
+    num_labels = head[1].shape[0] if head is not None and head[1].dim() == 2 else None
+    config = build_config(inferred, preset, overrides, num_labels=num_labels, projection=projection)
+
+    if extras:
+        model_class, prefix = CastForSelfSupervisedPretraining, "cast."
+    elif num_labels is not None:
+        model_class, prefix = CastForImageClassification, "cast."
+    else:
+        model_class, prefix = CastModel, ""
+    report = ConversionReport(source_format, model_class.__name__, config, dropped=dict(dropped))
+    mapped = map_backbone(state, config, report, prefix)
+    for key, (original_key, value) in state.items():
+        if key.startswith("head."):
+            if num_labels is not None:
+                mapped["classifier." + key[len("head.") :]] = value
+                report.kept[original_key] = "classifier." + key[len("head.") :]
+            else:
+                report.dropped[original_key] = "head without a classifier weight"
+        elif original_key not in report.kept and original_key not in report.dropped:
+            report.dropped[original_key] = "no counterpart in the Hugging Face model"
+    for new_key, (original_key, value) in extras.items():
+        mapped[new_key] = value
+        report.kept[original_key] = new_key
+
+    model = model_class(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(mapped))
+    unexpected = sorted(set(mapped) - expected)
+    if unexpected:
+        raise ValueError(f"Checkpoint tensors with no place in {model_class.__name__}: {unexpected[:10]}")
+    if missing:
+        raise ValueError(
+            f"The checkpoint lacks tensors that {model_class.__name__} needs: {missing[:10]}; "
+            "check the preset / --set values (depths, width) against the checkpoint."
+        )
+    for key, value in mapped.items():
+        if model.state_dict()[key].shape != value.shape:
+            raise ValueError(
+                f"Shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(model.state_dict()[key].shape)}; "
+                "the config (preset / --set) contradicts the checkpoint."
+            )
+    model.load_state_dict(mapped, strict=True)
+    model.eval()
+    return model, report
+
+
+def parse_overrides(items):
+    """`key=value` strings (lists comma-separated) to a dict typed like CastConfig's defaults."""
+    defaults = CastConfig().to_dict()
+    overrides = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}.")
+        key, raw = item.split("=", 1)
+        if key not in defaults:
+            raise ValueError(f"--set: unknown config field {key!r}.")
+        default = defaults[key]
+        if isinstance(default, (list, tuple)):
+            value = tuple(int(v) for v in raw.split(","))
+        elif isinstance(default, bool):
+            value = raw.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            value = int(raw)
+        elif isinstance(default, float):
+            value = float(raw)
+        else:
+            value = raw
+        overrides[key] = value
+    return overrides
+
+
+def convert_checkpoint(path, output_dir, preset=None, overrides=None, allow_argparse_namespace=False):
+    """Load, convert and `save_pretrained` an original checkpoint (with the image processor when available)."""
+    checkpoint = load_original_checkpoint(path, allow_argparse_namespace)
+    model, report = convert_state(checkpoint, preset, overrides)
+    model.save_pretrained(output_dir)
+    return model, report
+
+
+__all__ = ["convert_checkpoint", "convert_state", "load_original_checkpoint", "parse_overrides", "ConversionReport"]

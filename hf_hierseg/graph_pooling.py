@@ -1,0 +1,129 @@
+"""Graph pooling: farthest point sampling picks K centroid tokens, every token is softly assigned to them, and
+the assignments average the tokens into K new (coarser) segment tokens."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import CastSelfAttention, padding_attention_mask
+from .segment_ops import masked_mean
+
+
+def farthest_point_sampling(points, num_samples, start_index=0):
+    """Batched farthest point sampling with the semantics of DGL's CPU kernel.
+
+    Distances are squared Euclidean; each step picks the point farthest from the chosen set, ties to the lowest
+    index. Points already chosen are never chosen again (where DGL would re-pick a chosen point, i.e. only when
+    every remaining distance is 0, this picks the lowest-index unchosen point instead).
+
+    Args:
+        points: [B, N, D] (use float64 for exact ties).
+        num_samples: K <= N.
+        start_index: the first pick.
+
+    Returns:
+        int64 [B, K] indices.
+    """
+    batch, num_points, _ = points.shape
+    if num_samples > num_points:
+        raise ValueError(f"Cannot sample {num_samples} points from {num_points}.")
+    rows = torch.arange(batch, device=points.device)
+    picks = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
+    current = torch.full((batch,), start_index, dtype=torch.long, device=points.device)
+    min_distance = torch.full((batch, num_points), float("inf"), dtype=points.dtype, device=points.device)
+    chosen = torch.zeros(batch, num_points, dtype=torch.bool, device=points.device)
+    for step in range(num_samples):
+        picks[:, step] = current
+        chosen[rows, current] = True
+        if step == num_samples - 1:
+            break
+        distance = (points - points[rows, current].unsqueeze(1)).pow(2).sum(-1)  # [B, N]
+        min_distance = torch.minimum(min_distance, distance)
+        current = min_distance.masked_fill(chosen, -1.0).argmax(dim=1)
+    return picks
+
+
+@dataclass
+class GraphPoolingOutput:
+    cls_token: torch.Tensor  # [B, 1, C] pooled CLS
+    pooled_tokens: torch.Tensor  # [B, K, C] one token per cluster (the next level's segments)
+    assignment_logits: torch.Tensor  # [B, N, K]
+    sampled_indices: torch.Tensor  # int64 [B, K], FPS picks among the N input tokens
+
+
+class CentroidAttention(nn.Module):
+    """Attention-only block that embeds tokens for grouping: x + Attn(LN(x)), mean-centred, plus a bias."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = CastSelfAttention(config, num_heads=config.graph_pooling_num_heads)
+        self.bias = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, tokens, padding_mask=None, mask_padding=False):
+        attention_mask = padding_attention_mask(padding_mask, tokens.dtype) if mask_padding else None
+        hidden, _ = self.attn(self.norm(tokens), attention_mask)
+        hidden = tokens + hidden
+        if mask_padding and padding_mask is not None:
+            mean = masked_mean(hidden, ~padding_mask, keepdim=True)
+        else:
+            mean = hidden.mean(dim=1, keepdim=True)
+        return hidden - mean + self.bias
+
+
+class GraphPooling(nn.Module):
+    """Merge N segment tokens into `num_clusters` tokens (one CAST level)."""
+
+    def __init__(self, config, num_clusters):
+        super().__init__()
+        hidden, expanded = config.hidden_size, 4 * config.hidden_size
+        self.num_clusters = num_clusters
+        self.assignment_scale = config.assignment_scale
+        self.mask_padding = config.mask_padding_tokens
+        self.centroid_fc = CentroidAttention(config)
+        # LayerNorms here use torch's default eps (1e-5), as the original.
+        self.token_norm = nn.LayerNorm(hidden)
+        self.token_expand = nn.Linear(hidden, expanded)
+        self.token_dropout = nn.Dropout(config.pooling_dropout_prob)
+        self.cluster_norm = nn.LayerNorm(expanded)
+        self.cluster_project = nn.Linear(expanded, hidden)
+
+    def sample_centroids(self, tokens, padding_mask):
+        """FPS over the tokens with padding replaced by the mean token, which is prepended as the start point."""
+        if padding_mask is None:
+            padding_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        mean = masked_mean(tokens, ~padding_mask, keepdim=True)  # [B, 1, C]
+        filled = torch.where(padding_mask.unsqueeze(-1), mean.expand_as(tokens), tokens)
+        points = torch.cat([mean, filled], dim=1).detach().to(torch.float64)
+        return farthest_point_sampling(points, self.num_clusters + 1, start_index=0)[:, 1:] - 1
+
+    def expand(self, tokens):
+        return self.token_dropout(F.gelu(self.token_expand(self.token_norm(tokens))))
+
+    def forward(self, cls_token, tokens, padding_mask=None):
+        """cls_token [B, 1, C]; tokens [B, N, C] (after the level's blocks); padding_mask bool [B, N] or None."""
+        sampled_indices = self.sample_centroids(tokens, padding_mask)  # [B, K]
+        gather_index = sampled_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+
+        node_features = self.centroid_fc(tokens, padding_mask, self.mask_padding)
+        centroid_features = torch.gather(node_features, 1, gather_index)
+        assignment_logits = self.assignment_scale * torch.einsum(
+            "bnc,bkc->bnk", F.normalize(node_features, dim=-1), F.normalize(centroid_features, dim=-1)
+        )
+        assignments = assignment_logits.softmax(dim=-1)  # [B, N, K]
+        if self.mask_padding and padding_mask is not None:
+            assignments = assignments.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+
+        expanded = self.expand(torch.cat([cls_token, tokens], dim=1))
+        expanded_cls, expanded_tokens = expanded[:, :1], expanded[:, 1:]
+        cluster_mass = assignments.sum(dim=1).unsqueeze(-1)  # [B, K, 1]
+        cluster_means = torch.einsum("bnk,bnc->bkc", assignments, expanded_tokens) / cluster_mass
+        projected = self.cluster_project(self.cluster_norm(torch.cat([expanded_cls, cluster_means], dim=1)))
+        pooled_tokens = projected[:, 1:] + torch.gather(tokens, 1, gather_index)
+        cls_token = projected[:, :1] + cls_token
+        return GraphPoolingOutput(cls_token, pooled_tokens, assignment_logits, sampled_indices)
+
+
+__all__ = ["GraphPooling", "GraphPoolingOutput", "CentroidAttention", "farthest_point_sampling"]

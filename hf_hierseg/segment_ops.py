@@ -1,0 +1,74 @@
+"""Segment-wise reductions: turning a feature grid and a superpixel map into one token per segment."""
+
+import torch
+import torch.nn.functional as F
+
+
+def resize_labels_nearest(superpixels, size):
+    """Resize an int label map [B, H, W] to `size` with PyTorch's legacy nearest (source index floor(i * in / out)).
+
+    For a stride-8 grid this samples the top-left pixel of each 8x8 cell, as the original CAST does.
+    """
+    if tuple(superpixels.shape[-2:]) == tuple(size):
+        return superpixels.long()
+    resized = F.interpolate(superpixels[:, None].float(), size=size, mode="nearest")
+    return resized[:, 0].long()
+
+
+def segment_sum_and_count(features, labels, num_segments):
+    """Sum features per segment label.
+
+    Args:
+        features: [B, P, D] values of P grid cells.
+        labels: int64 [B, P], values in 0..num_segments-1.
+        num_segments: number of output segments S.
+
+    Returns:
+        sums [B, S, D] and counts [B, S] (float, same dtype as `features`).
+    """
+    batch, _, dim = features.shape
+    index = labels.unsqueeze(-1).expand(-1, -1, dim)
+    sums = features.new_zeros(batch, num_segments, dim).scatter_add_(1, index, features)
+    counts = features.new_zeros(batch, num_segments).scatter_add_(1, labels, torch.ones_like(labels, dtype=features.dtype))
+    return sums, counts
+
+
+def segment_mean(features, labels, num_segments):
+    """Mean of `features` [B, P, D] per label; absent labels give zeros. Returns (means [B, S, D], counts [B, S])."""
+    sums, counts = segment_sum_and_count(features, labels, num_segments)
+    return sums / counts.clamp(min=1).unsqueeze(-1), counts
+
+
+def masked_mean(values, mask, dim=1, keepdim=False):
+    """Mean of `values` over `dim`, counting only entries where `mask` [B, N] is True (count clamped to >= 1)."""
+    weights = mask.to(values.dtype).unsqueeze(-1)
+    total = (values * weights).sum(dim=dim, keepdim=keepdim)
+    count = weights.sum(dim=dim, keepdim=keepdim).clamp(min=1)
+    return total / count
+
+
+def relabel_consecutive(superpixels):
+    """Map the labels of each image in an int tensor [B, H, W] to 0..S_b-1, keeping their order."""
+    relabelled = torch.empty_like(superpixels, dtype=torch.long)
+    for index, labels in enumerate(superpixels):
+        relabelled[index] = torch.unique(labels, return_inverse=True)[1]
+    return relabelled
+
+
+def present_labels(grid_labels, num_labels):
+    """Bool [B, num_labels]: which labels occur in each image of an int map [B, h, w]."""
+    batch = grid_labels.shape[0]
+    flat = grid_labels.reshape(batch, -1).long().clamp(max=num_labels)
+    present = torch.zeros(batch, num_labels + 1, dtype=torch.bool, device=grid_labels.device)
+    present.scatter_(1, flat, True)
+    return present[:, :num_labels]
+
+
+__all__ = [
+    "resize_labels_nearest",
+    "segment_sum_and_count",
+    "segment_mean",
+    "masked_mean",
+    "relabel_consecutive",
+    "present_labels",
+]
