@@ -1,0 +1,64 @@
+"""Shared pytest fixtures: the `../shared` folder and a local Hugging Face Hub."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # make tests/hub_server.py importable from any rootdir
+
+from hub_server import HubServer  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """`<repo root>/../shared` (fixtures, read-only); skips the test when it is absent."""
+    path = REPO_ROOT.parent / "shared"
+    if not path.is_dir():
+        pytest.skip(f"shared material not found at {path} (CI provides it beside the repository)")
+    return path
+
+
+@pytest.fixture
+def hub_server(monkeypatch, tmp_path):
+    """A local Hub on 127.0.0.1 that `huggingface_hub` and `transformers` talk to, in this process and in
+    subprocesses (through the environment). Online mode, token `hf_test`, Xet off, an empty cache per test.
+
+    `huggingface_hub.constants` reads the environment at import time, so the constants are patched too;
+    so are the module-level `HfApi` behind `huggingface_hub.create_repo` & co. and transformers' cached one.
+    To go offline later in a test: `monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)`.
+    """
+    import huggingface_hub
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import constants
+
+    server = HubServer(token="hf_test").start()
+    cache_dir = tmp_path / "hf_hub_cache"
+    environment = {
+        "HF_ENDPOINT": server.url,
+        "HF_TOKEN": server.token,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_CACHE": str(cache_dir),
+    }
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", server.url)
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers caches one HfApi with its endpoint
+    try:
+        yield server
+    finally:
+        server.stop()
