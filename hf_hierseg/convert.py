@@ -15,6 +15,7 @@ from .modeling_cast import (
     CastModel,
     sincos_position_grid,
 )
+from .modeling_cast_seg import CastForSemanticSegmentation
 
 
 EXPECTED_KEYS_HELP = (
@@ -29,6 +30,12 @@ POOLING_RENAMES = {
     "fc1.1.": "token_expand.",
     "fc2.0.": "cluster_norm.",
     "fc2.1.": "cluster_project.",
+}
+
+# cast_seg's BlockFusion (`proj_blocks` = [_BatchNorm1d wrapper, Dropout, Linear]): original prefix -> ours.
+FUSION_RENAMES = {
+    "block_fusion.proj_blocks.0.norm.": "fusion.batch_norm.",
+    "block_fusion.proj_blocks.2.": "fusion.projection.",
 }
 
 
@@ -153,8 +160,10 @@ def build_config(inferred, preset=None, overrides=None, num_labels=None, project
     return CastConfig(**settings)
 
 
-def backbone_key(key, depths):
-    """Our CastModel key for an original backbone key, or None if the key has no counterpart."""
+def backbone_key(key, depths, local_block_indices=False):
+    """Our CastModel key for an original backbone key, or None if the key has no counterpart.
+
+    `local_block_indices`: `blocks{l}.{j}` counts j from 0 in every level (cast_seg) rather than globally."""
     offsets = [sum(depths[:level]) for level in range(NUM_LEVELS)]
     if key.startswith("patch_embed.proj."):
         return "embeddings.patch_embeddings." + key[len("patch_embed.") :]
@@ -164,7 +173,7 @@ def backbone_key(key, depths):
         return "layernorm." + key[len("norm.") :]
     if match := re.match(r"blocks(\d)\.(\d+)\.(.*)$", key):
         level, index, rest = int(match.group(1)) - 1, int(match.group(2)), match.group(3)
-        local = index - offsets[level] if index >= offsets[level] else index
+        local = index - offsets[level] if index >= offsets[level] and not local_block_indices else index
         return f"levels.{level}.blocks.{local}.{rest}"
     if match := re.match(r"pool(\d)\.pool_block\.(.*)$", key):
         level, rest = int(match.group(1)) - 1, match.group(2)
@@ -174,7 +183,7 @@ def backbone_key(key, depths):
     return None
 
 
-def map_backbone(state, config, report, prefix=""):
+def map_backbone(state, config, report, prefix="", local_block_indices=False):
     """Rename backbone tensors; checks duplicated and fixed tensors instead of copying them."""
     mapped = {}
     depths = config.depths
@@ -202,7 +211,7 @@ def map_backbone(state, config, report, prefix=""):
                 raise ValueError("`pe_token` (the CLS position) is not zero; this converter expects the frozen zeros.")
             report.dropped[original_key] = "CLS position of the sin-cos model: frozen zeros, rebuilt by the model"
             continue
-        new_key = backbone_key(key, depths)
+        new_key = backbone_key(key, depths, local_block_indices)
         if new_key is None:
             continue
         mapped[prefix + new_key] = value
@@ -210,25 +219,60 @@ def map_backbone(state, config, report, prefix=""):
     return mapped
 
 
+def segmentation_settings(extras, num_labels, overrides):
+    """cast_seg checkpoints: the head (MoCo projector, or a Linear) becomes a per-segment head of
+    `CastForSemanticSegmentation`, whose 4th pooling is trainable. Returns (num_labels, overrides)."""
+    if extras:
+        num_labels = extras["projector.6.weight"][1].shape[0]
+    settings = {"freeze_last_pooling": False, "segmentation_head_type": "mlp_projector" if extras else "linear"}
+    return num_labels, {**settings, **(overrides or {})}
+
+
+def map_segmentation_extras(state, extras, report):
+    """BlockFusion tensors, and the MoCo projector as the segmentation head (`classifier.*`); the predictor is
+    dropped. Returns the renamed tensors."""
+    mapped = {}
+    for key, (original_key, value) in state.items():
+        for old, new in FUSION_RENAMES.items():
+            if key.startswith(old):
+                mapped[new + key[len(old) :]] = value
+                report.kept[original_key] = new + key[len(old) :]
+    for key, (original_key, value) in extras.items():
+        if key.startswith("projector."):
+            mapped["classifier." + key[len("projector.") :]] = value
+            report.kept[original_key] = "classifier." + key[len("projector.") :]
+        else:
+            report.dropped[original_key] = "MoCo predictor (pre-training only; the projector is the segmentation head)"
+    return mapped
+
+
 def convert_state(checkpoint, preset=None, overrides=None):
     """Convert a loaded original checkpoint. Returns (model, report)."""
     source_format, state, extras, dropped = split_checkpoint(checkpoint)
+    segmentation = any(key.startswith("block_fusion.") for key in state)  # cast_seg.py
     inferred = infer_architecture(state)
     head = state.get("head.weight")
     projection = None
     if extras:
         projection = (extras["projector.6.weight"][1].shape[0], extras["projector.0.weight"][1].shape[0])
     num_labels = head[1].shape[0] if head is not None and head[1].dim() == 2 else None
+    if segmentation:
+        num_labels, overrides = segmentation_settings(extras, num_labels, overrides)
     config = build_config(inferred, preset, overrides, num_labels=num_labels, projection=projection)
 
-    if extras:
+    if segmentation:
+        model_class, prefix = CastForSemanticSegmentation, "cast."
+    elif extras:
         model_class, prefix = CastForSelfSupervisedPretraining, "cast."
     elif num_labels is not None:
         model_class, prefix = CastForImageClassification, "cast."
     else:
         model_class, prefix = CastModel, ""
     report = ConversionReport(source_format, model_class.__name__, config, dropped=dict(dropped))
-    mapped = map_backbone(state, config, report, prefix)
+    mapped = map_backbone(state, config, report, prefix, local_block_indices=segmentation)
+    if segmentation:
+        mapped.update(map_segmentation_extras(state, extras, report))
+        extras = {}
     for key, (original_key, value) in state.items():
         if key.startswith("head."):
             if num_labels is not None:
