@@ -1,0 +1,260 @@
+"""CastForSemanticSegmentation: parity with the authors' cast_seg.py, loss, fusion, bad input, Auto classes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForSemanticSegmentation
+
+from hf_hierseg import CastConfig
+from hf_hierseg.convert import convert_state, load_original_checkpoint, parse_overrides
+from hf_hierseg.hierarchy import paint_segments
+from hf_hierseg.modeling_cast_seg import CastForSemanticSegmentation, segment_cross_entropy
+
+TINY_OVERRIDES = ["num_attention_heads=4", "num_clusters=16,8,4,2"]
+
+
+def tiny_config(**kwargs):
+    settings = dict(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2),
+                    image_size=64, graph_pooling_num_heads=4, num_labels=3, freeze_last_pooling=False)
+    return CastConfig(**{**settings, **kwargs})
+
+
+def grid_superpixels(batch=2, size=64, cell=10):
+    """Rectangular superpixels, consecutive labels; 7 x 7 = 49 segments for 64 px / cell 10."""
+    rows = torch.arange(size) // cell
+    side = int(rows.max()) + 1
+    labels = rows[:, None] * side + rows[None, :]
+    return labels.expand(batch, size, size).clone()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fixtures were made with one thread
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def seg_fixture(shared_dir):
+    fixture = shared_dir / "fixtures" / "original_cast" / "tiny_seg_moco"
+    checkpoint = load_original_checkpoint(fixture / "checkpoint_0000.pth.tar")
+    return checkpoint, load_file(fixture / "inputs.safetensors"), load_file(fixture / "expected.safetensors")
+
+
+def collect_outputs(model, inputs):
+    """Our outputs under the original's names (`features` is the head's input, caught by a hook)."""
+    captured = {}
+    hooks = [
+        model.cast.embeddings.patch_embeddings.register_forward_hook(
+            lambda module, args, output: captured.__setitem__("patch_embed", output)
+        ),
+        model.classifier.register_forward_pre_hook(lambda module, args: captured.__setitem__("features", args[0])),
+    ]
+    with torch.no_grad():
+        out = model(inputs["pixel_values"], inputs["superpixels"], output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    batch = inputs["pixel_values"].shape[0]
+    got = {
+        "patch_embed": captured["patch_embed"],
+        "embeddings": out.hidden_states[0],
+        "features": captured["features"].unflatten(0, (batch, -1)),
+        "fused_cls": out.fused_hidden_states[:, :1],
+        "fused_tokens": out.fused_hidden_states[:, 1:],
+        "head": out.segment_logits,
+    }
+    for level in range(4):
+        name = level + 1
+        got[f"block_out{name}"] = out.level_hidden_states[level]
+        got[f"block{name}"] = out.level_hidden_states[level][:, 1:]
+        got[f"logit{name}"] = out.assignment_logits[level]
+        got[f"sampled_inds{name}"] = out.sampled_indices[level]
+        got[f"padding_mask{name}"] = out.padding_masks[level]
+        got[f"centroid{name}"] = out.pooled_hidden_states[level][:, 1:]
+        got[f"cls_token{name}"] = out.pooled_hidden_states[level][:, :1]
+    return got, out
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_every_tensor_matches_cast_seg(seg_fixture, attn_implementation):
+    checkpoint, inputs, expected = seg_fixture
+    model, report = convert_state(checkpoint, None, parse_overrides(TINY_OVERRIDES))
+    assert isinstance(model, CastForSemanticSegmentation)
+    assert model.config.segmentation_head_type == "mlp_projector" and model.config.num_labels == 16
+    assert model.config.freeze_last_pooling is False
+    assert not model.training
+    model.set_attn_implementation(attn_implementation)
+    got, out = collect_outputs(model, inputs)
+    for key, value in expected.items():
+        assert key in got, f"{key} is not produced by the port"
+        assert got[key].shape == value.shape, key
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, atol=1e-4, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+        else:
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    assert set(got) == set(expected)
+    # Pixel logits are the per-segment head painted through the superpixel map.
+    superpixels = inputs["superpixels"]
+    assert out.logits.shape == (2, 16, 64, 64)
+    b, y, x = 1, 40, 17
+    torch.testing.assert_close(out.logits[b, :, y, x], expected["head"][b, superpixels[b, y, x]], atol=1e-4, rtol=1e-4)
+
+
+def test_conversion_report_maps_fusion_and_projector(seg_fixture):
+    checkpoint, _, _ = seg_fixture
+    model, report = convert_state(checkpoint, None, parse_overrides(TINY_OVERRIDES))
+    kept = report.kept
+    assert kept["module.base_encoder.block_fusion.proj_blocks.0.norm.running_var"] == "fusion.batch_norm.running_var"
+    assert kept["module.base_encoder.block_fusion.proj_blocks.2.weight"] == "fusion.projection.weight"
+    assert kept["module.base_encoder.head.6.weight"] == "classifier.6.weight"
+    assert kept["module.base_encoder.blocks4.0.mlp.fc2.bias"] == "cast.levels.3.blocks.0.mlp.fc2.bias"
+    assert "module.predictor.0.weight" in report.dropped
+    state = checkpoint["state_dict"]
+    torch.testing.assert_close(
+        model.fusion.batch_norm.running_mean, state["module.base_encoder.block_fusion.proj_blocks.0.norm.running_mean"]
+    )
+    # The 4th pooling is trainable in the segmentation variant.
+    assert all(p.requires_grad for p in model.cast.levels[3].pooling.parameters())
+
+
+def test_local_block_indices_with_uneven_depths():
+    """cast_seg numbers blocks from 0 in every level: blocks2.1 with depths (1, 2, 1, 1) is level 2's 2nd block."""
+    from hf_hierseg.convert import backbone_key
+
+    depths = (1, 2, 1, 1)
+    assert backbone_key("blocks2.1.norm1.weight", depths, local_block_indices=True) == "levels.1.blocks.1.norm1.weight"
+    assert backbone_key("blocks2.2.norm1.weight", depths) == "levels.1.blocks.1.norm1.weight"  # global numbering
+
+
+def test_fusion_gathers_levels_to_segments():
+    """Independent loop implementation of BlockFusion's gather + concat against the module (eval mode)."""
+    torch.manual_seed(0)
+    model = CastForSemanticSegmentation(tiny_config()).eval()
+    fusion = model.fusion
+    with torch.no_grad():
+        fusion.batch_norm.running_mean.uniform_(-1, 1)
+        fusion.batch_norm.running_var.uniform_(0.5, 2)
+    B, C, sizes = 2, 24, (20, 16, 8, 4)
+    tokens = [torch.randn(B, n, C) for n in sizes]
+    cls = [torch.randn(B, 1, C) for _ in sizes]
+    parents = [torch.randint(0, k, (B, n)) for n, k in zip(sizes[:3], sizes[1:])]
+    groups = [parents[0], parents[1].gather(1, parents[0]), parents[2].gather(1, parents[1].gather(1, parents[0]))]
+    with torch.no_grad():
+        fused = fusion(tokens, cls, groups)
+    bn = fusion.batch_norm
+    for b in range(B):
+        for s in [0, 7, 19]:
+            level2 = parents[0][b, s]
+            level3 = parents[1][b, level2]
+            level4 = parents[2][b, level3]
+            row = torch.cat([tokens[0][b, s], tokens[1][b, level2], tokens[2][b, level3], tokens[3][b, level4]])
+            normed = (row - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+            torch.testing.assert_close(fused[b, 1 + s], fusion.projection(normed), atol=1e-5, rtol=1e-5)
+        cls_row = torch.cat([c[b, 0] for c in cls])
+        normed = (cls_row - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        torch.testing.assert_close(fused[b, 0], fusion.projection(normed), atol=1e-5, rtol=1e-5)
+
+
+def test_segment_loss_equals_pixel_cross_entropy():
+    torch.manual_seed(0)
+    segment_logits = torch.randn(2, 12, 5, requires_grad=True)
+    superpixels = torch.randint(0, 12, (2, 9, 7))
+    labels = torch.randint(0, 5, (2, 9, 7))
+    labels[0, :3] = 255
+    loss = segment_cross_entropy(segment_logits, superpixels, labels, 255)
+    painted = paint_segments(segment_logits, superpixels).permute(0, 3, 1, 2)
+    reference = F.cross_entropy(painted, labels, ignore_index=255)
+    torch.testing.assert_close(loss, reference)
+    (grad,) = torch.autograd.grad(loss, segment_logits)
+    (reference_grad,) = torch.autograd.grad(reference, segment_logits)
+    torch.testing.assert_close(grad, reference_grad)
+    # All pixels ignored: a zero loss, not NaN.
+    all_ignored = segment_cross_entropy(segment_logits, superpixels, torch.full_like(labels, 255), 255)
+    assert all_ignored.item() == 0.0
+
+
+def test_forward_loss_backward_reaches_every_trainable_parameter():
+    torch.manual_seed(0)
+    model = CastForSemanticSegmentation(tiny_config()).train()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    superpixels = grid_superpixels()
+    labels = torch.randint(0, 3, (2, 64, 64))
+    labels[:, :5] = 255
+    out = model(pixel_values, superpixels, labels=labels)
+    assert out.logits.shape == (2, 3, 64, 64) and out.segment_logits.shape == (2, 49, 3)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels, ignore_index=255))
+    out.loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    # In training mode the fusion's BatchNorm statistics couple the fused CLS (pool4's CLS output) to the tokens,
+    # so even the 4th pooling, trainable in this variant, receives gradients.
+    assert not no_grad, no_grad
+    assert all(p.requires_grad for p in model.cast.levels[3].pooling.parameters())
+    assert model.cast.layernorm is None
+
+
+def test_hierarchy_maps_nest_at_full_resolution():
+    torch.manual_seed(0)
+    model = CastForSemanticSegmentation(tiny_config()).eval()
+    superpixels = grid_superpixels()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), superpixels)
+    maps = out.hierarchy_maps(superpixels)
+    assert torch.equal(maps[0], superpixels)  # no superpixel is lost at full resolution
+    for fine, coarse in zip(maps[:-1], maps[1:]):
+        for b in range(2):
+            pairs = torch.stack([fine[b].flatten(), coarse[b].flatten()], 1).unique(dim=0)
+            assert pairs[:, 0].unique().numel() == pairs.shape[0]  # each fine region has one parent
+
+
+def test_linear_head_and_custom_ignore_index():
+    model = CastForSemanticSegmentation(tiny_config(semantic_loss_ignore_index=-100)).eval()
+    assert isinstance(model.classifier, torch.nn.Linear)
+    labels = torch.full((2, 64, 64), -100)
+    labels[:, 10:20, 10:20] = 2
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), grid_superpixels(), labels=labels)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels, ignore_index=-100))
+    with pytest.raises(ValueError, match="segmentation_head_type"):
+        CastForSemanticSegmentation(tiny_config(segmentation_head_type="conv"))
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (torch.full((2, 64, 64), 3), "class ids in \\[3, 3\\].*3 labels"),
+        (torch.full((2, 64, 64), -1), "class ids in \\[-1, -1\\]"),
+        (torch.zeros(2, 32, 32, dtype=torch.long), "does not match"),
+        (torch.zeros(2, 64, 64, 3, dtype=torch.long), "RGB"),
+        (torch.zeros(2, 64, 64), "integer"),
+    ],
+)
+def test_bad_labels_are_rejected(labels, message):
+    model = CastForSemanticSegmentation(tiny_config()).eval()
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(2, 3, 64, 64), grid_superpixels(), labels=labels)
+
+
+def test_ignore_index_labels_are_accepted():
+    model = CastForSemanticSegmentation(tiny_config()).eval()
+    labels = torch.full((2, 64, 64), 255)
+    labels[0, 0, 0] = 2
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), grid_superpixels(), labels=labels)
+    assert torch.isfinite(out.loss)
+
+
+def test_auto_class_round_trip(tmp_path):
+    import hf_hierseg  # noqa: F401  (registers the config)
+
+    AutoModelForSemanticSegmentation.register(CastConfig, CastForSemanticSegmentation, exist_ok=True)
+    torch.manual_seed(0)
+    model = CastForSemanticSegmentation(tiny_config(segmentation_head_type="mlp_projector", projection_hidden_dim=8))
+    model.eval().save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).segmentation_head_type == "mlp_projector"
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, CastForSemanticSegmentation)
+    inputs = (torch.randn(2, 3, 64, 64), grid_superpixels())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs).logits, model(*inputs).logits)
