@@ -123,8 +123,8 @@ class FakeHub:
 
     def info(self, repo, revision):
         sha, files = repo.resolve(revision)
-        siblings = [{"rfilename": path, "size": len(f.content), "blobId": f.blob_id, "lfs": f.lfs and
-                     {"sha256": f.sha256, "size": len(f.content), "pointerSize": f.pointer_size}}
+        siblings = [{"rfilename": path, "size": len(f.content), "blobId": f.blob_id, "lfs": {
+                     "sha256": f.sha256, "size": len(f.content), "pointerSize": f.pointer_size} if f.lfs else None}
                     for path, f in sorted(files.items())]
         return {"id": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": sha, "private": repo.private,
                 "lastModified": repo.last_modified, "tags": [], "siblings": siblings, "disabled": False, "gated": False}
@@ -148,14 +148,14 @@ class FakeHub:
         return [{"type": "directory", "path": p, "oid": git_blob_sha1(p.encode())} for p in sorted(folders)] + entries
 
     def preupload(self, repo, revision, body):
-        _, files = repo.resolve(revision)
+        sha, files = repo.resolve(revision)
         answers = []
         for item in body["files"]:
             lfs = item["path"].lower().endswith(LFS_SUFFIXES) or item["size"] >= LFS_MIN_SIZE
             remote = files.get(item["path"])
             answers.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
                             "oid": remote.etag if remote is not None and remote.lfs == lfs else None})
-        return {"files": answers, "commitOid": repo.resolve(revision)[0]}
+        return {"files": answers, "commitOid": sha}
 
     def lfs_batch(self, body):
         objects = []
@@ -206,14 +206,16 @@ class FakeHub:
             metadata = yaml.safe_load(match.group(1))
         except yaml.YAMLError as error:
             raise HubError(400, "Invalid YAML", body={"errors": [{"message": str(error)}]})
-        problems = [] if isinstance(metadata, dict) else ["metadata must be a YAML mapping"]
-        for key, value in (metadata or {}).items() if not problems else ():
+        if not isinstance(metadata, dict):
+            raise HubError(400, "Invalid metadata", body={"errors": [{"message": "metadata must be a YAML mapping"}]})
+        problems = []
+        for key, value in metadata.items():
             if key in ("tags", "datasets", "base_model", "language") and not (
                 isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
                 problems.append(f'"{key}" must be a string or a list of strings')
             if key in ("license", "library_name", "pipeline_tag") and not isinstance(value, str):
                 problems.append(f'"{key}" must be a string')
-        if isinstance(metadata, dict) and metadata.get("pipeline_tag", "image-classification") not in PIPELINE_TAGS:
+        if "pipeline_tag" in metadata and metadata["pipeline_tag"] not in PIPELINE_TAGS:
             problems.append(f'"pipeline_tag" must be a Hub task, got {metadata["pipeline_tag"]!r}')
         if problems:
             raise HubError(400, "Invalid metadata", body={"errors": [{"message": p} for p in problems]})
@@ -229,6 +231,7 @@ ROUTES = [  # (method, pattern on the still-quoted path, FakeHub-facing handler)
     ("POST", API_REPO + r"/preupload/(?P<rev>[^/]+)", "preupload"),
     ("POST", API_REPO + r"/commit/(?P<rev>[^/]+)", "commit"),
     ("POST", API_REPO + r"/branch/(?P<rev>[^/]+)", "create_branch"),
+    ("GET", API_REPO + r"/refs", "refs"),
     ("POST", "/" + REPO_PATH + r"\.git/info/lfs/objects/batch", "lfs_batch"),
     ("PUT", r"/__lfs__/(?P<oid>[0-9a-f]{64})", "lfs_upload"),
     ("POST", r"/__lfs__/verify", "lfs_verify"),
@@ -277,8 +280,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             headers.update({"X-Error-Code": error.code} if error.code else {})
             headers.update({"X-Repo-Commit": error.commit} if error.commit else {})
             self.send_json({"error": error.message, **(error.body or {})}, error.status, headers)
-        except (KeyError, TypeError, ValueError) as error:
-            self.send_json({"error": f"Bad request: {error!r}"}, 400, {"X-Error-Message": "Bad request"})
+        except Exception as error:  # a malformed request (or a gap in this server): fail fast, never retried
+            self.send_json({"error": f"The test Hub could not handle {method} {url.path}: {error!r}"}, 400,
+                           {"X-Error-Message": "Bad request"})
 
     def read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -344,6 +348,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         start = (json.loads(self.body) if self.body else {}).get("startingPoint") or "main"
         target.branches[rev] = target.resolve(start)[0]
         self.send_json({})
+
+    def handle_refs(self, hub, repo_type, repo, **_):
+        branches = hub.repo(repo_type, repo, self.token).branches
+        self.send_json({"branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha}
+                                     for name, sha in sorted(branches.items())],
+                        "converts": [], "tags": [], "pullRequests": []})
 
     def handle_lfs_batch(self, hub, repo_type, repo, **_):
         hub.repo(repo_type, repo, self.token, write=True)
