@@ -1,0 +1,120 @@
+"""LoRA on CAST through peft's API: which layers get adapters, what trains, adapter round trip, merging."""
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+from hf_hierseg import CastConfig, CastForImageClassification, CastModel
+from hf_hierseg.peft_utils import LORA_TARGET_MODULES, add_lora, cast_lora_config
+
+
+def tiny_config(**kwargs):
+    return CastConfig(
+        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
+    )
+
+
+def grid_superpixels(batch, size=64, cell=9):
+    """Regular grid superpixels [B, size, size] with consecutive labels (ceil(64 / 9)^2 = 64 segments)."""
+    index = torch.arange(size) // cell
+    labels = index[:, None] * int(index.max() + 1) + index[None, :]
+    return labels.expand(batch, -1, -1).clone()
+
+
+@pytest.fixture
+def inputs():
+    generator = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(2, 3, 64, 64, generator=generator), "superpixels": grid_superpixels(2)}
+
+
+@pytest.fixture
+def classifier():
+    torch.manual_seed(0)
+    return CastForImageClassification(tiny_config(num_labels=3)).eval()
+
+
+def lora_wrapped_names(model):
+    return sorted(name for name, module in model.named_modules() if hasattr(module, "lora_A"))
+
+
+def test_lora_wraps_exactly_the_linear_layers_of_blocks_and_centroid_attention(classifier):
+    # Independent expectation: every nn.Linear whose own name is a target, wherever it is, except nothing else.
+    expected = sorted(
+        "base_model.model." + name
+        for name, module in classifier.named_modules()
+        if isinstance(module, nn.Linear) and name.split(".")[-1] in LORA_TARGET_MODULES
+    )
+    model = add_lora(classifier, r=4)
+    wrapped = lora_wrapped_names(model)
+    assert wrapped == expected
+    # 4 levels x (qkv, proj, fc1, fc2 of one block + qkv, proj of the centroid attention)
+    assert len(wrapped) == 4 * 6
+    assert all(".levels." in name for name in wrapped)
+    assert not any("patch_embeddings" in name for name in wrapped)
+
+
+def test_only_adapter_and_classifier_parameters_train(classifier, inputs):
+    model = add_lora(classifier, r=4)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable and all(".lora_" in name or "classifier.modules_to_save" in name for name in trainable)
+    assert any("classifier.modules_to_save" in name for name in trainable)
+
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    loss = model(**inputs, labels=torch.tensor([0, 2])).loss
+    loss.backward()
+    optimizer.step()
+    changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
+    assert changed, "one SGD step changed nothing"
+    assert changed <= trainable
+    assert any("lora_B" in name for name in changed) and any("modules_to_save" in name for name in changed)
+
+
+def test_adapter_save_and_load_round_trip(classifier, inputs, tmp_path):
+    base_state = {name: tensor.clone() for name, tensor in classifier.state_dict().items()}
+    model = add_lora(classifier, r=4, init_lora_weights=False).eval()  # random A and B: the adapter changes outputs
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    fresh = CastForImageClassification(tiny_config(num_labels=3))
+    fresh.load_state_dict(base_state)
+    with torch.no_grad():
+        plain = fresh.eval()(**inputs).logits
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        restored = loaded(**inputs).logits
+    torch.testing.assert_close(restored, expected, rtol=0, atol=0)
+    assert not torch.allclose(plain, expected, atol=1e-4), "the adapter did not change the outputs"
+
+
+def test_merged_model_matches_unmerged(classifier, inputs):
+    model = add_lora(classifier, r=4, init_lora_weights=False).eval()
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+    merged = model.merge_and_unload().eval()
+    assert type(merged) is CastForImageClassification
+    assert not lora_wrapped_names(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_the_backbone_without_head(inputs):
+    torch.manual_seed(0)
+    model = add_lora(CastModel(tiny_config()), r=2, modules_to_save=None).eval()
+    assert len(lora_wrapped_names(model)) == 24
+    assert all(".lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert model(**inputs).pooler_output.shape == (2, 24)
+
+
+def test_lora_config_and_bad_model():
+    config = cast_lora_config(r=2)
+    assert sorted(config.target_modules) == sorted(LORA_TARGET_MODULES)
+    assert config.modules_to_save == ["classifier"]
+    with pytest.raises(TypeError, match="CAST model"):
+        add_lora(nn.Linear(2, 2))
