@@ -1,0 +1,134 @@
+"""CastBackbone: per-level feature maps on the stride-8 grid, out_features handling, AutoBackbone, weight loading."""
+
+import pytest
+import torch
+from transformers import AutoBackbone, AutoConfig
+
+from hf_hierseg import CastConfig, CastModel
+from hf_hierseg.backbone import STAGE_NAMES, CastBackbone
+
+AutoBackbone.register(CastConfig, CastBackbone, exist_ok=True)  # until hf_hierseg/__init__.py registers it
+
+
+def tiny_config(**kwargs):
+    return CastConfig(
+        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
+    )
+
+
+def random_superpixels(batch, size=64, seed=0):
+    """Irregular superpixels: a random label per 4x4 block (30 labels), relabelled to be consecutive per image."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 30, (batch, size // 4, size // 4), generator=generator)
+    labels = blocks.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    return torch.stack([torch.unique(image, return_inverse=True)[1] for image in labels])
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return CastBackbone(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, 64, 64, generator=generator), random_superpixels(2)
+
+
+def test_default_out_features_are_the_four_levels(backbone, inputs):
+    assert backbone.stage_names == STAGE_NAMES == ["stem", "level1", "level2", "level3", "level4"]
+    assert backbone.out_features == ["level1", "level2", "level3", "level4"]
+    assert backbone.channels == [24] * 4
+    with torch.no_grad():
+        maps = backbone(*inputs).feature_maps
+    assert [tuple(m.shape) for m in maps] == [(2, 24, 8, 8)] * 4
+
+
+def test_feature_maps_paint_each_level_token_on_its_grid_cells(backbone, inputs):
+    """Reference computed cell by cell from CastModel's outputs: the cell (i, j) samples the superpixel at pixel
+    (8i, 8j), which is its level-1 token; the level-(l+1) token is the argmax of the level-l token's assignment
+    logits; the feature is the final LayerNorm of that token."""
+    pixel_values, superpixels = inputs
+    with torch.no_grad():
+        maps = backbone(pixel_values, superpixels).feature_maps
+        outputs = backbone.cast(pixel_values, superpixels)
+    for b in range(2):
+        for i in range(8):
+            for j in range(8):
+                token = int(superpixels[b, 8 * i, 8 * j])
+                for level in range(4):
+                    tokens = outputs.level_hidden_states[level][b, 1:]
+                    expected = backbone.cast.layernorm(tokens[token])
+                    torch.testing.assert_close(maps[level][b, :, i, j], expected)
+                    token = int(outputs.assignment_logits[level][b, token].argmax())  # its cluster = next level's token
+
+
+def test_maps_are_constant_on_groups_and_levels_get_coarser(backbone, inputs):
+    with torch.no_grad():
+        maps = backbone(*inputs).feature_maps
+    distinct = [len(torch.unique(m[0].flatten(1).T, dim=0)) for m in maps]
+    assert distinct[1] <= 16 and distinct[2] <= 8 and distinct[3] <= 4
+    assert distinct[0] >= distinct[1] >= distinct[2] >= distinct[3] >= 1
+
+
+def test_out_features_selection_and_stem(inputs):
+    torch.manual_seed(0)
+    backbone = CastBackbone(tiny_config(), out_features=["stem", "level3"]).eval()
+    assert backbone.out_indices == [0, 3]
+    pixel_values, superpixels = inputs
+    with torch.no_grad():
+        stem_map, level3 = backbone(pixel_values, superpixels).feature_maps
+        stem = backbone.cast.embeddings.patch_embeddings(pixel_values)
+    torch.testing.assert_close(stem_map, stem.permute(0, 3, 1, 2))
+    assert level3.shape == (2, 24, 8, 8)
+    with pytest.raises(ValueError, match="stage_names"):
+        CastBackbone(tiny_config(), out_features=["level5"])
+
+
+def test_save_reload_and_auto_backbone(tmp_path, backbone, inputs):
+    backbone.save_pretrained(tmp_path / "backbone")
+    reloaded = CastBackbone.from_pretrained(tmp_path / "backbone", out_indices=[2, 4]).eval()
+    assert reloaded.out_features == ["level2", "level4"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(*inputs).feature_maps[1], backbone(*inputs).feature_maps[3])
+    # AutoBackbone.from_pretrained checks the Hub for the name before loading; for a local folder go through the config.
+    auto = AutoBackbone.from_config(AutoConfig.from_pretrained(tmp_path / "backbone"))
+    assert type(auto) is CastBackbone and auto.out_features == backbone.out_features
+
+
+def test_backbone_loads_the_weights_of_a_cast_model(tmp_path, inputs):
+    torch.manual_seed(3)
+    model = CastModel(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "model")
+    backbone = CastBackbone.from_pretrained(tmp_path / "model", out_features=["level4"]).eval()
+    with torch.no_grad():
+        (level4,) = backbone(*inputs).feature_maps
+        outputs = model(*inputs)
+    # Every level-4 token that some cell shows is the model's (final-normed) last_hidden_state token.
+    shown = torch.unique(level4[0].flatten(1).T, dim=0)
+    expected = outputs.last_hidden_state[0, 1:]
+    assert all(torch.isclose(expected, row, atol=1e-6).all(-1).any() for row in shown)
+
+
+def test_rejects_a_config_of_another_model():
+    from transformers import ViTConfig
+
+    with pytest.raises(ValueError, match="CAST configuration"):
+        CastBackbone(ViTConfig())
+
+
+def test_dense_head_uses_the_backbone_with_pixel_values_only():
+    """UperNet builds the backbone through AutoBackbone and passes only `pixel_values`: grid superpixels."""
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    config = UperNetConfig(backbone_config=tiny_config(), hidden_size=16, auxiliary_channels=8, num_labels=5)
+    torch.manual_seed(0)
+    model = UperNetForSemanticSegmentation(config).eval()
+    assert type(model.backbone) is CastBackbone and model.backbone.channels == [24] * 4
+    pixel_values = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 5, (2, 64, 64))
+    outputs = model(pixel_values, labels=labels)
+    assert outputs.logits.shape == (2, 5, 64, 64) and torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    assert model.backbone.cast.levels[0].blocks[0].attn.qkv.weight.grad is not None
