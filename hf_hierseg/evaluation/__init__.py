@@ -1,5 +1,6 @@
 """Evaluation: metrics, offline `evaluate` modules, the ViT + k-means baseline and evaluation data."""
 
+from .baselines import evaluate_vit_baseline, hierarchical_kmeans, make_vit_like, spherical_kmeans, vit_kmeans_hierarchy
 from .metrics import (
     boundary_fscore,
     evaluate_hierarchy,
@@ -9,6 +10,8 @@ from .metrics import (
     top_k_accuracy,
 )
 from .modules import METRIC_NAMES, metric_path
+from .real_photos import RealPhotosUnavailableError, load_arc2017_photo, load_imagenet_photos, load_voc_photo
+from .synthetic import CLASS_NAMES, PART_NAMES, generate_example, load_synthetic_dataset, write_synthetic_dataset
 
 
 __all__ = [
@@ -20,4 +23,18 @@ __all__ = [
     "top_k_accuracy",
     "METRIC_NAMES",
     "metric_path",
+    "evaluate_vit_baseline",
+    "hierarchical_kmeans",
+    "make_vit_like",
+    "spherical_kmeans",
+    "vit_kmeans_hierarchy",
+    "RealPhotosUnavailableError",
+    "load_arc2017_photo",
+    "load_imagenet_photos",
+    "load_voc_photo",
+    "CLASS_NAMES",
+    "PART_NAMES",
+    "generate_example",
+    "load_synthetic_dataset",
+    "write_synthetic_dataset",
 ]
