@@ -17,6 +17,7 @@ from hf_hierseg.evaluation.metrics import (
     boundary_map,
     boundary_precision_recall,
     evaluate_hierarchy,
+    knn_accuracy,
     majority_label_assignment,
     majority_mean_iou,
     mean_iou,
@@ -179,6 +180,21 @@ def test_top_k_accuracy_hand_computed():
         top_k_accuracy(logits, labels[:2])
     with pytest.raises(TypeError, match="integers"):
         top_k_accuracy(logits, labels.astype(float))
+
+
+def test_knn_accuracy_hand_computed():
+    # Train a = (1, 0) label 0, b = (0.8, 0.6) label 1, c = (0.6, 0.8) label 1; test (1, 0) with true label 0.
+    # Cosine similarities 1, 0.8, 0.6. k = 1: a wins -> correct. k = 3, temperature 100 (near-equal weights):
+    # label 1 has two votes -> wrong. k = 3, temperature 0.07: exp(1/0.07) = 1.6e6 > exp(0.8/0.07) + exp(0.6/0.07)
+    # = 9.7e4 -> correct. Feature lengths do not matter (cosine).
+    train = np.array([[2.0, 0.0], [0.8, 0.6], [0.6, 0.8]])
+    labels = np.array([0, 1, 1])
+    test, test_labels = np.array([[3.0, 0.0]]), np.array([0])
+    assert knn_accuracy(train, labels, test, test_labels, k=1) == {"knn_accuracy": 1.0}
+    assert knn_accuracy(train, labels, test, test_labels, k=3, temperature=100) == {"knn_accuracy": 0.0}
+    assert knn_accuracy(train, labels, test, test_labels, k=3, temperature=0.07) == {"knn_accuracy": 1.0}
+    with pytest.raises(ValueError, match="same D"):
+        knn_accuracy(train, labels, np.ones((1, 3)), test_labels)
 
 
 # --------------------------------------------------------------------------------------------------------------

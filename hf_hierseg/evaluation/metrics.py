@@ -283,6 +283,39 @@ def top_k_accuracy(logits, labels, top_k=(1, 5)):
     return metrics
 
 
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07, batch_size=1024):
+    """Weighted k-nearest-neighbour accuracy on embeddings (the DINO / MoCo-v3 protocol).
+
+    Features are L2-normalised; each test sample takes the `k` most cosine-similar training samples, each voting for
+    its label with weight `exp(similarity / temperature)`, and is predicted as the label with the most weight.
+
+    Returns:
+        dict with `knn_accuracy`.
+    """
+    import torch
+
+    train = torch.nn.functional.normalize(torch.as_tensor(_to_numpy(train_features), dtype=torch.float32), dim=-1)
+    test = torch.nn.functional.normalize(torch.as_tensor(_to_numpy(test_features), dtype=torch.float32), dim=-1)
+    train_labels = torch.as_tensor(_to_numpy(train_labels)).long()
+    test_labels = torch.as_tensor(_to_numpy(test_labels)).long()
+    if train.dim() != 2 or test.dim() != 2 or train.shape[1] != test.shape[1]:
+        raise ValueError(f"Features must be [N, D] with the same D, got {tuple(train.shape)} and {tuple(test.shape)}.")
+    if train_labels.shape != (train.shape[0],) or test_labels.shape != (test.shape[0],):
+        raise ValueError("There must be one label per train and per test feature row.")
+    if test.shape[0] == 0 or train.shape[0] == 0:
+        raise ValueError("`knn_accuracy` needs at least one train and one test sample.")
+    k = min(int(k), train.shape[0])
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct = 0
+    for start in range(0, test.shape[0], batch_size):
+        similarity, neighbours = (test[start : start + batch_size] @ train.T).topk(k, dim=1)
+        votes = torch.zeros(similarity.shape[0], num_classes).scatter_add_(
+            1, train_labels[neighbours], (similarity / temperature).exp()
+        )
+        correct += (votes.argmax(1) == test_labels[start : start + batch_size]).sum().item()
+    return {"knn_accuracy": correct / test.shape[0]}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Unsupervised segmentation: matching predicted regions to ground-truth regions
 # --------------------------------------------------------------------------------------------------------------
@@ -426,6 +459,7 @@ __all__ = [
     "boundary_precision_recall",
     "boundary_fscore",
     "top_k_accuracy",
+    "knn_accuracy",
     "contingency_table",
     "best_overlap",
     "segment_matching",
