@@ -1,0 +1,35 @@
+"""Training CAST with Accelerate: MoCo-v3 self-supervised pre-training and DeiT-style supervised classification on
+`datasets` (map-style or streamed), resumable, published with `push_to_hub`.
+
+Entry points: `scripts/train_moco.py` and `scripts/train_supervised.py` (thin wrappers of `recipes.train_moco` /
+`recipes.train_supervised`); the pieces (augmentations, data streams, objectives, loop, checkpoints) are importable
+from their modules.
+"""
+
+from .augment import DeitTransform, EvalTransform, MocoTransform, RandAugment, ViewEncoder
+from .data import StreamPosition, SuperpixelBatches, TrainingBatches, UndecodableImageError, load_image_datasets
+from .moco import CastMocoV3, MocoObjective, contrastive_loss, momentum_encoder_from_original
+from .supervised import ModelEma, SupervisedObjective, mixup_cutmix
+from .recipes import train_moco, train_supervised
+
+__all__ = [
+    "CastMocoV3",
+    "DeitTransform",
+    "EvalTransform",
+    "ModelEma",
+    "MocoObjective",
+    "MocoTransform",
+    "RandAugment",
+    "StreamPosition",
+    "SupervisedObjective",
+    "SuperpixelBatches",
+    "TrainingBatches",
+    "UndecodableImageError",
+    "ViewEncoder",
+    "contrastive_loss",
+    "load_image_datasets",
+    "mixup_cutmix",
+    "momentum_encoder_from_original",
+    "train_moco",
+    "train_supervised",
+]

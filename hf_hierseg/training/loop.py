@@ -1,0 +1,306 @@
+"""The Accelerate training loop shared by the MoCo-v3 and supervised recipes.
+
+One loop for 1 or N processes (`accelerate launch`), mixed precision from the launcher, gradient accumulation and
+clipping, warm-up + cosine learning rate, metrics to a JSON-lines file / TensorBoard and stdout, atomic checkpoints
+every `checkpointing_steps` that `--resume_from_checkpoint latest` restores exactly (model, optimizer, scheduler,
+scaler, RNG, data position), and at the end a `save_pretrained` folder with the image processor and a model card,
+optionally pushed to the Hub.
+
+An *objective* (`MocoObjective`, `SupervisedObjective`) provides `training_module()`, `compute_loss(module, batch,
+step, micro_step, accelerator) -> (loss, metrics)`, `after_optimizer_step(module, step, total_steps, accelerator)
+-> metrics`, `pretrained_model(module, accelerator)`, `save_state(folder)` / `load_state(folder)`, `card_details()`
+and the attributes `name` and `pipeline_tag`.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from .. import hub
+from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .optim import create_optimizer, create_scheduler
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "all_results.json"
+
+
+class JsonLinesTracker(GeneralTracker):
+    """Accelerate tracker appending `{"step": ..., **metrics}` lines to a file (the run's configuration goes to
+    `run_config.json` beside it)."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path.parent / "run_config.json").write_text(json.dumps(values, indent=2, default=str), encoding="utf-8")
+
+    def log(self, values, step=None, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def read_metrics(path):
+    """The lines of a `metrics.jsonl` file as dicts."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def create_accelerator(args, find_unused_parameters=False):
+    """An `Accelerator` for the run: mixed precision and process count come from `accelerate launch`; trackers
+    from `--report_to` (`jsonl`, `tensorboard`, `all` or `none`)."""
+    report_to = {"all": ["jsonl", "tensorboard"], "none": []}.get(args.report_to, [args.report_to])
+    trackers = []
+    for name in report_to:
+        if name == "jsonl":
+            trackers.append(JsonLinesTracker(Path(args.output_dir) / METRICS_FILE))
+        elif name == "tensorboard":
+            trackers.append("tensorboard")
+        else:
+            raise ValueError(f"--report_to must be jsonl, tensorboard, all or none, got {args.report_to!r}.")
+    return Accelerator(
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")),
+        # The schedule counts optimiser steps, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+
+
+def setup_logging(accelerator):
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    import datasets
+    import transformers
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+
+
+def parameter_fingerprint(module):
+    """SHA-256 of all parameters and buffers (names, shapes, bytes): equal fingerprints mean identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        value = tensor.detach().cpu().contiguous()
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def average_buffers(module, accelerator):
+    """Average floating-point buffers (BatchNorm running statistics) over processes: DDP broadcasts them from rank
+    0 before each forward, so after the last forward every process holds its own."""
+    if accelerator.num_processes > 1:
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(accelerator.reduce(buffer, reduction="mean"))
+
+
+def format_metrics(step, max_steps, metrics):
+    parts = [f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in metrics.items()]
+    return f"step {step}/{max_steps}: " + " ".join(parts)
+
+
+def log_metrics(accelerator, step, max_steps, metrics, progress=None):
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        (progress.write if progress is not None else print)(format_metrics(step, max_steps, metrics))
+
+
+def sanitized_config(args):
+    """Hyper-parameters for the trackers (TensorBoard accepts only scalars and strings)."""
+    return {key: value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+            for key, value in vars(args).items() if key != "hub_token"}
+
+
+def train(args, accelerator, objective, training_batches, processor=None, evaluate=None, card=None):
+    """Run the optimisation, then save (and push) the model. Returns the final metrics.
+
+    Args:
+        args: namespace with the fields of `hf_hierseg.training.arguments.common_parser`.
+        accelerator: from `create_accelerator`.
+        objective: a `MocoObjective` / `SupervisedObjective` (see the module docstring).
+        training_batches: a `TrainingBatches` (this process's data).
+        processor: image processor saved beside the model.
+        evaluate: optional callable (model, accelerator) -> metrics dict, run every `eval_steps` and at the end.
+        card: dict of model-card fields (`datasets`, `base_model`, `data`).
+    """
+    output_dir = Path(args.output_dir)
+    max_steps, accumulation = args.max_train_steps, args.gradient_accumulation_steps
+    module = objective.training_module()
+    optimizer = create_optimizer(module, args.optimizer, args.learning_rate, args.weight_decay)
+    scheduler = create_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, max_steps)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+
+    start_step = 0
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        start_step, data_state = load_checkpoint(accelerator, checkpoint)
+        if data_state is not None:
+            training_batches.load_state_dict(data_state)
+        objective.load_state(checkpoint)
+        logger.info("Resumed from %s at step %d (epoch %d).", checkpoint, start_step, training_batches.position.epoch)
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("No checkpoint in %s yet: starting from scratch.", output_dir)
+    accelerator.init_trackers("train", config=sanitized_config(args))
+
+    keys_file = output_dir / f"sample_keys_rank{accelerator.process_index}.txt" if args.log_sample_keys else None
+    progress = tqdm(total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process,
+                    desc=objective.name)
+    batches = iter(training_batches)
+    window_losses, window_metrics, window_start = [], {}, time.perf_counter()
+    module.train()
+    for step in range(start_step, max_steps):
+        for micro_step in range(accumulation):
+            batch, keys = next(batches)
+            batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+            if keys_file is not None:
+                with open(keys_file, "a", encoding="utf-8") as handle:
+                    handle.writelines(f"{step + 1}\t{key}\n" for key in keys)
+            # Gradients are synchronised across processes on the last micro-batch only.
+            sync = micro_step == accumulation - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(module):
+                loss, metrics = objective.compute_loss(module, batch, step, micro_step, accelerator)
+                accelerator.backward(loss / accumulation)
+            window_losses.append(loss.detach().float())
+            for key, value in metrics.items():
+                window_metrics.setdefault(key, []).append(float(value))
+        grad_norm = None
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        completed = step + 1
+        step_metrics = objective.after_optimizer_step(module, completed, max_steps, accelerator)
+        progress.update(1)
+
+        if completed % args.logging_steps == 0 or completed == max_steps:
+            position = training_batches.position
+            counts = torch.tensor([position.samples_seen, position.skipped_images], device=accelerator.device)
+            counts = accelerator.reduce(counts, reduction="sum")
+            loss_value = accelerator.reduce(torch.stack(window_losses).mean(), reduction="mean").item()
+            elapsed = time.perf_counter() - window_start
+            logged = {"loss": loss_value, "learning_rate": learning_rate, "epoch": position.epoch}
+            if grad_norm is not None:
+                logged["grad_norm"] = float(grad_norm)
+            logged.update({key: sum(values) / len(values) for key, values in window_metrics.items()})
+            logged.update(step_metrics)
+            logged.update({"samples_seen": int(counts[0]), "skipped_images": int(counts[1]),
+                           "steps_per_second": len(window_losses) / accumulation / max(elapsed, 1e-9)})
+            log_metrics(accelerator, completed, max_steps, logged, progress)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            window_losses, window_metrics, window_start = [], {}, time.perf_counter()
+
+        if args.checkpointing_steps and completed % args.checkpointing_steps == 0 and completed < max_steps:
+            save_checkpoint(accelerator, output_dir, completed, training_batches.state_dict(), objective.save_state,
+                            args.checkpoints_total_limit)
+        if evaluate is not None and args.eval_steps and completed % args.eval_steps == 0 and completed < max_steps:
+            log_metrics(accelerator, completed, max_steps, evaluate(objective.pretrained_model(module, accelerator),
+                                                                     accelerator), progress)
+    progress.close()
+    average_buffers(objective.training_module(), accelerator)
+
+    final_metrics = {"train_steps": max_steps, "train_epoch": training_batches.position.epoch}
+    if evaluate is not None:
+        final_metrics.update(evaluate(objective.pretrained_model(module, accelerator), accelerator))
+        log_metrics(accelerator, max_steps, max_steps, final_metrics)
+    if args.checkpointing_steps:
+        save_checkpoint(accelerator, output_dir, max_steps, training_batches.state_dict(), objective.save_state,
+                        args.checkpoints_total_limit)
+    model = objective.pretrained_model(module, accelerator)
+    write_run_summary(output_dir, accelerator, training_batches, model, max_steps)
+    if accelerator.is_main_process:
+        save_outputs(args, output_dir, objective, model, processor, final_metrics, card or {})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final_metrics
+
+
+def write_run_summary(output_dir, accelerator, training_batches, model, steps):
+    """`train_summary_rank{r}.json`: what each process did (steps, data position, weight fingerprint)."""
+    summary = {"rank": accelerator.process_index, "num_processes": accelerator.num_processes, "steps": steps,
+               "data_position": training_batches.state_dict(), "parameter_fingerprint": parameter_fingerprint(model)}
+    path = output_dir / f"train_summary_rank{accelerator.process_index}.json"
+    path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+def save_outputs(args, output_dir, objective, model, processor, metrics, card):
+    """`save_pretrained` model + image processor, EMA weights under `ema/`, results and model card; push."""
+    model.save_pretrained(output_dir)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    ema = getattr(objective, "ema", None)
+    if ema is not None:
+        ema.module.save_pretrained(output_dir / "ema")
+        if processor is not None:
+            processor.save_pretrained(output_dir / "ema")
+    (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    repo_id = args.hub_model_id or output_dir.resolve().name
+    summary = {
+        "steps": args.max_train_steps,
+        "per-device batch size": args.per_device_train_batch_size,
+        "gradient accumulation steps": args.gradient_accumulation_steps,
+        "optimizer": f"{args.optimizer}, learning rate {args.learning_rate:g}, weight decay {args.weight_decay:g}",
+        "schedule": f"{args.lr_scheduler_type} with {args.num_warmup_steps} warm-up steps",
+        **objective.card_details(),
+    }
+    if card.get("data"):
+        summary["data"] = card["data"]
+    hub.write_model_card(
+        output_dir,
+        repo_id=repo_id,
+        base_model=card.get("base_model"),
+        datasets=card.get("datasets") or (),
+        pipeline_tag=objective.pipeline_tag,
+        objective=objective.name,
+        training_summary=summary,
+        metrics={key: value for key, value in metrics.items() if isinstance(value, (int, float))},
+    )
+    if args.push_to_hub:
+        commit = hub.push_folder_to_hub(output_dir, repo_id, f"{objective.name}: {args.max_train_steps} steps",
+                                        private=args.hub_private_repo, token=args.hub_token)
+        logger.info("Pushed %s to %s", output_dir, commit.commit_url)
+
+
+def steps_for_epochs(num_train_epochs, batches_per_epoch, gradient_accumulation_steps):
+    """`--num_train_epochs` in optimiser steps, from the batches per epoch of a map-style dataset."""
+    steps = num_train_epochs * math.floor(batches_per_epoch / gradient_accumulation_steps)
+    if steps < 1:
+        raise ValueError(f"{num_train_epochs} epoch(s) of {batches_per_epoch} batch(es) make no optimiser step; "
+                         "use a smaller batch or --max_train_steps.")
+    return steps
+
+
+__all__ = ["JsonLinesTracker", "create_accelerator", "parameter_fingerprint", "read_metrics", "steps_for_epochs",
+           "train"]
