@@ -144,10 +144,9 @@ class CastEmbeddings(nn.Module):
 
         Returns tokens [B, S, C] and the padding mask [B, S] (True for labels absent from an image)."""
         batch, height, width, channels = features.shape
-        positions = positions.expand(batch, -1, -1, -1)
-        cells = torch.cat([features, positions], dim=-1).reshape(batch, height * width, 2 * channels)
-        means, counts = segment_mean(cells, labels.reshape(batch, height * width), num_segments)
-        tokens = means[..., :channels] + means[..., channels:]
+        # mean(features) + mean(positions) == mean(features + positions): one segment mean over C channels.
+        cells = (features + positions).reshape(batch, height * width, channels)
+        tokens, counts = segment_mean(cells, labels.reshape(batch, height * width), num_segments)
         return tokens, counts <= 0.5
 
     def forward(self, pixel_values, superpixels):

@@ -27,10 +27,12 @@ def segment_sum_and_count(features, labels, num_segments):
         sums [B, S, D] and counts [B, S] (float, same dtype as `features`).
     """
     batch, _, dim = features.shape
-    index = labels.unsqueeze(-1).expand(-1, -1, dim)
-    sums = features.new_zeros(batch, num_segments, dim).scatter_add_(1, index, features)
-    counts = features.new_zeros(batch, num_segments).scatter_add_(1, labels, torch.ones_like(labels, dtype=features.dtype))
-    return sums, counts
+    # One index_add over the flattened batch (label l of image b is row b * S + l) adds whole rows at a time.
+    offsets = torch.arange(batch, device=labels.device).unsqueeze(1) * num_segments
+    flat_labels = (labels + offsets).reshape(-1)
+    sums = features.new_zeros(batch * num_segments, dim).index_add_(0, flat_labels, features.reshape(-1, dim))
+    counts = torch.bincount(flat_labels, minlength=batch * num_segments).to(features.dtype)
+    return sums.view(batch, num_segments, dim), counts.view(batch, num_segments)
 
 
 def segment_mean(features, labels, num_segments):
