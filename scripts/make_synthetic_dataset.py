@@ -14,7 +14,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="folder to write (created if missing)")
     parser.add_argument("--num_images", type=int, default=600, help="images in the train split")
-    parser.add_argument("--num_test_images", type=int, default=None, help="images in the test split (default: num_images // 5)")
+    parser.add_argument(
+        "--num_test_images", type=int, default=None, help="images in the test split (default: num_images // 5)"
+    )
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--format", choices=("imagefolder", "parquet"), default="imagefolder")
     parser.add_argument("--seed", type=int, default=0)

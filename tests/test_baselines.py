@@ -19,7 +19,9 @@ from hf_hierseg.evaluation.baselines import (
 
 
 def tiny_cast_config():
-    return CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64)
+    return CastConfig(
+        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64
+    )
 
 
 def same_partition(a, b):

@@ -60,7 +60,8 @@ def test_colour_does_not_tell_classes_apart_but_shape_does():
             example = generate_example(index, split=split)
             image = np.asarray(example["image"], dtype=np.float32) / 255
             mask = np.asarray(example["object_mask"]) > 0
-            colour.append(np.concatenate([image[mask].mean(0), image[mask].std(0), image[~mask].mean(0), image[~mask].std(0)]))
+            statistics = [image[mask].mean(0), image[mask].std(0), image[~mask].mean(0), image[~mask].std(0)]
+            colour.append(np.concatenate(statistics))
             rows, cols = np.nonzero(mask)
             crop = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].astype(np.float32)
             shape.append(cv2.resize(crop, (16, 16), interpolation=cv2.INTER_AREA).ravel())
@@ -96,7 +97,9 @@ def test_bad_arguments(tmp_path):
 @pytest.mark.parametrize("format", ["imagefolder", "parquet"])
 def test_written_dataset_loads_offline_with_datasets(tmp_path, format, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    output = write_synthetic_dataset(tmp_path / "data", num_images=8, num_test_images=3, format=format, seed=5, shard_size=5)
+    output = write_synthetic_dataset(
+        tmp_path / "data", num_images=8, num_test_images=3, format=format, seed=5, shard_size=5
+    )
     data_dir = output / "data" if format == "parquet" else output
     loaded = datasets.load_dataset(format, data_dir=str(data_dir))
     assert {split: len(loaded[split]) for split in loaded} == {"train": 8, "test": 3}

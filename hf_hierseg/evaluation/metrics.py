@@ -206,8 +206,11 @@ def boundary_precision_recall(prediction, reference, tolerance=1, ignore_index=N
     predicted_boundary = boundary_map(prediction) & valid
     reference_boundary = boundary_map(reference) & valid
     num_predicted, num_reference = predicted_boundary.sum(), reference_boundary.sum()
-    precision = (predicted_boundary & _dilate(reference_boundary, tolerance)).sum() / num_predicted if num_predicted else 1.0
-    recall = (reference_boundary & _dilate(predicted_boundary, tolerance)).sum() / num_reference if num_reference else 1.0
+    precision, recall = 1.0, 1.0
+    if num_predicted:
+        precision = (predicted_boundary & _dilate(reference_boundary, tolerance)).sum() / num_predicted
+    if num_reference:
+        recall = (reference_boundary & _dilate(predicted_boundary, tolerance)).sum() / num_reference
     return float(precision), float(recall)
 
 

