@@ -37,25 +37,27 @@ def farthest_point_sampling(points, num_samples, start_index=0):
     rows = torch.arange(batch, device=points.device)
     gram = torch.bmm(points, points.transpose(1, 2))  # [B, N, N]
     norms = gram.diagonal(dim1=1, dim2=2)  # [B, N]
-    # Distances below differ from the direct sum by <= ~8 (D + 2) u max|p|^2 (u = unit roundoff); twice that as margin.
+    distances = (norms.unsqueeze(2) + norms.unsqueeze(1)).sub_(gram, alpha=2)  # [B, N, N], symmetric
+    # These differ from the direct sums by <= ~8 (D + 2) u max|p|^2 (u = unit roundoff); twice that as margin.
     tolerance = 8 * (dim + 4) * torch.finfo(points.dtype).eps * norms.amax(dim=1)  # [B]
 
-    picks = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
-    gaps = torch.full((batch, max(num_samples - 1, 1)), float("inf"), dtype=points.dtype, device=points.device)
     # Min distance to the chosen set; chosen points hold -inf so they are never picked again.
     score = torch.full((batch, num_points), float("inf"), dtype=points.dtype, device=points.device)
     current = torch.full((batch,), start_index, dtype=torch.long, device=points.device)
-    for step in range(num_samples):
-        picks[:, step] = current
-        score[rows, current] = float("-inf")
-        if step == num_samples - 1:
-            break
-        distance = torch.sub(norms + norms[rows, current].unsqueeze(1), gram[rows, current], alpha=2)  # [B, N]
-        score = torch.minimum(score, distance)
-        top_values, top_indices = score.topk(2, dim=1)
-        gaps[:, step] = top_values[:, 0] - top_values[:, 1]
-        current = top_indices[:, 0]
+    picks, top_two = [current], []
+    for _ in range(num_samples - 1):
+        score.scatter_(1, current.unsqueeze(1), float("-inf"))
+        score = torch.minimum(score, distances[rows, current])
+        values, indices = score.topk(2, dim=1)
+        top_two.append(values)
+        current = indices[:, 0]
+        picks.append(current)
+    picks = torch.stack(picks, dim=1)
+    if not top_two:
+        return picks
 
+    top_two = torch.stack(top_two, dim=1)  # [B, K - 1, 2]
+    gaps = top_two[..., 0] - top_two[..., 1]
     ambiguous = (gaps <= 2 * tolerance.unsqueeze(1)).any(dim=1) | ~torch.isfinite(tolerance)
     if ambiguous.any():
         picks[ambiguous] = farthest_point_sampling_direct(points[ambiguous], num_samples, start_index)
