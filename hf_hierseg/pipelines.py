@@ -1,0 +1,211 @@
+"""transformers pipelines for CAST.
+
+- `hierarchical-segmentation` ([`HierarchicalSegmentationPipeline`], registered in transformers' `PIPELINE_REGISTRY`):
+  for each level, the segments with their masks and parent links, optionally an overlay picture.
+- `image-segmentation` ([`CastImageSegmentationPipeline`]): semantic masks from the segmentation head of
+  `CastForSemanticSegmentation`, otherwise the segments of one hierarchy level.
+- `image-classification` and `image-feature-extraction` need nothing special: transformers' own pipelines run CAST
+  models, since `CastImageProcessor` returns the `superpixels` the model takes beside `pixel_values`.
+
+This module is shipped as remote code (`config.json` `custom_pipelines`): relative imports only. The pipelines accept
+package and remote-code models alike (they check `config.model_type`, never `isinstance`).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_utils import load_image
+from transformers.pipelines import ImageSegmentationPipeline, Pipeline
+
+from .visualization import overlay_labels
+
+
+NUM_LEVELS = 4
+DEFAULT_SEGMENTATION_LEVEL = 3
+
+
+def check_cast_model(model):
+    if getattr(getattr(model, "config", None), "model_type", None) != "cast":
+        raise ValueError(f"This pipeline runs CAST models (config.model_type 'cast'), got {type(model).__name__}.")
+
+
+def whole_image_size(image_processor):
+    """Processor arguments that keep the whole picture: resized to the crop size (default 224x224), no centre crop,
+    so segment masks map back onto the full input image."""
+    crop = getattr(image_processor, "crop_size", None) or {}
+    height, width = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop.height, crop.width)
+    if not height or not width:
+        return {}
+    return {"do_center_crop": False, "size": {"height": height, "width": width}}
+
+
+def cast_preprocess(pipeline, image, timeout=None):
+    """Load one image (path, URL or PIL) and run the image processor on the whole picture: `pixel_values`,
+    `superpixels`, plus the original size (`target_size`) and, for overlays, the picture itself."""
+    image = load_image(image, timeout=timeout)
+    inputs = pipeline.image_processor(images=[image], return_tensors="pt", **whole_image_size(pipeline.image_processor))
+    if "superpixels" not in inputs:
+        raise ValueError(f"{type(pipeline.image_processor).__name__} returned no `superpixels`; use CastImageProcessor.")
+    inputs = inputs.to(pipeline.dtype) if pipeline.dtype is not None else inputs
+    model_inputs = {"pixel_values": inputs["pixel_values"], "superpixels": inputs["superpixels"]}
+    # One-element lists: after batching, each image gets its own list back (as in ImageSegmentationPipeline).
+    model_inputs["target_size"] = [(image.height, image.width)]
+    model_inputs["image"] = [image]
+    return model_inputs
+
+
+def resize_label_maps(label_maps, size):
+    """Nearest resize (pixel centres, as PIL) of int label maps [..., H, W] to `size`."""
+    shape = label_maps.shape
+    flat = label_maps.reshape(-1, 1, *shape[-2:]).double()
+    resized = F.interpolate(flat, size=tuple(size), mode="nearest-exact")
+    return resized.reshape(*shape[:-2], *size).long()
+
+
+def binary_mask(label_map, label):
+    return Image.fromarray(((label_map == label) * 255).astype(np.uint8), mode="L")
+
+
+class HierarchicalSegmentationPipeline(Pipeline):
+    """
+    Part-to-whole segmentation of images with a CAST model (`CastModel`, `CastForImageClassification` or
+    `CastForSemanticSegmentation`, package or remote code).
+
+    Call with an image (path, URL or PIL image) or a list of them; `batch_size` batches the model calls. Options:
+    `levels` (default `(1, 2, 3, 4)`; 0 adds the superpixels as the model saw them), `overlay` (add each level's
+    segments drawn over the image), `timeout` (for URLs).
+
+    Returns, per image, `{"size": (height, width), "levels": [...]}` with, for each level, `"level"`,
+    `"segmentation"` (int64 numpy `[height, width]` of segment ids), `"segments"` (a list of `{"id", "parent",
+    "area", "mask"}`: `parent` is the id of the enclosing segment at the next level, `None` at level 4; `mask` is a
+    binary PIL "L" image) and, with `overlay=True`, `"overlay"` (the image blended with segment colours, boundaries
+    drawn, PIL RGB).
+
+    Note: with `config.mask_padding_tokens=False` (the original CAST) images batched together influence each other
+    through padding tokens; use `batch_size=1` (the default) for results independent of the batch.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_cast_model(self.model)
+
+    def _sanitize_parameters(self, levels=None, overlay=None, timeout=None, **kwargs):
+        preprocess_params, postprocess_params = {}, {}
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        if levels is not None:
+            levels = (levels,) if isinstance(levels, int) else tuple(levels)
+            if not levels or any(not isinstance(level, int) or not 0 <= level <= NUM_LEVELS for level in levels):
+                raise ValueError(f"`levels` must be integers in 0..{NUM_LEVELS}, got {levels}.")
+            postprocess_params["levels"] = tuple(sorted(set(levels)))
+        if overlay is not None:
+            postprocess_params["overlay"] = bool(overlay)
+        if kwargs:
+            raise ValueError(f"Unknown arguments for hierarchical-segmentation: {sorted(kwargs)}.")
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, image, timeout=None):
+        return cast_preprocess(self, image, timeout)
+
+    def _forward(self, model_inputs):
+        target_size, image = model_inputs.pop("target_size"), model_inputs.pop("image")
+        outputs = self.model(**model_inputs, return_dict=True)
+        # [B, 5, H, W]: level 0 (superpixels as the model saw them) and levels 1..4, one tensor so batches split.
+        label_maps = torch.stack(outputs.hierarchy_maps(model_inputs["superpixels"]), dim=1)
+        return {"label_maps": label_maps, "target_size": target_size, "image": image}
+
+    def postprocess(self, model_outputs, levels=(1, 2, 3, 4), overlay=False):
+        (height, width), image = model_outputs["target_size"][0], model_outputs["image"][0]
+        label_maps = resize_label_maps(model_outputs["label_maps"][0], (height, width)).numpy()  # [5, h, w]
+        result = []
+        for level in levels:
+            segmentation = label_maps[level]
+            ids, areas = np.unique(segmentation, return_counts=True)
+            parents = {}
+            if level < NUM_LEVELS:  # levels nest, so each segment lies in exactly one segment of the next level
+                pairs = np.unique(np.stack([segmentation.ravel(), label_maps[level + 1].ravel()], axis=1), axis=0)
+                parents = {int(child): int(parent) for child, parent in pairs}
+            segments = [
+                {"id": int(i), "parent": parents.get(int(i)), "area": int(area), "mask": binary_mask(segmentation, i)}
+                for i, area in zip(ids, areas)
+            ]
+            entry = {"level": level, "segmentation": segmentation, "segments": segments}
+            if overlay:
+                entry["overlay"] = Image.fromarray(overlay_labels(image, segmentation))
+            result.append(entry)
+        return {"size": (height, width), "levels": result}
+
+
+class CastImageSegmentationPipeline(ImageSegmentationPipeline):
+    """
+    `image-segmentation` for CAST: with `CastForSemanticSegmentation` (a segmentation head), one mask per predicted
+    class (`label` from `config.id2label`); with other CAST models, one mask per segment of hierarchy `level`
+    (default 3; `label` is `"level<l>-<id>"`). `score` is `None`, as for transformers' semantic segmentation.
+    """
+
+    def __init__(self, *args, **kwargs):
+        Pipeline.__init__(self, *args, **kwargs)  # CAST is in none of transformers' segmentation mappings
+        check_cast_model(self.model)
+
+    def _sanitize_parameters(self, level=None, subtask=None, timeout=None, **kwargs):
+        preprocess_params, postprocess_params = {}, {}
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        if subtask not in (None, "semantic"):
+            raise ValueError(f"CAST gives semantic segmentation only; `subtask` must be 'semantic', got {subtask!r}.")
+        if level is not None:
+            if not isinstance(level, int) or not 0 <= level <= NUM_LEVELS:
+                raise ValueError(f"`level` must be an integer in 0..{NUM_LEVELS}, got {level!r}.")
+            postprocess_params["level"] = level
+        if kwargs:
+            raise ValueError(f"Unknown arguments for CAST image-segmentation: {sorted(kwargs)}.")
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, image, timeout=None):
+        return cast_preprocess(self, image, timeout)
+
+    def _forward(self, model_inputs):
+        target_size = model_inputs.pop("target_size")
+        model_inputs.pop("image")
+        outputs = self.model(**model_inputs, return_dict=True)
+        logits = getattr(outputs, "logits", None)
+        if logits is not None and logits.dim() == 4:  # [B, num_labels, H, W] from a segmentation head
+            return {"semantic": logits.argmax(dim=1), "target_size": target_size}
+        label_maps = torch.stack(outputs.hierarchy_maps(model_inputs["superpixels"]), dim=1)
+        return {"label_maps": label_maps, "target_size": target_size}
+
+    def postprocess(self, model_outputs, level=DEFAULT_SEGMENTATION_LEVEL):
+        size = model_outputs["target_size"][0]
+        if "semantic" in model_outputs:
+            segmentation = resize_label_maps(model_outputs["semantic"][0], size).numpy()
+            names = {int(k): v for k, v in self.model.config.id2label.items()}
+            return [
+                {"score": None, "label": names.get(int(i), str(int(i))), "mask": binary_mask(segmentation, i)}
+                for i in np.unique(segmentation)
+            ]
+        segmentation = resize_label_maps(model_outputs["label_maps"][0, level], size).numpy()
+        return [
+            {"score": None, "label": f"level{level}-{int(i)}", "mask": binary_mask(segmentation, i)}
+            for i in np.unique(segmentation)
+        ]
+
+
+def register_pipelines():
+    """Register `hierarchical-segmentation` in transformers' pipeline registry (idempotent)."""
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    if PIPELINE_REGISTRY.supported_tasks.get("hierarchical-segmentation", {}).get("impl") is HierarchicalSegmentationPipeline:
+        return
+    PIPELINE_REGISTRY.register_pipeline(
+        "hierarchical-segmentation", pipeline_class=HierarchicalSegmentationPipeline, pt_model=AutoModel, type="image"
+    )
+
+
+__all__ = ["HierarchicalSegmentationPipeline", "CastImageSegmentationPipeline", "register_pipelines"]
