@@ -6,8 +6,15 @@ Entry points: `scripts/train_moco.py` and `scripts/train_supervised.py` (thin wr
 from their modules.
 """
 
-from .augment import DeitTransform, EvalTransform, MocoTransform, RandAugment, ViewEncoder
-from .data import StreamPosition, SuperpixelBatches, TrainingBatches, UndecodableImageError, load_image_datasets
+from .augment import DeitTransform, EvalTransform, MocoTransform, ProcessorTransform, RandAugment, ViewEncoder
+from .data import (
+    StreamPosition,
+    SuperpixelBatches,
+    TrainingBatches,
+    UndecodableImageError,
+    datasets_transform,
+    load_image_datasets,
+)
 from .moco import CastMocoV3, MocoObjective, contrastive_loss, momentum_encoder_from_original
 from .supervised import ModelEma, SupervisedObjective, mixup_cutmix
 from .recipes import train_moco, train_supervised
@@ -19,6 +26,7 @@ __all__ = [
     "ModelEma",
     "MocoObjective",
     "MocoTransform",
+    "ProcessorTransform",
     "RandAugment",
     "StreamPosition",
     "SupervisedObjective",
@@ -27,6 +35,7 @@ __all__ = [
     "UndecodableImageError",
     "ViewEncoder",
     "contrastive_loss",
+    "datasets_transform",
     "load_image_datasets",
     "mixup_cutmix",
     "momentum_encoder_from_original",

@@ -35,7 +35,7 @@ def common_parser(description):
                       help="Seconds to wait for a worker's batch before failing (instead of hanging).")
     data.add_argument("--cache_dir", type=str, default=None, help="`datasets` cache folder.")
     data.add_argument("--log_sample_keys", action="store_true",
-                      help="Write the id of every training record to OUTPUT/sample_keys_rank{r}.txt.")
+                      help="Write step, epoch and id of every training record to OUTPUT/sample_keys_rank{r}.txt.")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", type=str, default=None,

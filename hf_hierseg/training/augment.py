@@ -308,6 +308,17 @@ class EvalTransform:
         return {"pixel_values": pixel_values, "superpixels": superpixels}
 
 
+class ProcessorTransform:
+    """Evaluation view by an image processor (e.g. `CastImageProcessor`): exactly what inference computes."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image, rng=None):
+        inputs = self.processor(images=image, return_tensors="pt")
+        return {"pixel_values": inputs["pixel_values"][0], "superpixels": inputs["superpixels"][0].long()}
+
+
 __all__ = [
     "DeitTransform",
     "EvalTransform",
@@ -315,6 +326,7 @@ __all__ = [
     "MOCO_VIEW_2",
     "MocoTransform",
     "MocoViewRecipe",
+    "ProcessorTransform",
     "RandAugment",
     "ViewEncoder",
     "color_jitter",

@@ -23,6 +23,7 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
+from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
 logger = logging.getLogger(__name__)
@@ -370,6 +371,26 @@ class TrainingBatches:
                                            skipped_images=position.skipped_images)
 
 
+def datasets_transform(transform, image_column, label_column=None):
+    """A function for `datasets.Dataset.with_transform` that turns records into `pixel_values`, `superpixels` (and
+    `labels`), e.g. to train with the transformers `Trainer` (`remove_unused_columns=False`). Each sample's
+    augmentation draws from a generator seeded from torch's RNG (which the `Trainer` seeds). Unlike
+    `SuperpixelBatches`, an undecodable image raises `UndecodableImageError` here."""
+
+    def apply(examples):
+        samples = []
+        for index, value in enumerate(examples[image_column]):
+            image = value.convert("RGB") if isinstance(value, Image.Image) else decode_image(value)
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+            sample = transform(image, rng)
+            if label_column is not None:
+                sample["labels"] = int(examples[label_column][index])
+            samples.append(sample)
+        return {key: [sample[key] for sample in samples] for key in samples[0]}
+
+    return apply
+
+
 def evaluation_loader(batches: SuperpixelBatches, num_workers=0, worker_timeout=600.0):
     """One pass over evaluation batches (no shuffling, last batch kept); yields (batch, skipped count)."""
     loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
@@ -384,6 +405,7 @@ __all__ = [
     "SuperpixelBatches",
     "TrainingBatches",
     "UndecodableImageError",
+    "datasets_transform",
     "decode_image",
     "evaluation_loader",
     "image_column_of",

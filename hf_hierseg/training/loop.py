@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -185,7 +186,8 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
             batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
             if keys_file is not None:
                 with open(keys_file, "a", encoding="utf-8") as handle:
-                    handle.writelines(f"{step + 1}\t{key}\n" for key in keys)
+                    epoch = training_batches.position.epoch
+                    handle.writelines(f"{step + 1}\t{epoch}\t{key}\n" for key in keys)
             # Gradients are synchronised across processes on the last micro-batch only.
             sync = micro_step == accumulation - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(module):
@@ -266,7 +268,8 @@ def save_outputs(args, output_dir, objective, model, processor, metrics, card):
         if processor is not None:
             processor.save_pretrained(output_dir / "ema")
     (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    repo_id = args.hub_model_id or output_dir.resolve().name
+    # The card names the model after the Hub repo, else after the output folder (made a valid repo name).
+    repo_id = args.hub_model_id or re.sub(r"[^\w.-]+", "-", output_dir.resolve().name).strip("-.")[:96] or "cast"
     summary = {
         "steps": args.max_train_steps,
         "per-device batch size": args.per_device_train_batch_size,

@@ -6,15 +6,26 @@ import logging
 import os
 
 import datasets
+import PIL.Image
 import torch
 from accelerate.utils import set_seed
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from ..configuration_cast import CAST_PRESETS, CastConfig
 from ..convert import load_original_checkpoint, parse_overrides
+from ..image_processing_cast import CastImageProcessor
 from ..modeling_cast import CastForImageClassification, CastForSelfSupervisedPretraining
-from ..superpixels import DEFAULT_NUM_SUPERPIXELS
-from .augment import MOCO_VIEW_1, MOCO_VIEW_2, DeitTransform, EvalTransform, MocoTransform, RandAugment, ViewEncoder
+from .augment import (
+    MOCO_VIEW_1,
+    MOCO_VIEW_2,
+    DeitTransform,
+    MocoTransform,
+    ProcessorTransform,
+    RandAugment,
+    ViewEncoder,
+)
 from .data import (
     SuperpixelBatches,
     TrainingBatches,
@@ -39,6 +50,11 @@ def check_arguments(args):
         raise ValueError("Give --dataset_name or --train_dir.")
     if args.streaming and args.max_train_steps is None:
         raise ValueError("A streamed dataset has no known length: give --max_train_steps.")
+    if args.push_to_hub and args.hub_model_id is not None:
+        try:
+            validate_repo_id(args.hub_model_id)
+        except HFValidationError as error:
+            raise ValueError(f"--hub_model_id {args.hub_model_id!r} is not a valid Hub repo id: {error}") from None
 
 
 def build_config(args, **fields):
@@ -52,29 +68,34 @@ def build_config(args, **fields):
     return CastConfig.from_pretrained(args.config_name, **overrides)
 
 
-def image_processor_and_encoder(args, config, seeds_recipe):
-    """The image processor saved with the model (that of --model_name_or_path, else a new one for the config) and
-    the `ViewEncoder` of the training views (its superpixel settings, unless --superpixel_method /
-    --num_superpixels say otherwise)."""
-    try:
-        from ..image_processing_cast import CastImageProcessor
-    except ImportError:  # the image processor module is not part of this installation
-        CastImageProcessor = None
+def image_processor_and_encoder(args, config, seeds_recipe, resample=None):
+    """The image processor saved with the model and the `ViewEncoder` of the training views.
+
+    The processor is that of --model_name_or_path (else a new one for the config's image size: shortest edge
+    size / 0.875, centre crop size); --superpixel_method / --num_superpixels and the recipe's SEEDS settings
+    (`"self_supervised"` for MoCo, `"supervised"` for DeiT) are written into it, so inference computes superpixels as
+    training did."""
     processor = None
-    if CastImageProcessor is not None:
-        if args.model_name_or_path is not None:
-            try:
-                processor = CastImageProcessor.from_pretrained(args.model_name_or_path, revision=args.hub_revision)
-            except OSError:
-                processor = None
+    if args.model_name_or_path is not None:
+        try:
+            processor = CastImageProcessor.from_pretrained(args.model_name_or_path, revision=args.hub_revision)
+        except OSError:  # a model folder without preprocessor_config.json (e.g. a converted checkpoint)
+            processor = None
+    size = args.image_size or config.image_size
+    if processor is None or args.image_size is not None:
+        resize = {"shortest_edge": round(size / 0.875)}, {"height": size, "width": size}
         if processor is None:
-            processor = CastImageProcessor(size={"height": config.image_size, "width": config.image_size})
-    method = args.superpixel_method or getattr(processor, "superpixel_method", None) or "seeds"
-    count = args.num_superpixels or getattr(processor, "num_superpixels", None) or DEFAULT_NUM_SUPERPIXELS
-    mean = getattr(processor, "image_mean", None)
-    std = getattr(processor, "image_std", None)
-    encoder_kwargs = {"image_mean": mean, "image_std": std} if mean is not None and std is not None else {}
-    encoder = ViewEncoder(method, count, seeds_recipe, **encoder_kwargs)
+            processor = CastImageProcessor(size=resize[0], crop_size=resize[1])
+        processor.size, processor.crop_size = resize
+    processor.superpixel_recipe = seeds_recipe
+    if args.superpixel_method is not None:
+        processor.superpixel_method = args.superpixel_method
+    if args.num_superpixels is not None:
+        processor.num_superpixels = args.num_superpixels
+    if resample is not None:
+        processor.resample = resample
+    encoder = ViewEncoder(processor.superpixel_method, processor.num_superpixels, seeds_recipe, processor.image_mean,
+                          processor.image_std, processor.superpixel_reference_size)
     return processor, encoder
 
 
@@ -190,7 +211,7 @@ def train_supervised(args):
                                     args.mixup_switch_prob, args.model_ema_decay if args.model_ema else None,
                                     seed=args.seed)
 
-    processor, encoder = image_processor_and_encoder(args, config, "supervised")
+    processor, encoder = image_processor_and_encoder(args, config, "supervised", resample=PIL.Image.BICUBIC)
     size = args.image_size or config.image_size
     rand_augment = (RandAugment(args.rand_augment_num_ops, args.rand_augment_magnitude)
                     if args.rand_augment_num_ops > 0 else None)
@@ -202,7 +223,7 @@ def train_supervised(args):
     if eval_split is not None:
         eval_split = limit(eval_split, args.max_eval_samples)
         eval_batches = SuperpixelBatches(
-            eval_split, EvalTransform(encoder, size), args.per_device_eval_batch_size,
+            eval_split, ProcessorTransform(processor), args.per_device_eval_batch_size,
             image_column_of(eval_split, args.image_column_name), label_column_of(eval_split, args.label_column_name),
             shuffle=False, rank=accelerator.process_index, world_size=accelerator.num_processes, drop_last=False)
 
