@@ -1,5 +1,6 @@
 """CastForSemanticSegmentation: parity with the authors' cast_seg.py, loss, fusion, bad input, Auto classes."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,3 +259,33 @@ def test_auto_class_round_trip(tmp_path):
     inputs = (torch.randn(2, 3, 64, 64), grid_superpixels())
     with torch.no_grad():
         torch.testing.assert_close(loaded(*inputs).logits, model(*inputs).logits)
+
+
+def test_image_processor_post_processing_and_pipeline():
+    """CastImageProcessor -> CastForSemanticSegmentation -> post_process_semantic_segmentation / image-segmentation."""
+    from PIL import Image
+
+    from hf_hierseg.image_processing_cast import CastImageProcessor
+    from hf_hierseg.pipelines import CastImageSegmentationPipeline
+
+    torch.manual_seed(0)
+    model = CastForSemanticSegmentation(tiny_config(id2label={0: "sky", 1: "grass", 2: "cow"})).eval()
+    processor = CastImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                   num_superpixels=600)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    inputs = processor(images=[image, image], return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    maps = processor.post_process_semantic_segmentation(outputs, target_sizes=[(90, 120), (45, 60)])
+    assert [tuple(m.shape) for m in maps] == [(90, 120), (45, 60)]
+    native = processor.post_process_semantic_segmentation(outputs)[0]
+    assert torch.equal(native, outputs.logits[0].argmax(0))
+    # Per-segment logits painted by the processor give the same map.
+    per_segment = processor.post_process_semantic_segmentation(
+        type("Out", (), {"logits": outputs.segment_logits})(), superpixels=inputs["superpixels"])[0]
+    assert torch.equal(per_segment, native)
+
+    segmenter = CastImageSegmentationPipeline(model=model, image_processor=processor)
+    results = segmenter(image)
+    assert {r["label"] for r in results} <= {"sky", "grass", "cow"}
+    assert all(r["mask"].size == (120, 90) for r in results)

@@ -254,3 +254,28 @@ def test_label_arguments_are_checked(synthetic_folder, tmp_path):
     args.id2label = str(id2label)
     with pytest.raises(ValueError, match="0..N-1"):
         train_segmentation(args)
+
+
+def test_fine_tuning_starts_from_a_classification_checkpoint(tmp_path):
+    """--model_name_or_path of an image classifier: the backbone is loaded, fusion and head are new."""
+    from transformers import AutoModelForSemanticSegmentation
+
+    from hf_hierseg import CastConfig, CastForImageClassification
+    from hf_hierseg.modeling_cast_seg import CastForSemanticSegmentation
+    from hf_hierseg.training.recipes import build_config
+    from hf_hierseg.training.segmentation import build_model
+
+    AutoModelForSemanticSegmentation.register(CastConfig, CastForSemanticSegmentation, exist_ok=True)
+    torch.manual_seed(0)
+    classifier = CastForImageClassification(CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1),
+                                                       num_clusters=(16, 8, 4, 2), image_size=64, num_labels=5))
+    classifier.save_pretrained(tmp_path / "classifier")
+    args = run_args(tmp_path, tmp_path / "out", "--ignore_mismatched_sizes")
+    args.model_name_or_path, args.config_name, args.config_overrides = str(tmp_path / "classifier"), None, None
+    config = build_config(args, num_labels=7, freeze_last_pooling=False)
+    model = build_model(args, config)
+    assert isinstance(model, CastForSemanticSegmentation) and model.classifier.out_features == 7
+    for name, value in classifier.cast.state_dict().items():
+        if not name.startswith("layernorm."):
+            torch.testing.assert_close(model.cast.state_dict()[name], value, msg=name)
+    assert all(p.requires_grad for p in model.cast.levels[3].pooling.parameters())
