@@ -37,7 +37,8 @@ class CastBackboneConfig(BackboneConfigMixin, CastConfig):
 
 def backbone_config(config, out_features=None, out_indices=None):
     """A backbone configuration for `config` (a CAST config, package or remote code): `config` itself when it already
-    is one, else a [`CastBackboneConfig`] with its values. Explicit `out_features` / `out_indices` win over saved ones."""
+    is one, else a [`CastBackboneConfig`] with its values. Explicit `out_features` / `out_indices` win over saved
+    ones."""
     if getattr(config, "model_type", None) != "cast":
         raise ValueError(f"CastBackbone needs a CAST configuration (model_type 'cast'), got {type(config).__name__}.")
     if isinstance(config, BackboneConfigMixin):

@@ -47,7 +47,7 @@ DELEGATED_COMMANDS = {
         ("hf_hierseg.peft_utils:lora_parser", "hf_hierseg.peft_utils:finetune_lora"),
     ),
     "evaluate": (
-        "evaluate a model: `evaluate classification ...` (top-k, kNN) or `evaluate segmentation ...` (mIoU, boundary F)",
+        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F)",
         {"classification": "scripts/evaluate_classification.py", "segmentation": "scripts/evaluate_segmentation.py"},
     ),
     "benchmark": (

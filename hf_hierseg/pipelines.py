@@ -44,9 +44,10 @@ def cast_preprocess(pipeline, image, timeout=None):
     """Load one image (path, URL or PIL) and run the image processor on the whole picture: `pixel_values`,
     `superpixels`, plus the original size (`target_size`) and, for overlays, the picture itself."""
     image = load_image(image, timeout=timeout)
-    inputs = pipeline.image_processor(images=[image], return_tensors="pt", **whole_image_size(pipeline.image_processor))
+    processor = pipeline.image_processor
+    inputs = processor(images=[image], return_tensors="pt", **whole_image_size(processor))
     if "superpixels" not in inputs:
-        raise ValueError(f"{type(pipeline.image_processor).__name__} returned no `superpixels`; use CastImageProcessor.")
+        raise ValueError(f"{type(processor).__name__} returned no `superpixels`; use CastImageProcessor.")
     inputs = inputs.to(pipeline.dtype) if pipeline.dtype is not None else inputs
     model_inputs = {"pixel_values": inputs["pixel_values"], "superpixels": inputs["superpixels"]}
     # One-element lists: after batching, each image gets its own list back (as in ImageSegmentationPipeline).
@@ -64,7 +65,7 @@ def resize_label_maps(label_maps, size):
 
 
 def binary_mask(label_map, label):
-    return Image.fromarray(((label_map == label) * 255).astype(np.uint8), mode="L")
+    return Image.fromarray(((label_map == label) * 255).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 class HierarchicalSegmentationPipeline(Pipeline):
@@ -201,7 +202,8 @@ def register_pipelines():
     from transformers import AutoModel
     from transformers.pipelines import PIPELINE_REGISTRY
 
-    if PIPELINE_REGISTRY.supported_tasks.get("hierarchical-segmentation", {}).get("impl") is HierarchicalSegmentationPipeline:
+    registered = PIPELINE_REGISTRY.supported_tasks.get("hierarchical-segmentation", {})
+    if registered.get("impl") is HierarchicalSegmentationPipeline:
         return
     PIPELINE_REGISTRY.register_pipeline(
         "hierarchical-segmentation", pipeline_class=HierarchicalSegmentationPipeline, pt_model=AutoModel, type="image"

@@ -162,4 +162,5 @@ def test_console_script(tmp_path):
     result = subprocess.run([str(script), "segment", tmp_path / "missing.png", "--out", tmp_path], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"hf-hierseg segment: error: no such image: {tmp_path / 'missing.png'}"]
+    expected = f"hf-hierseg segment: error: no such image: {tmp_path / 'missing.png'}"
+    assert result.stderr.strip().splitlines() == [expected]

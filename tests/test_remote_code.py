@@ -1,12 +1,12 @@
-"""Remote code: `save_pretrained` / `push_to_hub` ship flat module files with `auto_map` and `custom_pipelines`, and a
-Python that cannot import `hf_hierseg` loads them (local folder, local Hub, Hub cache offline) with identical outputs."""
+"""Remote code: `save_pretrained` / `push_to_hub` ship flat module files with `auto_map` and `custom_pipelines`, and
+a Python that cannot import `hf_hierseg` loads them (local folder, local Hub, Hub cache offline) with identical
+outputs."""
 
 import ast
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,8 +68,9 @@ def test_save_pretrained_ships_every_module_and_auto_map(tmp_path, classifier):
         assert config["auto_map"][auto_class] == AUTO_CLASSES[auto_class]
         assert f"{module}.py" in shipped
         assert f"class {name}(" in (tmp_path / f"{module}.py").read_text()
-    assert config["custom_pipelines"]["hierarchical-segmentation"]["impl"] == "pipelines.HierarchicalSegmentationPipeline"
-    assert config["custom_pipelines"]["image-segmentation"]["pt"] == ["AutoModel"]
+    pipelines = config["custom_pipelines"]
+    assert pipelines["hierarchical-segmentation"]["impl"] == "pipelines.HierarchicalSegmentationPipeline"
+    assert pipelines["image-segmentation"]["pt"] == ["AutoModel"]
     assert shipped == {path.name for path in remote_code_files()}
 
     # The files are flat: relative imports resolve inside the folder, other imports are allowed libraries.
@@ -198,7 +199,8 @@ def test_remote_code_without_the_package_matches_the_package(tmp_path, classifie
 
     tasks = ["image-classification", "image-feature-extraction", "image-segmentation", "hierarchical-segmentation"]
     spec = {"sources": {"local": str(local), "hub": repo_id}, "inputs": str(tmp_path / "inputs.safetensors"),
-            "output": str(tmp_path / "online.safetensors"), "image": str(image), "pipelines": {"local": tasks, "hub": ["hierarchical-segmentation"]}}
+            "output": str(tmp_path / "online.safetensors"), "image": str(image),
+            "pipelines": {"local": tasks, "hub": ["hierarchical-segmentation"]}}
     report = run_without_package(spec)
     hub_server.stop()  # the offline load must come from the cache alone
     offline_spec = {**spec, "sources": {"offline": repo_id}, "output": str(tmp_path / "offline.safetensors"),
