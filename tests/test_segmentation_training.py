@@ -229,6 +229,17 @@ def test_tiny_run_evaluates_saves_and_resumes(synthetic_folder, tmp_path):
 
     AutoModelForSemanticSegmentation.register(CastConfig, CastForSemanticSegmentation, exist_ok=True)
     model = AutoModelForSemanticSegmentation.from_pretrained(output)
+    # The saved processor computes what the evaluation views computed (no centre crop), superpixels included.
+    from hf_hierseg.image_processing_cast import CastImageProcessor
+
+    processor = CastImageProcessor.from_pretrained(output)
+    ids = quadrant_class_ids(96)[:, :80]
+    image = coloured(ids)
+    inputs = processor(images=image, return_tensors="pt")
+    view = SegmentationTransform(ViewEncoder("grid", 600), 64, num_labels=4, train=False)(
+        image, Image.fromarray(ids.astype(np.uint8), "L"))
+    torch.testing.assert_close(inputs["pixel_values"][0], view["pixel_values"], atol=1e-5, rtol=0)
+    assert torch.equal(inputs["superpixels"][0], view["superpixels"])
     assert isinstance(model, CastForSemanticSegmentation) and model.config.num_labels == 7
     assert model.config.freeze_last_pooling is False and model.config.semantic_loss_ignore_index == 255
 

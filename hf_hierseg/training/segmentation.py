@@ -434,6 +434,10 @@ def train_segmentation(args):
     setup_logging(accelerator)
     processor, encoder = image_processor_and_encoder(args, config, "self_supervised")
     size = args.image_size or config.image_size
+    # No centre crop for segmentation: the saved processor resizes to size x size, as the evaluation views do, so
+    # `post_process_semantic_segmentation(target_sizes=...)` maps predictions back onto the whole original image.
+    processor.do_center_crop = False
+    processor.size = {"height": size, "width": size}
     mask_settings = dict(num_labels=labels["num_labels"], ignore_index=args.ignore_index, palette=palette,
                          reduce_labels=args.reduce_labels)
     transform = SegmentationTransform(encoder, size, train=True, crop_scale=(args.crop_min_scale, 1.0),
