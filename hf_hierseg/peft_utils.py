@@ -76,11 +76,12 @@ def finetune_lora(args):
     Load the adapter with `PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base), out)`.
     Returns the final metrics.
     """
+    import PIL.Image
     from accelerate.utils import set_seed
     from transformers import AutoModelForImageClassification
 
     from .training import recipes
-    from .training.augment import DeitTransform, EvalTransform, RandAugment
+    from .training.augment import DeitTransform, ProcessorTransform, RandAugment
     from .training.data import SuperpixelBatches, evaluation_loader, image_column_of, label_column_of
     from .training.loop import create_accelerator, setup_logging, train
     from .training.supervised import SupervisedObjective, evaluate_classifier
@@ -118,7 +119,7 @@ def finetune_lora(args):
     objective = LoraObjective(model, args.label_smoothing, args.mixup, args.cutmix, args.mixup_prob,
                               args.mixup_switch_prob, seed=args.seed)
 
-    processor, encoder = recipes.image_processor_and_encoder(args, config, "supervised")
+    processor, encoder = recipes.image_processor_and_encoder(args, config, "supervised", resample=PIL.Image.BICUBIC)
     size = args.image_size or config.image_size
     rand_augment = (RandAugment(args.rand_augment_num_ops, args.rand_augment_magnitude)
                     if args.rand_augment_num_ops > 0 else None)
@@ -129,7 +130,7 @@ def finetune_lora(args):
     if eval_split is not None:
         eval_split = recipes.limit(eval_split, args.max_eval_samples)
         eval_batches = SuperpixelBatches(
-            eval_split, EvalTransform(encoder, size), args.per_device_eval_batch_size,
+            eval_split, ProcessorTransform(processor), args.per_device_eval_batch_size,
             image_column_of(eval_split, args.image_column_name), label_column_of(eval_split, args.label_column_name),
             shuffle=False, rank=accelerator.process_index, world_size=accelerator.num_processes, drop_last=False)
 
