@@ -1,0 +1,189 @@
+"""Smoke test of the throughput benchmark on tiny models, and exactness of the fast paths it motivated (no timing
+assertions: timings depend on the machine)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_hierseg.evaluation.benchmark import (
+    INFERENCE_CASES,
+    SPLIT_PARTS,
+    BenchmarkSettings,
+    build_cases,
+    cast_time_split,
+    count_flops,
+    format_report,
+    measure_peak_memory,
+    run_benchmark,
+)
+from hf_hierseg.graph_pooling import farthest_point_sampling, farthest_point_sampling_direct
+from hf_hierseg.segment_ops import segment_sum_and_count
+
+
+TINY_CAST = dict(
+    hidden_size=24,
+    num_attention_heads=4,
+    depths=(1, 1, 1, 1),
+    num_clusters=(16, 8, 4, 2),
+    image_size=64,
+    projection_dim=16,
+    projection_hidden_dim=32,
+)
+TINY_VIT = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+
+
+def tiny_settings(**overrides):
+    values = dict(
+        batch_sizes=(1, 2),
+        repeats=1,
+        threads=1,
+        image_size=64,
+        num_superpixels=49,
+        train_batch_size=2,
+        train_repeats=1,
+        measure_memory=False,
+        cast_config=TINY_CAST,
+        vit_config=TINY_VIT,
+    )
+    values.update(overrides)
+    return BenchmarkSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    return run_benchmark(tiny_settings())
+
+
+def test_report_has_every_measurement(tiny_report):
+    report = tiny_report
+    assert set(report.throughput) == {1, 2}
+    for batch_size, cases in report.throughput.items():
+        assert set(cases) == set(INFERENCE_CASES)
+        for best, median, cpu in cases.values():
+            assert 0 < best <= median and cpu > 0
+        split = report.split[batch_size]
+        assert all(split[part] >= 0 for part in SPLIT_PARTS if part != "other")
+        assert sum(split[part] for part in SPLIT_PARTS) == pytest.approx(split["total"])
+        assert split["processor"] > 0
+    assert set(report.training) == {"ViT-S/16 supervised", "CAST-S supervised", "ViT-S/16 MoCo-v3", "CAST-S MoCo-v3"}
+    assert all(best > 0 for best, _ in report.training.values())
+    # The ratio is CAST's images/s over the ViT's, of the same kind.
+    expected = report.throughput[2]["vit-forward"][0] / report.throughput[2]["cast-forward"][0]
+    assert report.ratio(2, "cast-forward") == pytest.approx(expected)
+    assert report.ratio(2, "vit-end-to-end") == pytest.approx(1.0)
+
+
+def test_report_markdown(tiny_report):
+    text = format_report(tiny_report, "python scripts/benchmark_throughput.py --quick")
+    assert text.startswith("Command: `python scripts/benchmark_throughput.py --quick`")
+    assert "| CAST-S end-to-end | 2 |" in text and "| ViT-S/16 forward | 1 |" in text
+    assert "Targets at batch 1 / 2" in text and "paper GMACs" in text and "CAST-S MoCo-v3" in text
+    # Every table row has as many cells as its header.
+    for block in text.split("\n\n"):
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        assert len({row.count("|") for row in rows}) <= 1, block
+
+
+def test_time_split_hooks_are_removed():
+    settings = tiny_settings()
+    case = build_cases(settings, ["cast-forward"])[0]
+    model = case.model
+    with torch.no_grad():
+        pixel_values = torch.randn(2, 3, 64, 64)
+        superpixels = torch.arange(64).div(8, rounding_mode="floor")
+        superpixels = (superpixels[:, None] * 8 + superpixels[None, :]).expand(2, -1, -1)
+        reference = model(pixel_values, superpixels).pooler_output
+        with cast_time_split(model) as seconds:
+            timed = model(pixel_values, superpixels).pooler_output
+        assert seconds["blocks"] > 0 and seconds["fps"] > 0 and seconds["conv_stem"] > 0
+        assert torch.equal(reference, timed)
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+    assert all("sample_centroids" not in vars(level.pooling) for level in model.levels)
+
+
+def test_flops_match_a_hand_count():
+    """The ViT count equals the closed form of its matmuls; CAST's parts add up to its total."""
+    settings = tiny_settings()
+    from hf_hierseg.evaluation.benchmark import benchmark_images
+
+    flops = count_flops(settings, benchmark_images(1, 64))
+    width, layers, tokens, mlp = 24, 2, 1 + (64 // 16) ** 2, 48
+    patch = 2 * (64 // 16) ** 2 * (3 * 16 * 16) * width
+    per_layer = 2 * tokens * width * (3 * width + width + 2 * mlp) + 2 * 2 * tokens * tokens * width
+    assert flops["vit"] == patch + layers * per_layer
+    parts = flops["cast_parts"]
+    assert sum(parts.values()) == flops["cast"]
+    assert parts["conv_stem"] > 0 and parts["blocks"] > 0 and parts["graph_pooling"] > 0 and parts["fps"] > 0
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_peak_memory_in_a_fresh_process():
+    from hf_hierseg.evaluation.benchmark import benchmark_images
+
+    settings = tiny_settings(batch_sizes=(1,))
+    memory = measure_peak_memory(settings, benchmark_images(1, 64), ["cast-forward"])
+    assert set(memory) == {"cast-forward"} and set(memory["cast-forward"]) == {1}
+    assert math.isfinite(memory["cast-forward"][1]) and memory["cast-forward"][1] >= 0
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="batch_sizes"):
+        BenchmarkSettings(batch_sizes=(0,))
+    with pytest.raises(ValueError, match="repeats"):
+        BenchmarkSettings(repeats=0)
+    assert BenchmarkSettings(repeats=5).repeats_for(32) == 2
+    assert BenchmarkSettings(repeats=5).repeats_for(8) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast paths give the reference results
+
+
+def random_point_sets():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        batch, num_points, dim = 3, int(torch.randint(2, 40, (), generator=generator)), int(
+            torch.randint(1, 30, (), generator=generator))
+        points = torch.randn(batch, num_points, dim, generator=generator, dtype=torch.float64)
+        kind = trial % 5
+        if kind == 1:  # exact duplicates of the start point (as padding filled with the mean token)
+            points[:, num_points // 2:] = points[:, :1].clone()
+        elif kind == 2:  # integer grid: many exactly tied distances
+            points = torch.randint(0, 3, (batch, num_points, dim), generator=generator).double()
+        elif kind == 3:  # a large common offset: the Gram matrix formula cancels badly
+            points = points + 1e5
+        elif kind == 4:  # fewer distinct points than samples
+            points[:, 2:] = 0.0
+        num_samples = int(torch.randint(1, num_points + 1, (), generator=generator))
+        yield points, num_samples, int(torch.randint(0, num_points, (), generator=generator))
+
+
+def test_fast_farthest_point_sampling_equals_direct():
+    for points, num_samples, start in random_point_sets():
+        assert torch.equal(
+            farthest_point_sampling(points, num_samples, start),
+            farthest_point_sampling_direct(points, num_samples, start),
+        )
+
+
+def test_farthest_point_sampling_hand_example():
+    """On a line 0, 1, 5, 6, 10 from 0: 10 (farthest), then 5 (distance 25 to both), then ties between 1 and 6
+    (distance 1) go to the lower index."""
+    points = torch.tensor([[[0.0], [1.0], [5.0], [6.0], [10.0]]], dtype=torch.float64)
+    assert farthest_point_sampling(points, 4).tolist() == [[0, 4, 2, 1]]
+    with pytest.raises(ValueError, match="Cannot sample"):
+        farthest_point_sampling(points, 6)
+
+
+def test_segment_sums_equal_a_loop():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(3, 50, 4, generator=generator)
+    labels = torch.randint(0, 7, (3, 50), generator=generator)
+    sums, counts = segment_sum_and_count(features, labels, 9)
+    for image in range(3):
+        for label in range(9):
+            chosen = labels[image] == label
+            assert counts[image, label] == chosen.sum()
+            np.testing.assert_allclose(sums[image, label].numpy(), features[image][chosen].sum(0).numpy(), atol=1e-5)
