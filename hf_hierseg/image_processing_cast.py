@@ -1,0 +1,528 @@
+"""Image processor for CAST: 8-bit RGB -> resize -> centre crop -> superpixels -> normalise."""
+
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_base import BatchFeature
+from transformers.image_transforms import get_size_with_aspect_ratio
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    get_image_size_for_max_height_width,
+)
+from transformers.processing_utils import ImagesKwargs
+
+from .hierarchy import paint_hierarchy, paint_segments
+from .superpixels import (
+    DEFAULT_NUM_SUPERPIXELS,
+    REFERENCE_SIZE,
+    SUPERPIXEL_METHODS,
+    batch_superpixels,
+    denormalize_to_uint8,
+    get_seeds_recipe,
+    relabel_consecutive,
+    scaled_num_superpixels,
+)
+
+
+# PIL's decompression-bomb threshold: larger inputs (or resize targets) are refused before any allocation.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+class CastImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    superpixel_method (`str`, *optional*, defaults to `"seeds"`):
+        `"seeds"` (OpenCV SEEDS, as the original), `"slic"` (OpenCV SLICO) or `"grid"` (square patches).
+    superpixel_recipe (`str`, *optional*, defaults to `"self_supervised"`):
+        SEEDS settings of the original pipelines: `"self_supervised"` (MoCo: 15 histogram bins, 20 iterations) or
+        `"supervised"` (DeiT: 5 bins, 15 iterations, on the normalised image turned back to 8 bit by truncation).
+    num_superpixels (`int`, *optional*, defaults to 196):
+        Superpixels requested per `superpixel_reference_size`^2 pixels (SEEDS returns about this many).
+    superpixel_reference_size (`int`, *optional*, defaults to 224):
+        Side of the square on which `num_superpixels` are requested; the count scales with the image area.
+    num_workers (`int`, *optional*):
+        Threads computing superpixels (default: all cores). Results do not depend on it.
+    max_image_pixels (`int`, *optional*, defaults to 89478485):
+        Largest image (input or resize target) accepted, checked before allocating it.
+    """
+
+    superpixel_method: str | None
+    superpixel_recipe: str | None
+    num_superpixels: int | None
+    superpixel_reference_size: int | None
+    num_workers: int | None
+    max_image_pixels: int | None
+
+
+class CastImageProcessor(PilBackend):
+    r"""
+    Image processor for CAST. Every image is converted to 8-bit RGB, resized (shortest edge 256, bilinear), centre
+    cropped (224x224, as `torchvision.transforms.CenterCrop`), split into superpixels on the 8-bit crop and
+    normalised with the ImageNet mean and std. Returns `pixel_values` (float32 `[B, 3, H, W]`) and `superpixels`
+    (int64 `[B, H, W]`, labels 0..S-1 per image).
+
+    With `do_resize=False, do_center_crop=False` and 8-bit RGB 224x224 inputs, the labels and normalised pixels are
+    exactly those of the original MoCo-v3 pipeline. For the original DeiT pipeline use
+    `superpixel_recipe="supervised"` and `resample=PILImageResampling.BICUBIC`.
+
+    Input conversion, deliberately: EXIF orientation is applied; transparency is composited onto white; palette,
+    grayscale and CMYK images use PIL's conversion (ICC profiles are ignored); 16-bit images (PIL modes `I;16*`
+    and `I`, numpy `uint16`) are scaled to 8 bit by /257; float arrays must be finite and in [0, 1] and are rounded
+    to 8 bit; other integer arrays must lie in 0..255.
+    """
+
+    valid_kwargs = CastImageProcessorKwargs
+    model_input_names = ["pixel_values", "superpixels"]
+
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"shortest_edge": 256}
+    default_to_square = False
+    crop_size = {"height": 224, "width": 224}
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    superpixel_method = "seeds"
+    superpixel_recipe = "self_supervised"
+    num_superpixels = DEFAULT_NUM_SUPERPIXELS
+    superpixel_reference_size = REFERENCE_SIZE
+    num_workers = None
+    max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        _check_superpixel_settings(self.superpixel_method, self.superpixel_recipe, self.num_superpixels)
+
+    def preprocess(self, images, superpixels=None, **kwargs) -> BatchFeature:
+        r"""
+        images (`ImageInput`):
+            One image or a list of images (PIL, numpy or torch, channels first or last; file paths are loaded).
+        superpixels (`np.ndarray`, `torch.Tensor` or list of them, *optional*):
+            Precomputed integer label maps, one `[H, W]` per image at the *input* size; they are resized (nearest)
+            and cropped like the images and made consecutive, instead of computing superpixels.
+        """
+        return super().preprocess(images, superpixels, **kwargs)
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["num_workers"] = self.num_workers  # saved even when None (= all cores)
+        return output
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _prepare_images_structure(self, images, expected_ndims=3):
+        """A flat list of single images, with clear errors for empty batches and non-images."""
+        if isinstance(images, str):
+            images = [images]
+        if _is_array(images) and np.ndim(images) == 4:
+            images = list(images)
+        elif isinstance(images, PIL.Image.Image) or _is_array(images):
+            images = [images]
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(
+                f"Expected an image (PIL.Image, numpy array, torch tensor, path) or a list of them, got "
+                f"{type(images).__name__}."
+            )
+        if len(images) == 0:
+            raise ValueError("Got an empty batch: pass at least one image.")
+        prepared = []
+        for index, image in enumerate(images):
+            if isinstance(image, str):
+                image = self.fetch_images(image)
+            if not (isinstance(image, PIL.Image.Image) or _is_array(image)):
+                raise TypeError(
+                    f"Image {index} is a {type(image).__name__}, not an image (PIL.Image, numpy array, torch tensor "
+                    "or path)."
+                )
+            prepared.append(image)
+        return prepared
+
+    def process_image(self, image, do_convert_rgb=None, input_data_format=None, max_image_pixels=None, **kwargs):
+        """One input image as 8-bit RGB `uint8 [H, W, 3]` (channels last: what PIL and OpenCV work on)."""
+        max_image_pixels = max_image_pixels or self.max_image_pixels
+        if isinstance(image, PIL.Image.Image):
+            _check_image_size(image.height, image.width, max_image_pixels)
+            return _pil_to_rgb(image)
+        return _array_to_rgb(image, input_data_format, max_image_pixels)
+
+    def _preprocess_image_like_inputs(self, images, superpixels, **kwargs):
+        images = self._prepare_image_like_inputs(images, **kwargs)
+        if superpixels is not None:
+            superpixels = _check_precomputed_superpixels(superpixels, images)
+        return self._preprocess(images, superpixels=superpixels, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Transforms (on 8-bit RGB [H, W, 3] images and integer [H, W] label maps)
+    # ----------------------------------------------------------------------------------------------------------
+
+    def resize(self, image, size, resample=None, max_image_pixels=None, **kwargs):
+        """Resize with PIL (as torchvision does on PIL images); label maps `[H, W]` always use nearest."""
+        height, width = image.shape[:2]
+        new_height, new_width = _resize_output_size(height, width, size)
+        _check_image_size(new_height, new_width, max_image_pixels or self.max_image_pixels, what="resized image")
+        if image.ndim == 2:
+            resized = PIL.Image.fromarray(image.astype(np.int32)).resize((new_width, new_height), PIL.Image.NEAREST)
+            return np.asarray(resized).astype(np.int64)
+        resample = PILImageResampling.BILINEAR if resample is None else resample
+        return np.asarray(PIL.Image.fromarray(image).resize((new_width, new_height), resample=resample))
+
+    def center_crop(self, image, size, fill_value=0, **kwargs):
+        """Centre crop as `torchvision.transforms.functional.center_crop`: rounded offsets, zero padding when the
+        image is smaller than the crop (label maps are padded with `fill_value`)."""
+        if size is None or size.height is None or size.width is None:
+            raise ValueError(f"crop_size must have 'height' and 'width', got {size}.")
+        crop_height, crop_width = size.height, size.width
+        height, width = image.shape[:2]
+        if crop_height > height or crop_width > width:
+            pad_top = max(crop_height - height, 0) // 2
+            pad_left = max(crop_width - width, 0) // 2
+            pad_bottom = (max(crop_height - height, 0) + 1) // 2
+            pad_right = (max(crop_width - width, 0) + 1) // 2
+            padding = ((pad_top, pad_bottom), (pad_left, pad_right)) + ((0, 0),) * (image.ndim - 2)
+            image = np.pad(image, padding, constant_values=fill_value)
+            height, width = image.shape[:2]
+        top = int(round((height - crop_height) / 2.0))
+        left = int(round((width - crop_width) / 2.0))
+        return image[top : top + crop_height, left : left + crop_width]
+
+    def rescale(self, image, scale, **kwargs):
+        """`[H, W, 3]` uint8 -> `[3, H, W]` float32 divided by `1 / scale` (as `ToTensor` divides by 255)."""
+        return np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32) / np.float32(1.0 / scale)
+
+    def normalize(self, image, mean, std, **kwargs):
+        """`(x - mean) / std` per channel of a `[3, H, W]` float32 image, in float32 (as torchvision)."""
+        mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        return (image - mean) / std
+
+    def _preprocess(
+        self,
+        images,
+        superpixels=None,
+        do_resize=True,
+        size=None,
+        resample=None,
+        do_center_crop=True,
+        crop_size=None,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=None,
+        image_std=None,
+        superpixel_method="seeds",
+        superpixel_recipe="self_supervised",
+        num_superpixels=DEFAULT_NUM_SUPERPIXELS,
+        superpixel_reference_size=REFERENCE_SIZE,
+        num_workers=None,
+        max_image_pixels=None,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        _check_superpixel_settings(superpixel_method, superpixel_recipe, num_superpixels)
+        crops, pixel_values = [], []
+        for image in images:
+            if do_resize:
+                image = self.resize(image, size, resample, max_image_pixels)
+            if do_center_crop:
+                image = self.center_crop(image, crop_size)
+            crops.append(image)
+            values = self.rescale(image, rescale_factor if do_rescale else 1.0)
+            if do_normalize:
+                values = self.normalize(values, image_mean, image_std)
+            pixel_values.append(values)
+
+        if superpixels is not None:  # precomputed: the same geometry as the images, nearest
+            label_maps = []
+            for label_map in superpixels:
+                if do_resize:
+                    label_map = self.resize(label_map, size, max_image_pixels=max_image_pixels)
+                if do_center_crop:
+                    label_map = self.center_crop(label_map, crop_size, fill_value=-1)
+                label_maps.append(relabel_consecutive(label_map))
+            superpixels = label_maps
+        else:
+            superpixels = self._compute_superpixels(
+                crops, pixel_values, superpixel_method, superpixel_recipe, num_superpixels,
+                superpixel_reference_size, num_workers, do_normalize, image_mean, image_std,
+            )  # fmt: skip
+
+        if return_tensors is not None:
+            shapes = sorted({values.shape[1:] for values in pixel_values})
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"The processed images have different sizes {shapes}, so they cannot be stacked into one tensor: "
+                    "keep do_center_crop=True (or resize to a fixed height and width), or pass return_tensors=None."
+                )
+            pixel_values, superpixels = np.stack(pixel_values), np.stack(superpixels)
+        return BatchFeature(data={"pixel_values": pixel_values, "superpixels": superpixels}, tensor_type=return_tensors)
+
+    def _compute_superpixels(
+        self, crops, pixel_values, method, recipe, num_superpixels, reference_size, num_workers,
+        do_normalize, image_mean, image_std,
+    ):  # fmt: skip
+        """Superpixels of the 8-bit crops; the DeiT recipe sees the normalised crop truncated back to 8 bit."""
+        if method == "seeds" and get_seeds_recipe(recipe).from_normalized and do_normalize:
+            crops = [
+                denormalize_to_uint8(values, image_mean, image_std, rounding="truncate") for values in pixel_values
+            ]
+        counts = [scaled_num_superpixels(*crop.shape[:2], num_superpixels, reference_size) for crop in crops]
+        return batch_superpixels(crops, method, counts, recipe, num_workers)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Post-processing
+    # ----------------------------------------------------------------------------------------------------------
+
+    def post_process_hierarchical_segmentation(self, outputs, superpixels, target_sizes=None):
+        """Pixel label maps of every level of the part-to-whole hierarchy.
+
+        Args:
+            outputs: model outputs with `hierarchy` (tuple over levels 1..L of int64 `[B, N_1]`: the group of each
+                superpixel at that level).
+            superpixels (`torch.Tensor` or `np.ndarray` of shape `[B, H, W]`): the superpixels given to the model.
+            target_sizes (list of `(height, width)`, *optional*): resize each image's maps to this size (nearest).
+
+        Returns:
+            A list over images of lists of int64 `[height, width]` tensors: level 0 (the superpixels as the model
+            saw them: a superpixel without a token takes the label of its grid cell), then levels 1..L. Every
+            level-l region is a union of level-(l-1) regions.
+        """
+        hierarchy = getattr(outputs, "hierarchy", None)
+        if hierarchy is None:
+            raise ValueError("`outputs` has no `hierarchy`: pass the outputs of a CAST model.")
+        superpixels = torch.as_tensor(superpixels).long().to(hierarchy[0].device)
+        if superpixels.dim() != 3 or superpixels.shape[0] != hierarchy[0].shape[0]:
+            raise ValueError(
+                f"superpixels must be [B, H, W] with B = {hierarchy[0].shape[0]}, got {tuple(superpixels.shape)}."
+            )
+        if superpixels.max() >= hierarchy[0].shape[1] or superpixels.min() < 0:
+            raise ValueError(f"superpixel labels must lie in 0..{hierarchy[0].shape[1] - 1} (the model's segments).")
+        if hasattr(outputs, "hierarchy_maps"):  # knows how its model pooled segments (stride-8 grid or full size)
+            level_maps = outputs.hierarchy_maps(superpixels)  # L+1 x [B, H, W]
+        else:
+            level_maps = paint_hierarchy(hierarchy, superpixels)
+        target_sizes = _check_target_sizes(target_sizes, superpixels.shape[0])
+        results = []
+        for index in range(superpixels.shape[0]):
+            maps = [level_map[index] for level_map in level_maps]
+            if target_sizes is not None:
+                maps = [_resize_labels(level_map, target_sizes[index]) for level_map in maps]
+            results.append(maps)
+        return results
+
+    def post_process_semantic_segmentation(self, outputs, target_sizes=None, superpixels=None):
+        """Class label maps from segmentation logits.
+
+        Args:
+            outputs: model outputs with `logits`, either per pixel `[B, num_labels, H, W]` or per superpixel
+                `[B, N_1, num_labels]` (then `superpixels` `[B, H, W]` paints them to pixels).
+            target_sizes (list of `(height, width)`, *optional*): logits are resized (bilinear) before the argmax.
+
+        Returns:
+            A list over images of int64 `[height, width]` tensors.
+        """
+        logits = outputs.logits
+        if logits.dim() == 3:
+            if superpixels is None:
+                raise ValueError("Per-segment logits [B, N, num_labels] need `superpixels` to paint them to pixels.")
+            superpixels = torch.as_tensor(superpixels).long().to(logits.device)
+            logits = paint_segments(logits, superpixels).permute(0, 3, 1, 2)  # [B, num_labels, H, W]
+        if logits.dim() != 4:
+            raise ValueError(f"Expected logits [B, num_labels, H, W], got shape {tuple(logits.shape)}.")
+        target_sizes = _check_target_sizes(target_sizes, logits.shape[0])
+        results = []
+        for index in range(logits.shape[0]):
+            image_logits = logits[index : index + 1]
+            if target_sizes is not None:
+                image_logits = F.interpolate(
+                    image_logits.float(), size=tuple(target_sizes[index]), mode="bilinear", align_corners=False
+                )
+            results.append(image_logits[0].argmax(dim=0))
+        return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_array(obj):
+    return isinstance(obj, (np.ndarray, torch.Tensor))
+
+
+def _check_image_size(height, width, max_image_pixels, what="image"):
+    if height < 1 or width < 1:
+        raise ValueError(f"The {what} is empty ({height}x{width} pixels).")
+    if height * width > max_image_pixels:
+        raise ValueError(
+            f"The {what} has {height}x{width} = {height * width} pixels, more than max_image_pixels="
+            f"{max_image_pixels}: downscale it first or raise max_image_pixels."
+        )
+
+
+def _check_superpixel_settings(method, recipe, num_superpixels):
+    if method not in SUPERPIXEL_METHODS:
+        raise ValueError(f"superpixel_method must be one of {SUPERPIXEL_METHODS}, got {method!r}.")
+    get_seeds_recipe(recipe)
+    if int(num_superpixels) < 1:
+        raise ValueError(f"num_superpixels must be >= 1, got {num_superpixels}.")
+
+
+def _pil_to_rgb(image):
+    """8-bit RGB `[H, W, 3]` from any PIL image (EXIF orientation applied, transparency over white)."""
+    image = PIL.ImageOps.exif_transpose(image)
+    if image.mode == "F":  # float images follow the array rules (values in [0, 1])
+        return _array_to_rgb(np.asarray(image))
+    if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit images, scaled to 8 bit
+        array = np.asarray(image)
+        if array.min() < 0 or array.max() > 65535:
+            raise ValueError(f"A PIL image of mode {image.mode!r} must hold 16-bit values (0..65535).")
+        return _array_to_rgb(array.astype(np.uint16))
+    has_alpha = "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info
+    try:
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = PIL.Image.alpha_composite(white, rgba).convert("RGB")
+        else:
+            image = image.convert("RGB")
+    except ValueError as error:
+        raise ValueError(f"Cannot convert a PIL image of mode {image.mode!r} to RGB: {error}") from error
+    return np.asarray(image)
+
+
+def _array_to_rgb(array, input_data_format=None, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """8-bit RGB `[H, W, 3]` from a numpy / torch image `[H, W]`, `[H, W, C]` or `[C, H, W]` with C in 1, 3, 4."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim == 3:
+        array = np.moveaxis(array, _channel_axis(array.shape, input_data_format), -1)
+    else:
+        raise ValueError(f"An image must have 2 or 3 dimensions, got shape {array.shape}.")
+    height, width, channels = array.shape
+    _check_image_size(height, width, max_image_pixels)
+    array = _to_uint8(array)
+    if channels == 4:
+        return _pil_to_rgb(PIL.Image.fromarray(np.ascontiguousarray(array)))  # RGBA
+    if channels == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+def _channel_axis(shape, input_data_format):
+    """0 (channels first) or 2 (channels last); refuses shapes that could be either."""
+    if input_data_format is not None:
+        layout = ChannelDimension(input_data_format)
+        axis = 0 if layout == ChannelDimension.FIRST else 2
+        if shape[axis] not in (1, 3, 4):
+            raise ValueError(f"input_data_format={layout.value} but dimension {axis} of {shape} is not 1, 3 or 4.")
+        return axis
+    first, last = shape[0] in (1, 3, 4), shape[2] in (1, 3, 4)
+    if first and last:
+        raise ValueError(
+            f"Cannot tell whether an image of shape {shape} is channels first or channels last: pass "
+            "input_data_format='channels_first' or 'channels_last'."
+        )
+    if not (first or last):
+        raise ValueError(f"An image needs 1, 3 or 4 channels first or last, got shape {shape}.")
+    return 0 if first else 2
+
+
+def _to_uint8(array):
+    """8-bit values from uint8, 16-bit (/257), other integers in 0..255 or floats in [0, 1] (rounded)."""
+    if array.dtype == np.uint8:
+        return array
+    numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if array.dtype == np.bool_ or not numeric:
+        raise TypeError(f"Unsupported image dtype {array.dtype}: use uint8, uint16, integers in 0..255 or floats.")
+    if array.dtype == np.uint16:
+        return np.rint(array / 257.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("The image contains NaN or infinite values.")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"Float images must have values in [0, 1], got [{low:g}, {high:g}]; pass uint8 arrays for 0..255."
+            )
+        return np.rint(array * 255.0).astype(np.uint8)
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 255:
+        raise ValueError(f"Integer images must have values in 0..255 (or be uint16), got [{low}, {high}].")
+    return array.astype(np.uint8)
+
+
+def _resize_output_size(height, width, size):
+    """`(height, width)` after resizing with a `SizeDict`; `shortest_edge` alone follows `torchvision.Resize(int)`."""
+    if size.shortest_edge and size.longest_edge:
+        return get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
+    if size.shortest_edge:
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size.shortest_edge, int(size.shortest_edge * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+    if size.max_height and size.max_width:
+        return get_image_size_for_max_height_width((height, width), size.max_height, size.max_width)
+    if size.height and size.width:
+        return size.height, size.width
+    raise ValueError(
+        f"size must have 'shortest_edge', 'height' and 'width', or 'max_height' and 'max_width'; got {dict(size)}."
+    )
+
+
+def _check_precomputed_superpixels(superpixels, images):
+    """A list of int64 `[H, W]` label maps matching the prepared images one to one."""
+    if _is_array(superpixels) and np.ndim(superpixels) == 2:
+        superpixels = [superpixels]
+    superpixels = list(superpixels)
+    if len(superpixels) != len(images):
+        raise ValueError(f"Got {len(superpixels)} superpixel maps for {len(images)} images.")
+    checked = []
+    for index, (label_map, image) in enumerate(zip(superpixels, images)):
+        if isinstance(label_map, torch.Tensor):
+            label_map = label_map.detach().cpu().numpy()
+        label_map = np.asarray(label_map)
+        if not np.issubdtype(label_map.dtype, np.integer):
+            raise TypeError(f"superpixels[{index}] must hold integer labels, got dtype {label_map.dtype}.")
+        if label_map.shape != image.shape[:2]:
+            raise ValueError(
+                f"superpixels[{index}] has shape {label_map.shape} but image {index} is {image.shape[:2]} (height, "
+                "width): precomputed superpixels must match the input image size."
+            )
+        if label_map.min() < 0:
+            raise ValueError(f"superpixels[{index}] has negative labels.")
+        checked.append(label_map.astype(np.int64))
+    return checked
+
+
+def _check_target_sizes(target_sizes, batch_size):
+    if target_sizes is None:
+        return None
+    if isinstance(target_sizes, torch.Tensor):
+        target_sizes = target_sizes.tolist()
+    if len(target_sizes) != batch_size:
+        raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size}.")
+    return [tuple(int(v) for v in target_size) for target_size in target_sizes]
+
+
+def _resize_labels(label_map, target_size):
+    """Nearest resize of an int64 `[H, W]` label map (pixel-centre sampling, as PIL)."""
+    if tuple(label_map.shape) == tuple(target_size):
+        return label_map
+    resized = F.interpolate(label_map[None, None].double(), size=target_size, mode="nearest-exact")
+    return resized[0, 0].long()
+
+
+__all__ = ["CastImageProcessor"]
