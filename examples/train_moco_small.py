@@ -43,6 +43,7 @@ RECIPE = [
     "--num_warmup_steps", "20",
     "--max_train_steps", "200",
     "--crop_min_scale", "0.2",
+    "--moco_momentum", "0.9",  # 0.99 in the paper's long runs; a 200-step run needs a momentum encoder that keeps up
     "--logging_steps", "20",
     "--checkpointing_steps", "100",
     "--dataloader_num_workers", "1",

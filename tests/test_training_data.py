@@ -221,3 +221,16 @@ def test_bad_arguments_are_reported():
     with pytest.raises(ValueError, match="batch_size must be positive"):
         SuperpixelBatches(datasets.Dataset.from_dict({"image": []}, features=datasets.Features(
             {"image": datasets.Image()})), identify, 0, "image")
+
+
+def test_batches_per_epoch_counts_what_an_epoch_yields(tmp_path):
+    """`--num_train_epochs` is turned into steps with `batches_per_epoch` (map-style data)."""
+    root = write_parquet_shards(tmp_path / "parquet", num_images=14, num_shards=1)
+    split = datasets.load_dataset(str(root), split="train")
+    for rank in range(2):
+        batches = SuperpixelBatches(split, identify, 2, "image", rank=rank, world_size=2)
+        produced = sum(1 for batch in TrainingBatches(batches, num_workers=2).loader() if "image_id" in batch)
+        assert batches.batches_per_epoch(num_slots=2) == produced == 3  # 7 records: slots of 4 and 3 -> 2 + 1
+    with pytest.raises(ValueError, match="max_train_steps"):
+        SuperpixelBatches(datasets.load_dataset(str(root), split="train", streaming=True), identify, 2,
+                          "image").batches_per_epoch(1)

@@ -23,6 +23,9 @@ from ..superpixels import (
     scaled_num_superpixels,
 )
 
+# View size (pixels) for which the recipes' absolute settings (blur sigma) are given: ImageNet training crops.
+RECIPE_VIEW_SIZE = 224
+
 
 def random_resized_crop(image, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), resample=Image.BILINEAR):
     """Crop a random area fraction in `scale` with a log-uniform aspect ratio in `ratio`, resized to size x size.
@@ -216,7 +219,8 @@ class ViewEncoder:
 @dataclass
 class MocoViewRecipe:
     """One of MoCo-v3's two views (the BYOL recipe): random resized crop, flip, colour jitter, grayscale, blur,
-    solarize. The two views differ only in their blur and solarize probabilities."""
+    solarize. The two views differ only in their blur and solarize probabilities. `blur_sigma` is in pixels of a
+    224-pixel view and scales with the view size (the same relative blur at any resolution)."""
 
     crop_scale: tuple = (0.08, 1.0)
     flip_probability: float = 0.5
@@ -236,7 +240,7 @@ class MocoViewRecipe:
         if rng.random() < self.grayscale_probability:
             image = grayscale(image)
         if rng.random() < self.blur_probability:
-            image = gaussian_blur(image, rng, self.blur_sigma)
+            image = gaussian_blur(image, rng, tuple(sigma * size / RECIPE_VIEW_SIZE for sigma in self.blur_sigma))
         if rng.random() < self.solarize_probability:
             image = solarize(image)
         return image

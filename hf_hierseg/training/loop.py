@@ -208,20 +208,14 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
         progress.update(1)
 
         if completed % args.logging_steps == 0 or completed == max_steps:
-            position = training_batches.position
-            counts = torch.tensor([position.samples_seen, position.skipped_images], device=accelerator.device)
-            counts = accelerator.reduce(counts, reduction="sum")
-            loss_value = accelerator.reduce(torch.stack(window_losses).mean(), reduction="mean").item()
-            elapsed = time.perf_counter() - window_start
-            logged = {"loss": loss_value, "learning_rate": learning_rate, "epoch": position.epoch}
+            logged = {"learning_rate": learning_rate, **step_metrics}
             if grad_norm is not None:
                 logged["grad_norm"] = float(grad_norm)
-            logged.update({key: sum(values) / len(values) for key, values in window_metrics.items()})
-            logged.update(step_metrics)
-            logged.update({"samples_seen": int(counts[0]), "skipped_images": int(counts[1]),
-                           "steps_per_second": len(window_losses) / accumulation / max(elapsed, 1e-9)})
+            window_seconds = time.perf_counter() - window_start
+            logged = window_metrics_summary(accelerator, training_batches.position, window_losses, window_metrics,
+                                            logged, len(window_losses) / accumulation / max(window_seconds, 1e-9))
             log_metrics(accelerator, completed, max_steps, logged, progress)
-            progress.set_postfix(loss=f"{loss_value:.4f}")
+            progress.set_postfix(loss=f"{logged['loss']:.4f}")
             window_losses, window_metrics, window_start = [], {}, time.perf_counter()
 
         if args.checkpointing_steps and completed % args.checkpointing_steps == 0 and completed < max_steps:
@@ -247,6 +241,17 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_metrics
+
+
+def window_metrics_summary(accelerator, position, losses, metrics, logged, steps_per_second):
+    """Metrics of the steps since the last log: mean loss over steps and processes, means of the objective's
+    metrics, and the data counts summed over processes."""
+    counts = torch.tensor([position.samples_seen, position.skipped_images], device=accelerator.device)
+    counts = accelerator.reduce(counts, reduction="sum")
+    loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+    return {"loss": loss, "epoch": position.epoch, **logged,
+            **{key: sum(values) / len(values) for key, values in metrics.items()},
+            "samples_seen": int(counts[0]), "skipped_images": int(counts[1]), "steps_per_second": steps_per_second}
 
 
 def write_run_summary(output_dir, accelerator, training_batches, model, steps):
