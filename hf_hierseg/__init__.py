@@ -1,8 +1,17 @@
 """hf_hierseg: CAST (hierarchical segmentation by graph pooling of superpixel tokens) for Hugging Face."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+)
 
+from .backbone import CastBackbone
 from .configuration_cast import CAST_PRESETS, CastConfig
+from .image_processing_cast import CastImageProcessor
 from .modeling_cast import (
     CastForImageClassification,
     CastForSelfSupervisedPretraining,
@@ -10,19 +19,40 @@ from .modeling_cast import (
     CastModelOutput,
     CastPreTrainedModel,
 )
+from .modeling_cast_seg import CastForSemanticSegmentation
+from .pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline, register_pipelines
 
 AutoConfig.register("cast", CastConfig, exist_ok=True)
 AutoModel.register(CastConfig, CastModel, exist_ok=True)
 AutoModelForImageClassification.register(CastConfig, CastForImageClassification, exist_ok=True)
+AutoModelForSemanticSegmentation.register(CastConfig, CastForSemanticSegmentation, exist_ok=True)
+AutoBackbone.register(CastConfig, CastBackbone, exist_ok=True)
+AutoImageProcessor.register(CastConfig, image_processor_classes={"pil": CastImageProcessor}, exist_ok=True)
+CastImageProcessor.register_for_auto_class("AutoImageProcessor")  # preprocessor_config.json gets its auto_map
+register_pipelines()  # "hierarchical-segmentation" in transformers' PIPELINE_REGISTRY
 
 __version__ = "0.1.0"
 
+
+def load_default():
+    """The small CAST model bundled with the package and its image processor: `(model, processor)`, offline."""
+    from .default_model import load_default as _load_default
+
+    return _load_default()
+
+
 __all__ = [
     "CAST_PRESETS",
+    "CastBackbone",
     "CastConfig",
     "CastForImageClassification",
     "CastForSelfSupervisedPretraining",
+    "CastForSemanticSegmentation",
+    "CastImageProcessor",
+    "CastImageSegmentationPipeline",
     "CastModel",
     "CastModelOutput",
     "CastPreTrainedModel",
+    "HierarchicalSegmentationPipeline",
+    "load_default",
 ]
