@@ -29,14 +29,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import transformers
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import ViTConfig, ViTForImageClassification, ViTModel
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
 
 from ..configuration_cast import CastConfig
+from ..image_processing_cast import CastImageProcessor
 from ..modeling_cast import CastForImageClassification, CastForSelfSupervisedPretraining, CastModel, moco_mlp
 from ..training.moco import contrastive_loss
 from .synthetic import generate_example
@@ -44,8 +44,6 @@ from .synthetic import generate_example
 
 # GMACs per 224x224 image reported in the CAST paper (Table 1).
 PAPER_GMACS = {"vit": 4.60, "cast": 3.12}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INFERENCE_CASES = ("vit-forward", "cast-forward", "vit-end-to-end", "cast-end-to-end")
 CASE_TITLES = {
     "vit-forward": "ViT-S/16 forward",
@@ -127,30 +125,9 @@ def benchmark_images(count, image_size, seed=0):
             range(count)]
 
 
-class SeedsCastProcessor:
-    """Stand-in for `CastImageProcessor` while it is not available: SEEDS superpixels (the original's MoCo recipe)
-    on the 8-bit image and ImageNet normalisation. Images must already have the model's size."""
-
-    def __init__(self, num_superpixels):
-        self.num_superpixels = num_superpixels
-
-    def __call__(self, images, return_tensors="pt"):
-        from ..superpixels import batch_superpixels
-
-        arrays = [np.asarray(image.convert("RGB") if hasattr(image, "convert") else image) for image in images]
-        superpixels = batch_superpixels(arrays, "seeds", self.num_superpixels, recipe="self_supervised")
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return {"pixel_values": (pixels - mean) / std, "superpixels": torch.from_numpy(np.stack(superpixels))}
-
-
 def cast_processor(settings):
-    """`CastImageProcessor` at the benchmark's size and superpixel count, or `SeedsCastProcessor` without it."""
-    try:
-        from ..image_processing_cast import CastImageProcessor
-    except ImportError:
-        return SeedsCastProcessor(settings.num_superpixels)
+    """`CastImageProcessor` for images of the benchmark's size (resize and crop are identities), SEEDS with
+    `num_superpixels` requested per image."""
     side = settings.image_size
     return CastImageProcessor(
         size={"shortest_edge": side},
@@ -161,8 +138,6 @@ def cast_processor(settings):
 
 
 def vit_processor(settings):
-    from transformers import ViTImageProcessorPil
-
     return ViTImageProcessorPil(size={"height": settings.image_size, "width": settings.image_size})
 
 
@@ -720,7 +695,6 @@ __all__ = [
     "BenchmarkReport",
     "BenchmarkSettings",
     "InferenceCase",
-    "SeedsCastProcessor",
     "build_cases",
     "cast_time_split",
     "count_flops",
