@@ -74,6 +74,12 @@ def scaled_num_superpixels(height, width, num_superpixels=DEFAULT_NUM_SUPERPIXEL
 
 def relabel_consecutive(labels):
     """Map the label ids present in `labels` to 0..S-1, keeping their order: int64 array of the same shape."""
+    labels = np.asarray(labels)
+    if labels.size and labels.min() >= 0 and labels.max() < 4 * labels.size:
+        # Small non-negative ids (OpenCV's): a lookup table, linear time instead of np.unique's sort.
+        present = np.zeros(int(labels.max()) + 1, dtype=bool)
+        present[labels] = True
+        return (np.cumsum(present) - 1)[labels].astype(np.int64)
     _, inverse = np.unique(labels, return_inverse=True)
     return inverse.reshape(labels.shape).astype(np.int64)
 

@@ -94,3 +94,31 @@ def test_draw_hierarchy_bad_input():
         draw_hierarchy(image.astype(np.float32), [labels])
     with pytest.raises(ValueError, match="integer label map"):
         draw_hierarchy(image, [labels.astype(np.float32)])
+
+
+def test_segment_image_example_draws_the_hierarchy_of_a_tiny_model(tmp_path):
+    modeling = pytest.importorskip("hf_hierseg.modeling_cast")
+    import importlib.util
+    from pathlib import Path
+
+    from hf_hierseg.configuration_cast import CastConfig
+    from hf_hierseg.image_processing_cast import CastImageProcessor
+
+    torch.manual_seed(0)
+    config = CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2),
+                        image_size=64)  # fmt: skip
+    modeling.CastModel(config).save_pretrained(tmp_path / "model")
+    CastImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, num_superpixels=49,
+                       superpixel_reference_size=64).save_pretrained(tmp_path / "model")  # fmt: skip
+    rng = np.random.default_rng(0)
+    photo = np.kron(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), np.ones((12, 12, 1), dtype=np.uint8))
+    PIL.Image.fromarray(photo).save(tmp_path / "photo.png")
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "segment_image.py"
+    spec = importlib.util.spec_from_file_location("segment_image", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main([str(tmp_path / "photo.png"), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out.png"),
+                  "--cell_size", "64"])  # fmt: skip
+    grid = PIL.Image.open(tmp_path / "out.png")
+    assert grid.size == (5 * (64 + 4) + 4, 2 * (64 + 4) + 14 + 4)  # superpixels + 4 levels, two rows
