@@ -1,9 +1,12 @@
-"""Evaluation: metrics, offline `evaluate` modules, the ViT + k-means baseline and evaluation data."""
+"""Evaluation: metrics, offline `evaluate` modules, the ViT + k-means baseline, evaluation data, the segmentation and
+classification evaluations of scripts/evaluate_*.py and the CPU-scale reproduction."""
 
 from .baselines import evaluate_vit_baseline, hierarchical_kmeans, make_vit_like, spherical_kmeans, vit_kmeans_hierarchy
+from .classification_eval import evaluate_classification, run_classification_evaluation
 from .metrics import (
     boundary_fscore,
     evaluate_hierarchy,
+    knn_accuracy,
     majority_mean_iou,
     mean_iou,
     segment_matching,
@@ -11,12 +14,20 @@ from .metrics import (
 )
 from .modules import METRIC_NAMES, metric_path
 from .real_photos import RealPhotosUnavailableError, load_arc2017_photo, load_imagenet_photos, load_voc_photo
+from .reproduce import ReproductionSettings, format_reproduction_report, reproduce_small
+from .segmentation_eval import (
+    evaluate_cast_hierarchy,
+    evaluate_segmentation,
+    evaluate_vit_hierarchy,
+    run_segmentation_evaluation,
+)
 from .synthetic import CLASS_NAMES, PART_NAMES, generate_example, load_synthetic_dataset, write_synthetic_dataset
 
 
 __all__ = [
     "boundary_fscore",
     "evaluate_hierarchy",
+    "knn_accuracy",
     "majority_mean_iou",
     "mean_iou",
     "segment_matching",
@@ -37,4 +48,13 @@ __all__ = [
     "generate_example",
     "load_synthetic_dataset",
     "write_synthetic_dataset",
+    "evaluate_cast_hierarchy",
+    "evaluate_segmentation",
+    "evaluate_vit_hierarchy",
+    "run_segmentation_evaluation",
+    "evaluate_classification",
+    "run_classification_evaluation",
+    "ReproductionSettings",
+    "format_reproduction_report",
+    "reproduce_small",
 ]

@@ -1,0 +1,168 @@
+"""Image classification of labelled datasets: top-1 / top-5 accuracy of classifiers and weighted kNN accuracy
+(`metrics.knn_accuracy`) of image embeddings.
+
+The embedding of a CAST model is its `pooler_output`; that of a transformers ViT (the reproduction's baseline) is
+the final-norm CLS token, which its classifier reads. Images go through the evaluation view of the training code
+(`training.augment.EvalTransform`: resize the shorter side to size / 0.875, central crop), with CAST's superpixels
+computed on the view.
+"""
+
+import numpy as np
+import torch
+
+from .metrics import knn_accuracy, top_k_accuracy
+from .segmentation_eval import cast_encoder, encoder_settings, format_score, load_dataset_split
+
+
+DEFAULT_TOP_K = (1, 5)
+
+
+def load_classification_model(model_name_or_path):
+    """A CAST model in eval mode: `AutoModelForImageClassification` for a classifier checkpoint, else `AutoModel`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    if getattr(config, "model_type", None) != "cast":
+        raise ValueError(f"{model_name_or_path} holds a {getattr(config, 'model_type', None)!r} model; a CAST model "
+                         "(config.model_type 'cast') is needed.")
+    is_classifier = any(name.endswith("ForImageClassification") for name in config.architectures or ())
+    auto_class = AutoModelForImageClassification if is_classifier else AutoModel
+    return auto_class.from_pretrained(model_name_or_path).eval()
+
+
+@torch.no_grad()
+def embed_batch(model, pixel_values, superpixels):
+    """`(features [B, C], logits [B, K] or None)`: CAST's `pooler_output` (+ `logits` of a classifier), or a ViT's
+    final-norm CLS token (+ its classifier's logits)."""
+    if model.config.model_type == "vit":
+        vit = getattr(model, "vit", model)
+        features = vit(pixel_values=pixel_values).last_hidden_state[:, 0]
+        classifier = getattr(model, "classifier", None)
+        return features, classifier(features) if classifier is not None else None
+    outputs = model(pixel_values=pixel_values, superpixels=superpixels)
+    return outputs.pooler_output, getattr(outputs, "logits", None)
+
+
+def extract_features(model, examples, transform, image_column="image", label_column="label", batch_size=64,
+                     max_samples=None):
+    """Embeddings, logits and labels of a labelled dataset (or iterable of dicts with a PIL image and an int label).
+
+    Returns:
+        dict with `features` float32 `[N, C]`, `logits` float32 `[N, K]` (None for a model without a classifier)
+        and `labels` int64 `[N]`.
+    """
+    from ..training.data import decode_image
+
+    model.eval()
+    features, logits, labels, batch = [], [], [], []
+
+    def flush():
+        pixel_values = torch.stack([sample["pixel_values"] for sample, _ in batch])
+        superpixels = torch.stack([sample["superpixels"] for sample, _ in batch])
+        batch_features, batch_logits = embed_batch(model, pixel_values, superpixels)
+        features.append(batch_features.float())
+        if batch_logits is not None:
+            logits.append(batch_logits.float())
+        labels.extend(label for _, label in batch)
+        batch.clear()
+
+    for count, example in enumerate(examples):
+        if max_samples is not None and count >= max_samples:
+            break
+        image = example[image_column]
+        image = image.convert("RGB") if hasattr(image, "convert") else decode_image(image)
+        batch.append((transform(image), int(example[label_column])))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not labels:
+        raise ValueError("No examples to evaluate.")
+    return {
+        "features": torch.cat(features).numpy(),
+        "logits": torch.cat(logits).numpy() if logits else None,
+        "labels": np.asarray(labels, dtype=np.int64),
+    }
+
+
+def evaluate_classification(model, eval_examples, transform, train_examples=None, image_column="image",
+                            label_column="label", top_k=DEFAULT_TOP_K, knn_k=20, knn_temperature=0.07,
+                            batch_size=64, max_eval_samples=None, max_train_samples=None):
+    """Top-k accuracy of a classifier on `eval_examples` and, with `train_examples`, the weighted kNN accuracy of
+    its embeddings (neighbours among the training embeddings).
+
+    Returns:
+        dict with `num_eval`, `top{k}_accuracy` (classifiers only), and `num_train`, `knn_accuracy`, `knn_k` (when
+        `train_examples` is given).
+    """
+    common = dict(image_column=image_column, label_column=label_column, batch_size=batch_size)
+    evaluated = extract_features(model, eval_examples, transform, max_samples=max_eval_samples, **common)
+    results = {"num_eval": int(len(evaluated["labels"]))}
+    if evaluated["logits"] is not None:
+        results.update(top_k_accuracy(evaluated["logits"], evaluated["labels"], top_k))
+    if train_examples is not None:
+        train = extract_features(model, train_examples, transform, max_samples=max_train_samples, **common)
+        results["num_train"] = int(len(train["labels"]))
+        results["knn_k"] = int(min(knn_k, len(train["labels"])))
+        results.update(knn_accuracy(train["features"], train["labels"], evaluated["features"], evaluated["labels"],
+                                    k=knn_k, temperature=knn_temperature))
+    return results
+
+
+def format_classification_table(rows, top_k=DEFAULT_TOP_K):
+    """A markdown table from `{model name: evaluate_classification results}`."""
+    knn_k = next((results["knn_k"] for results in rows.values() if "knn_k" in results), None)
+    columns = [(f"top{k}_accuracy", f"top-{k}") for k in top_k]
+    columns.append(("knn_accuracy", f"kNN (k={knn_k})" if knn_k else "kNN"))
+    lines = ["| model | images | " + " | ".join(title for _, title in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for name, results in rows.items():
+        cells = [format_score(results.get(key)) for key, _ in columns]
+        lines.append(f"| {name} | {results['num_eval']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_classification_evaluation(model_name_or_path, dataset_name, eval_split="test", train_split="train",
+                                  knn=True, image_column=None, label_column=None, superpixel_method=None,
+                                  num_superpixels=None, seeds_recipe=None, image_size=None,
+                                  crop_fraction=0.875, top_k=DEFAULT_TOP_K, knn_k=20, knn_temperature=0.07,
+                                  batch_size=64, max_eval_samples=None, max_train_samples=None):
+    """Evaluate a CAST model folder on a labelled dataset (scripts/evaluate_classification.py).
+
+    Returns `{"settings": ..., "results": evaluate_classification results}`."""
+    from ..training.augment import EvalTransform
+    from ..training.data import image_column_of, label_column_of
+
+    model = load_classification_model(model_name_or_path)
+    encoder = cast_encoder(model.config, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe)
+    image_size = image_size or model.config.image_size
+    transform = EvalTransform(encoder, image_size, crop_fraction)
+    eval_examples = load_dataset_split(dataset_name, eval_split)
+    image_column = image_column or image_column_of(eval_examples)
+    label_column = label_column or label_column_of(eval_examples)
+    train_examples = load_dataset_split(dataset_name, train_split) if knn else None
+    results = evaluate_classification(
+        model, eval_examples, transform, train_examples, image_column, label_column, top_k, knn_k, knn_temperature,
+        batch_size, max_eval_samples, max_train_samples)
+    settings = {
+        "model": str(model_name_or_path),
+        "classifier": any(key.startswith("top") for key in results),
+        "dataset": str(dataset_name),
+        "eval_split": eval_split,
+        "train_split": train_split if knn else None,
+        "image_size": image_size,
+        "crop_fraction": crop_fraction,
+        "superpixels": encoder_settings(encoder),
+        "knn_temperature": knn_temperature,
+    }
+    return {"settings": settings, "results": results}
+
+
+__all__ = [
+    "embed_batch",
+    "evaluate_classification",
+    "extract_features",
+    "format_classification_table",
+    "load_classification_model",
+    "run_classification_evaluation",
+]

@@ -1,0 +1,451 @@
+"""Part-whole segmentation of image + mask datasets: CAST's hierarchy beside the ViT + k-means baseline.
+
+Every image is resized to the model's square input size (bilinear, no crop). CAST gets the superpixels of the
+resized 8-bit image (computed as in training, by `hf_hierseg.training.augment.ViewEncoder`, with the settings of
+the model's image processor when it has one); the label maps of levels 1..4 (`outputs.hierarchy_maps`) are resized
+back to each mask (nearest), so scores are computed at mask resolution. The baseline clusters the upsampled patch
+tokens of a transformers ViT of the same width and depth (`baselines.vit_kmeans_hierarchy`) into as many groups per
+level as CAST keeps (`config.num_clusters`, 64/32/16/8 for the paper's models); its level with `num_clusters[i]`
+groups is reported as CAST level i + 1. Scores: `metrics.evaluate_hierarchy`.
+"""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..superpixels import DEFAULT_NUM_SUPERPIXELS, IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, SEEDS_RECIPES
+from .baselines import images_to_pixel_values, make_vit_like, resize_label_maps, vit_kmeans_hierarchy
+from .metrics import evaluate_hierarchy
+
+
+logger = logging.getLogger(__name__)
+
+CAST_LEVELS = (1, 2, 3, 4)
+VIT_BASELINE_PATCH_SIZE = 16
+SCORE_COLUMNS = (
+    ("num_segments", "segments / image"),
+    ("majority_mean_iou", "mIoU (majority)"),
+    ("majority_pixel_accuracy", "pixel acc. (majority)"),
+    ("mean_best_overlap", "best overlap"),
+    ("covering", "covering"),
+    ("boundary_fscore", "boundary F"),
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models and inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_cast_model(model_name_or_path):
+    """The CAST backbone (`AutoModel`, so a classifier checkpoint loads without its head) in eval mode."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    if getattr(config, "model_type", None) != "cast":
+        raise ValueError(
+            f"{model_name_or_path} holds a {getattr(config, 'model_type', None)!r} model; a CAST model "
+            "(config.model_type 'cast') is needed."
+        )
+    return AutoModel.from_pretrained(model_name_or_path).eval()
+
+
+def load_cast_image_processor(model_name_or_path):
+    """The `CastImageProcessor` saved with a model, or None (no folder, or a folder without one)."""
+    from ..image_processing_cast import CastImageProcessor
+
+    if model_name_or_path is None:
+        return None
+    try:
+        return CastImageProcessor.from_pretrained(model_name_or_path)
+    except OSError:  # no preprocessor_config.json (e.g. a converted checkpoint)
+        return None
+
+
+def cast_encoder(config, model_name_or_path=None, superpixel_method=None, num_superpixels=None, seeds_recipe=None):
+    """The `ViewEncoder` (superpixels + normalisation) of a CAST model, with the settings of the image processor
+    saved with the model (the training scripts record theirs there), unless `superpixel_method`,
+    `num_superpixels` (per 224x224 px) or `seeds_recipe` are given; defaults: SEEDS, 196, `"self_supervised"`.
+
+    `seeds_recipe` is `"supervised"` for models trained with the DeiT recipe (`train_supervised.py`) and
+    `"self_supervised"` otherwise (see `hf_hierseg.superpixels`)."""
+    from ..training.augment import ViewEncoder
+
+    processor = load_cast_image_processor(model_name_or_path)
+    return ViewEncoder(
+        superpixel_method or getattr(processor, "superpixel_method", None) or "seeds",
+        num_superpixels or getattr(processor, "num_superpixels", None) or DEFAULT_NUM_SUPERPIXELS,
+        seeds_recipe or getattr(processor, "superpixel_recipe", None) or "self_supervised",
+        getattr(processor, "image_mean", None) or IMAGENET_MEAN,
+        getattr(processor, "image_std", None) or IMAGENET_STD,
+        getattr(processor, "superpixel_reference_size", None) or REFERENCE_SIZE,
+    )
+
+
+def encoder_settings(encoder):
+    """The superpixel settings of a `ViewEncoder`, for reports."""
+    recipe = next(name for name, value in SEEDS_RECIPES.items() if value == encoder.seeds_recipe)
+    return {"method": encoder.superpixel_method, "per_224x224": encoder.num_superpixels, "seeds_recipe": recipe}
+
+
+def encode_images(images, image_size, encoder):
+    """Resize PIL images to `image_size` x `image_size` (bilinear) and encode them: `(pixel_values [B, 3, S, S],
+    superpixels [B, S, S])`."""
+    pixel_values, superpixels = [], []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"Expected PIL images, got {type(image).__name__}.")
+        resized = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        values, labels = encoder(np.asarray(resized, dtype=np.uint8))
+        pixel_values.append(values)
+        superpixels.append(labels)
+    return torch.stack(pixel_values), torch.stack(superpixels)
+
+
+@torch.no_grad()
+def cast_hierarchy(model, pixel_values, superpixels, levels=CAST_LEVELS):
+    """CAST's label maps `[B, H, W]` (input resolution) for each of `levels` (0 = the superpixels the model saw)."""
+    outputs = model(pixel_values=pixel_values, superpixels=superpixels)
+    maps = outputs.hierarchy_maps(superpixels)
+    return [maps[level] for level in levels]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_dataset_split(dataset_name, split="test"):
+    """One split of a dataset: a folder written by `synthetic.write_synthetic_dataset` (its `label` as a
+    `ClassLabel`), any local imagefolder / parquet folder, or a Hub id (anything `datasets.load_dataset` reads)."""
+    import datasets
+
+    from .synthetic import INFO_FILE, load_synthetic_dataset
+
+    path = Path(dataset_name)
+    splits = load_synthetic_dataset(path) if (path / INFO_FILE).is_file() else datasets.load_dataset(dataset_name)
+    if split not in splits:
+        raise ValueError(f"No split {split!r} in {dataset_name}; splits: {list(splits)}.")
+    return splits[split]
+
+
+def read_image_mask_pairs(examples, mask_column, image_column=None, max_samples=None):
+    """Decode `(RGB PIL image, int64 [H, W] mask)` pairs from a dataset or an iterable of dicts.
+
+    The image column defaults to the dataset's first `datasets.Image` column (else `"image"`); masks go through
+    `training.segmentation.mask_to_class_ids` (palette indices, grayscale values or grayscale stored as RGB)."""
+    from ..training.data import decode_image, image_column_of
+    from ..training.segmentation import decode_mask, mask_to_class_ids
+
+    if image_column is None:
+        image_column = image_column_of(examples) if getattr(examples, "features", None) else "image"
+    pairs = []
+    for example in examples:
+        if max_samples is not None and len(pairs) >= max_samples:
+            break
+        for column in (image_column, mask_column):
+            if column not in example:
+                raise ValueError(f"Column {column!r} is missing; the examples have {sorted(example)}.")
+        image = example[image_column]
+        image = image.convert("RGB") if isinstance(image, Image.Image) else decode_image(image)
+        mask = mask_to_class_ids(decode_mask(example[mask_column]))
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"Mask {len(pairs)} is {mask.shape[::-1]} (W x H) but its image is {image.size}.")
+        pairs.append((image, mask))
+    if not pairs:
+        raise ValueError("No examples to evaluate.")
+    return pairs
+
+
+def infer_num_labels(masks, ignore_index=None):
+    """1 + the largest label in `masks` (ignoring `ignore_index`)."""
+    largest = 0
+    for mask in masks:
+        labels = mask if ignore_index is None else mask[mask != ignore_index]
+        largest = max(largest, int(labels.max(initial=0)))
+    return largest + 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def predict_level_maps(images, output_sizes, num_levels, predict_batch, batch_size=16):
+    """Run `predict_batch(images) -> [num_levels x int [B, h, w]]` on batches of `images` and resize every map to its
+    image's entry of `output_sizes` (nearest). Returns, per level, a list of int64 numpy maps."""
+    predictions = [[] for _ in range(num_levels)]
+    for start in range(0, len(images), batch_size):
+        maps = predict_batch(images[start : start + batch_size])
+        for index, size in enumerate(output_sizes[start : start + batch_size]):
+            for level, level_maps in enumerate(maps):
+                predictions[level].append(resize_label_maps(level_maps[index : index + 1], size)[0].numpy())
+    return predictions
+
+
+def predict_cast_levels(model, images, encoder, output_sizes, levels=CAST_LEVELS, batch_size=16, image_size=None):
+    """CAST's label maps of `images` at each of `levels`, at `output_sizes`.
+
+    Batches are padded to their largest superpixel count; with `config.mask_padding_tokens=False` (the original),
+    an image's result then depends slightly on its batch partners (`batch_size=1` avoids it)."""
+    model.eval()
+    image_size = image_size or model.config.image_size
+
+    def predict_batch(batch):
+        return cast_hierarchy(model, *encode_images(batch, image_size, encoder), levels)
+
+    return predict_level_maps(images, output_sizes, len(levels), predict_batch, batch_size)
+
+
+def predict_vit_levels(vit_model, images, num_clusters, output_sizes, batch_size=16, seed=0, max_fit_pixels=4096):
+    """The ViT + k-means baseline's label maps (`baselines.vit_kmeans_hierarchy`, one level per entry of
+    `num_clusters`; k-means fitted on at most `max_fit_pixels` upsampled features) of `images`, at
+    `output_sizes`."""
+    vit_model.eval()
+    image_size = getattr(vit_model, "vit", vit_model).config.image_size
+
+    def predict_batch(batch):
+        pixel_values = images_to_pixel_values(batch, image_size)
+        return vit_kmeans_hierarchy(vit_model, pixel_values, num_clusters, max_fit_pixels=max_fit_pixels, seed=seed)
+
+    return predict_level_maps(images, output_sizes, len(num_clusters), predict_batch, batch_size)
+
+
+def score_levels(predictions, levels, masks, num_labels, ignore_index=None, tolerance=1, exclude_labels=()):
+    """`metrics.evaluate_hierarchy` of per-level predictions, each dict's `level` set to the CAST level."""
+    scores = evaluate_hierarchy(predictions, masks, num_labels, ignore_index=ignore_index, tolerance=tolerance,
+                                exclude_labels=exclude_labels)
+    for level, score in zip(levels, scores):
+        score["level"] = level
+    return scores
+
+
+def evaluate_cast_hierarchy(model, pairs, num_labels, encoder, levels=CAST_LEVELS, batch_size=16, ignore_index=None,
+                            tolerance=1, exclude_labels=()):
+    """Per-level scores of CAST's hierarchy on `(image, mask)` pairs (see `predict_cast_levels`)."""
+    images, masks = [image for image, _ in pairs], [mask for _, mask in pairs]
+    predictions = predict_cast_levels(model, images, encoder, [mask.shape for mask in masks], levels, batch_size)
+    return score_levels(predictions, levels, masks, num_labels, ignore_index, tolerance, exclude_labels)
+
+
+def evaluate_vit_hierarchy(vit_model, pairs, num_labels, num_clusters, levels=CAST_LEVELS, batch_size=16,
+                           ignore_index=None, tolerance=1, exclude_labels=(), seed=0):
+    """Per-level scores of the ViT + k-means baseline on `(image, mask)` pairs, the level with `num_clusters[i]`
+    clusters numbered `levels[i]` (the CAST level with as many segments)."""
+    images, masks = [image for image, _ in pairs], [mask for _, mask in pairs]
+    predictions = predict_vit_levels(vit_model, images, num_clusters, [mask.shape for mask in masks], batch_size,
+                                     seed)
+    return score_levels(predictions, levels, masks, num_labels, ignore_index, tolerance, exclude_labels)
+
+
+def vit_baseline_model(cast_config, vit_model=None, patch_size=VIT_BASELINE_PATCH_SIZE, seed=0):
+    """`(ViTModel, random_weights)`: the ViT at `vit_model` (a folder or Hub id; a classifier loads without its
+    head), else a randomly initialised one of CAST's width and depth (`make_vit_like`), with a loud warning."""
+    from transformers import ViTModel
+
+    if vit_model is not None:
+        return ViTModel.from_pretrained(vit_model, add_pooling_layer=False).eval(), False
+    logger.warning(
+        "NO --vit_model GIVEN: the ViT + k-means baseline uses a RANDOMLY INITIALISED ViT (width %d, %d layers, "
+        "patch %d). Its scores say what k-means of untrained features gives, not what a trained ViT gives.",
+        cast_config.hidden_size, sum(cast_config.depths), patch_size,
+    )
+    torch.manual_seed(seed)
+    return ViTModel(make_vit_like(cast_config, patch_size=patch_size), add_pooling_layer=False).eval(), True
+
+
+def evaluate_segmentation(cast_model, images, references, encoder, vit_model=None, levels=CAST_LEVELS,
+                          vit_num_clusters=None, vit_max_fit_pixels=4096, batch_size=16, ignore_index=None,
+                          tolerance=1, exclude_labels=(), seed=0):
+    """CAST's hierarchy and, if `vit_model` is given, the ViT + k-means baseline of `images`, each computed once and
+    scored against every set of ground-truth masks in `references`.
+
+    Args:
+        cast_model: a CAST model (`CastModel`, `CastForImageClassification`, ...).
+        images: PIL images.
+        references: `{name: (masks, num_labels)}`: one int `[H, W]` mask per image (the masks of an image share
+            its size) and the number of classes (None: inferred from the masks).
+        encoder: the CAST `ViewEncoder` (see `cast_encoder`).
+        vit_model: a `ViTModel` (or classifier) for the baseline, or None to skip it.
+        levels: CAST levels to score (0 = superpixels, 1..4 = the hierarchy); the baseline has levels 1..4 only.
+        vit_num_clusters: clusters of the baseline at levels 1..4 (default: `cast_model.config.num_clusters`).
+        vit_max_fit_pixels: see `baselines.vit_kmeans_hierarchy`.
+        batch_size, ignore_index, tolerance, exclude_labels, seed: as in `predict_*_levels` / `score_levels`.
+
+    Returns:
+        `{name: {"num_images", "num_labels", "models": {"cast": [per-level dicts], "vit_kmeans": [...]}}}`.
+    """
+    sizes = [mask.shape for mask in next(iter(references.values()))[0]]
+    for name, (masks, _) in references.items():
+        if [mask.shape for mask in masks] != sizes:
+            raise ValueError(f"The {name!r} masks do not have one mask per image of the sizes of the other masks.")
+    predictions = {"cast": (predict_cast_levels(cast_model, images, encoder, sizes, levels, batch_size), levels)}
+    vit_levels = tuple(level for level in levels if level >= 1)
+    if vit_model is not None and vit_levels:
+        clusters = tuple(vit_num_clusters or cast_model.config.num_clusters)
+        vit_clusters = tuple(clusters[level - 1] for level in vit_levels)
+        vit_predictions = predict_vit_levels(vit_model, images, vit_clusters, sizes, batch_size, seed,
+                                             vit_max_fit_pixels)
+        predictions["vit_kmeans"] = (vit_predictions, vit_levels)
+    results = {}
+    for name, (masks, num_labels) in references.items():
+        num_labels = int(num_labels or infer_num_labels(masks, ignore_index))
+        scores = {model: score_levels(model_predictions, model_levels, masks, num_labels, ignore_index, tolerance,
+                                      exclude_labels)
+                  for model, (model_predictions, model_levels) in predictions.items()}
+        results[name] = {"num_images": len(images), "num_labels": num_labels, "models": scores}
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------------------
+
+
+def format_score(value, digits=3):
+    """A table cell: `-` for a missing or NaN score."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_segmentation_table(results, model_names=None):
+    """A markdown table with one row per model and level of `evaluate_segmentation`'s results."""
+    model_names = model_names or {"cast": "CAST", "vit_kmeans": "ViT + k-means"}
+    lines = ["| model | level | " + " | ".join(title for _, title in SCORE_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(SCORE_COLUMNS)]
+    for key, levels in results["models"].items():
+        for score in levels:
+            cells = [format_score(score.get(name), 1 if name == "num_segments" else 3) for name, _ in SCORE_COLUMNS]
+            lines.append(f"| {model_names.get(key, key)} | {score['level']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_jsonable(value):
+    """Results with numpy scalars / arrays and tuples turned into plain JSON types."""
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_json(results, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(results), indent=2), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole run of scripts/evaluate_segmentation.py
+# --------------------------------------------------------------------------------------------------------------
+
+
+def real_photo_references(name, cache_dir=None):
+    """`(image, {"class_mask": (mask, number of classes), "instance_mask": (mask, None)})` of a real photo shipped by
+    a PyPI package (`"voc"` or `"arc2017"`, see `real_photos`)."""
+    from .real_photos import load_arc2017_photo, load_voc_photo
+
+    loaders = {"voc": load_voc_photo, "arc2017": load_arc2017_photo}
+    if name not in loaders:
+        raise ValueError(f"Unknown real photo {name!r}; choose one of {sorted(loaders)}.")
+    photo = loaders[name](cache_dir)
+    masks = {column: np.asarray(photo[column], dtype=np.int64) for column in ("class_mask", "instance_mask")}
+    return photo["image"], {"class_mask": (masks["class_mask"], len(photo["class_names"])),
+                            "instance_mask": (masks["instance_mask"], None)}
+
+
+def run_segmentation_evaluation(model_name_or_path, dataset_name=None, split="test", mask_column="object_mask",
+                                image_column=None, max_samples=None, num_labels=None, levels=CAST_LEVELS,
+                                vit_model=None, vit_patch_size=VIT_BASELINE_PATCH_SIZE, skip_vit=False,
+                                vit_max_fit_pixels=4096, real_photos=(), superpixel_method=None, num_superpixels=None,
+                                seeds_recipe=None, batch_size=16, ignore_index=None, tolerance=1, exclude_labels=(),
+                                seed=0):
+    """Evaluate a CAST model folder on a dataset split and/or real photos, with the ViT baseline unless
+    `skip_vit`. Returns `{"settings": ..., "random_vit_weights": ..., "evaluations": [{"data": description,
+    "num_images", "num_labels", "models"}]}`."""
+    if dataset_name is None and not real_photos:
+        raise ValueError("Give a dataset (--dataset_name) and/or real photos (--real_photos voc).")
+    cast_model = load_cast_model(model_name_or_path)
+    encoder = cast_encoder(cast_model.config, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe)
+    vit, random_vit = (None, False) if skip_vit else vit_baseline_model(cast_model.config, vit_model, vit_patch_size,
+                                                                        seed)
+    settings = {
+        "model": str(model_name_or_path),
+        "image_size": cast_model.config.image_size,
+        "superpixels": encoder_settings(encoder),
+        "vit_model": None if vit is None else (str(vit_model) if vit_model else "random weights"),
+        "vit_patch_size": None if vit is None else vit.config.patch_size,
+        "vit_num_clusters": list(cast_model.config.num_clusters),
+        "vit_max_fit_pixels": vit_max_fit_pixels,
+        "tolerance": tolerance,
+        "ignore_index": ignore_index,
+        "exclude_labels": list(exclude_labels),
+    }
+    image_sets = []  # (description of the images, images, references)
+    if dataset_name is not None:
+        pairs = read_image_mask_pairs(load_dataset_split(dataset_name, split), mask_column, image_column, max_samples)
+        references = {mask_column: ([mask for _, mask in pairs], num_labels)}
+        image_sets.append((f"{dataset_name} [{split}]", [image for image, _ in pairs], references))
+    for name in real_photos:
+        image, masks = real_photo_references(name)
+        image_sets.append((f"{name} photo", [image], {key: ([mask], count) for key, (mask, count) in masks.items()}))
+    evaluations = []
+    for description, images, references in image_sets:
+        results = evaluate_segmentation(cast_model, images, references, encoder, vit, levels,
+                                        vit_max_fit_pixels=vit_max_fit_pixels, batch_size=batch_size,
+                                        ignore_index=ignore_index, tolerance=tolerance, exclude_labels=exclude_labels,
+                                        seed=seed)
+        evaluations += [{"data": f"{description} {mask}", **result} for mask, result in results.items()]
+    return {"settings": settings, "random_vit_weights": random_vit, "evaluations": evaluations}
+
+
+def format_segmentation_report(run):
+    """Markdown: one table per evaluated dataset of `run_segmentation_evaluation`'s output."""
+    sections = []
+    if run.get("random_vit_weights"):
+        sections.append("**Note: the ViT baseline has random weights (no `--vit_model`).**")
+    vit_name = f"ViT/{run['settings']['vit_patch_size']} + k-means" if run["settings"]["vit_patch_size"] else None
+    for evaluation in run["evaluations"]:
+        sections.append(f"**{evaluation['data']}**: {evaluation['num_images']} image(s), "
+                        f"{evaluation['num_labels']} labels")
+        sections.append(format_segmentation_table(evaluation, {"cast": "CAST", "vit_kmeans": vit_name}))
+    return "\n\n".join(sections)
+
+
+__all__ = [
+    "CAST_LEVELS",
+    "cast_encoder",
+    "cast_hierarchy",
+    "encode_images",
+    "encoder_settings",
+    "evaluate_cast_hierarchy",
+    "evaluate_segmentation",
+    "evaluate_vit_hierarchy",
+    "format_segmentation_report",
+    "format_segmentation_table",
+    "infer_num_labels",
+    "predict_cast_levels",
+    "predict_level_maps",
+    "predict_vit_levels",
+    "score_levels",
+    "load_cast_image_processor",
+    "load_cast_model",
+    "load_dataset_split",
+    "read_image_mask_pairs",
+    "real_photo_references",
+    "run_segmentation_evaluation",
+    "to_jsonable",
+    "vit_baseline_model",
+    "write_json",
+]
