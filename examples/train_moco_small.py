@@ -33,7 +33,7 @@ from hf_hierseg.training.recipes import build_config, train_moco
 # for a few hundred steps of a small model.
 SMALL_CAST = ["hidden_size=96", "num_attention_heads=4", "depths=1,1,1,1", "num_clusters=32,16,8,4", "image_size=64",
               "projection_dim=64", "projection_hidden_dim=256", "pooling_dropout_prob=0.0"]
-NUM_SUPERPIXELS = 600  # per 224x224 pixels: ~49 requested on a 64x64 view
+NUM_SUPERPIXELS = 600  # per 224x224 pixels: 49 requested on a 64x64 view, SEEDS returns 36
 
 RECIPE = [
     "--num_superpixels", str(NUM_SUPERPIXELS),
@@ -56,8 +56,8 @@ def view_retrieval_accuracy(model, split):
     """Instance retrieval on held-out images: two MoCo views of each image (fixed seed, so the same views for
     every model); the fraction of second views whose nearest first view (cosine of the CLS embeddings) comes from
     the same image. Chance: 1 / number of images."""
-    transform = MocoTransform(ViewEncoder("seeds", NUM_SUPERPIXELS), 64, views=(
-        dataclasses.replace(MOCO_VIEW_1, crop_scale=(0.2, 1.0)), dataclasses.replace(MOCO_VIEW_2, crop_scale=(0.2, 1.0))))
+    views = tuple(dataclasses.replace(view, crop_scale=(0.2, 1.0)) for view in (MOCO_VIEW_1, MOCO_VIEW_2))
+    transform = MocoTransform(ViewEncoder("seeds", NUM_SUPERPIXELS), 64, views=views)
     batches = SuperpixelBatches(split, transform, 60, "image", shuffle=False, drop_last=False, seed=0)
     model.eval()
     views = ([], [])

@@ -2,7 +2,7 @@
 
 The synthetic dataset (`hf_hierseg.evaluation.synthetic`) has 6 shape classes (house, mushroom, snowman, arrow,
 dumbbell, hammer) drawn with random textures and colours, so only the shape tells them apart. A small CAST (width 96,
-one block per level, 64x64 px, ~40 SEEDS superpixels) is trained from scratch with `scripts/train_supervised.py`'s
+one block per level, 64x64 px, 36 SEEDS superpixels) is trained from scratch with `scripts/train_supervised.py`'s
 recipe; the top-1 accuracy on held-out images is printed as it rises above chance (1/6 = 16.7%).
 
     python examples/train_supervised_small.py --output_dir runs/supervised_small
@@ -27,7 +27,7 @@ SMALL_CAST = ["hidden_size=96", "num_attention_heads=4", "depths=1,1,1,1", "num_
               "pooling_dropout_prob=0.0"]
 
 RECIPE = [
-    "--num_superpixels", "600",  # per 224x224 pixels: ~49 requested on a 64x64 view
+    "--num_superpixels", "600",  # per 224x224 pixels: 49 requested on a 64x64 view, SEEDS returns 36
     "--per_device_train_batch_size", "32",
     "--per_device_eval_batch_size", "64",
     "--learning_rate", "1e-3",
@@ -66,7 +66,8 @@ def main():
     print("\nHeld-out accuracy over training (chance = 1/6 = 0.167):")
     for line in read_metrics(output_dir / METRICS_FILE):
         if "eval_accuracy" in line:
-            print(f"  step {line['step']:4d}: eval_accuracy {line['eval_accuracy']:.3f}  eval_loss {line['eval_loss']:.3f}")
+            print(f"  step {line['step']:4d}: eval_accuracy {line['eval_accuracy']:.3f}  "
+                  f"eval_loss {line['eval_loss']:.3f}")
     print(f"final: {metrics}")
 
 

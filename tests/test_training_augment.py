@@ -150,7 +150,8 @@ def test_deit_transform_and_eval_transform_shapes_and_superpixels():
     assert sample["pixel_values"].shape == (3, 32, 32) and sample["superpixels"].shape == (32, 32)
     source = denormalize_to_uint8(sample["pixel_values"], rounding="truncate")
     count = scaled_num_superpixels(32, 32, 196)
-    np.testing.assert_array_equal(sample["superpixels"].numpy(), compute_superpixels(source, "seeds", count, "supervised"))
+    np.testing.assert_array_equal(sample["superpixels"].numpy(),
+                                  compute_superpixels(source, "seeds", count, "supervised"))
     evaluation = EvalTransform(encoder, 32)
     first, second = evaluation(gradient_image()), evaluation(gradient_image())
     assert torch.equal(first["pixel_values"], second["pixel_values"])

@@ -92,7 +92,8 @@ def write_webdataset_shards(root, num_images, num_shards, corrupt_index=None):
         with tarfile.open(root / f"train-{shard:05d}.tar", "w") as archive:
             for index in range(shard * per_shard, (shard + 1) * per_shard):
                 image = truncated_png() if index == corrupt_index else png_bytes(make_image(index))
-                for name, payload in ((f"sample{index:04d}.png", image), (f"sample{index:04d}.cls", b"%d" % (index % 2))):
+                label = b"%d" % (index % 2)
+                for name, payload in ((f"sample{index:04d}.png", image), (f"sample{index:04d}.cls", label)):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     archive.addfile(info, io.BytesIO(payload))

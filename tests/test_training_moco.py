@@ -207,6 +207,7 @@ def test_training_resumes_from_a_converted_original_moco_checkpoint(tiny_moco, t
     state = load_file(output_dir / "checkpoint-2" / "model.safetensors")
     original = checkpoint["state_dict"]
     for ours, theirs in (("cls_token", "cls_token"), ("levels.1.blocks.0.mlp.fc1.weight", "blocks2.1.mlp.fc1.weight")):
-        expected = 0.995 * original[f"module.momentum_encoder.{theirs}"] + 0.005 * original[f"module.base_encoder.{theirs}"]
+        expected = (0.995 * original[f"module.momentum_encoder.{theirs}"]
+                    + 0.005 * original[f"module.base_encoder.{theirs}"])
         key = f"momentum_encoder.cast.{'embeddings.' if ours == 'cls_token' else ''}{ours}"
         torch.testing.assert_close(state[key], expected, atol=1e-5, rtol=0)

@@ -119,8 +119,9 @@ def test_without_mixing_the_loss_is_label_smoothed_cross_entropy():
     model = tiny_classifier()
     objective = SupervisedObjective(model, label_smoothing=0.1, mixup_alpha=0, cutmix_alpha=0)
     torch.manual_seed(1)
+    grid = torch.arange(16).reshape(4, 4).repeat_interleave(8, 0).repeat_interleave(8, 1)  # 4x4 squares
     batch = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 2]),
-             "superpixels": torch.arange(16).reshape(4, 4).repeat_interleave(8, 0).repeat_interleave(8, 1).expand(2, -1, -1)}
+             "superpixels": grid.expand(2, -1, -1)}
     model.eval()
     loss, metrics = objective.compute_loss(model, batch, 0, 0, SingleProcess())
     logits = model(pixel_values=batch["pixel_values"], superpixels=batch["superpixels"]).logits

@@ -69,7 +69,8 @@ def common_parser(description):
                               choices=("cosine", "linear", "constant_with_warmup", "constant", "polynomial"),
                               help="Learning-rate schedule after the linear warm-up.")
     optimization.add_argument("--num_warmup_steps", type=int, default=0, help="Linear warm-up steps.")
-    optimization.add_argument("--seed", type=int, default=0, help="Seeds the initialisation, data order and augmentations.")
+    optimization.add_argument("--seed", type=int, default=0,
+                              help="Seeds the initialisation, the data order and the augmentations.")
 
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--output_dir", type=str, required=True, help="Where checkpoints and the model are written.")

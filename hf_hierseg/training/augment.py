@@ -192,8 +192,9 @@ class ViewEncoder:
         image_mean, image_std: normalisation, per channel, in [0, 1] units.
     """
 
-    def __init__(self, superpixel_method="seeds", num_superpixels=DEFAULT_NUM_SUPERPIXELS, seeds_recipe="self_supervised",
-                 image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, reference_size=REFERENCE_SIZE):
+    def __init__(self, superpixel_method="seeds", num_superpixels=DEFAULT_NUM_SUPERPIXELS,
+                 seeds_recipe="self_supervised", image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                 reference_size=REFERENCE_SIZE):
         self.superpixel_method = superpixel_method
         self.num_superpixels = num_superpixels
         self.seeds_recipe = get_seeds_recipe(seeds_recipe)

@@ -8,8 +8,9 @@ batches the interrupted run would have seen. Undecodable images are skipped, log
 
 How the records are split:
 * across processes: a map-style dataset is permuted with (seed, epoch) and rank r takes every world_size-th index
-  (as `DistributedSampler`, without padding); a streamed dataset goes through `datasets.distributed.split_dataset_by_node`
-  (whole shards per process when their number divides evenly, else every world_size-th record);
+  (as `DistributedSampler`, without padding); a streamed dataset goes through
+  `datasets.distributed.split_dataset_by_node` (whole shards per process when their number divides evenly, else
+  every world_size-th record);
 * across DataLoader workers ("slots"): a map-style dataset's indices are dealt round-robin; a streamed dataset is
   split by shards (`IterableDataset.shard`) when it has at least as many shards as workers, else round-robin on records.
 Each worker builds whole batches; the DataLoader takes them from the workers in turn.

@@ -83,7 +83,8 @@ def create_accelerator(args, find_unused_parameters=False):
             raise ValueError(f"--report_to must be jsonl, tensorboard, all or none, got {args.report_to!r}.")
     return Accelerator(
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")),
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, "runs")),
         # The schedule counts optimiser steps, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
