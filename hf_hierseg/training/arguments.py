@@ -81,7 +81,8 @@ def common_parser(description):
     outputs.add_argument("--logging_steps", type=positive_int, default=10,
                          help="Log the mean loss of the last N steps (and other metrics) every N steps.")
     outputs.add_argument("--report_to", type=str, default="all", choices=("all", "jsonl", "tensorboard", "none"),
-                         help="Metrics to OUTPUT/metrics.jsonl and/or TensorBoard (OUTPUT/runs), always to stdout.")
+                         help="Metrics to OUTPUT/metrics.jsonl and/or TensorBoard (OUTPUT/runs, when installed), "
+                              "always to stdout.")
     outputs.add_argument("--push_to_hub", action="store_true", help="Push the final model to the Hub.")
     outputs.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: output folder name).")
     outputs.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")

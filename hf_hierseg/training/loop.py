@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 from tqdm.auto import tqdm
 
 from .. import hub
@@ -71,13 +71,17 @@ def read_metrics(path):
 
 def create_accelerator(args, find_unused_parameters=False):
     """An `Accelerator` for the run: mixed precision and process count come from `accelerate launch`; trackers
-    from `--report_to` (`jsonl`, `tensorboard`, `all` or `none`)."""
+    from `--report_to` (`jsonl`, `tensorboard`, `all` (TensorBoard when installed) or `none`)."""
     report_to = {"all": ["jsonl", "tensorboard"], "none": []}.get(args.report_to, [args.report_to])
+    if args.report_to == "all" and not is_tensorboard_available():
+        report_to = ["jsonl"]
     trackers = []
     for name in report_to:
         if name == "jsonl":
             trackers.append(JsonLinesTracker(Path(args.output_dir) / METRICS_FILE))
         elif name == "tensorboard":
+            if not is_tensorboard_available():
+                raise ValueError("--report_to tensorboard needs the `tensorboard` package (pip install tensorboard).")
             trackers.append("tensorboard")
         else:
             raise ValueError(f"--report_to must be jsonl, tensorboard, all or none, got {args.report_to!r}.")
