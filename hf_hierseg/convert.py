@@ -342,6 +342,9 @@ def image_processor_for(config, source_format):
 
     crop = config.image_size
     settings = dict(size={"shortest_edge": round(crop * 256 / 224)}, crop_size={"height": crop, "width": crop})
+    if "CastForSemanticSegmentation" in (config.architectures or ()):
+        # Whole-image label maps: no centre crop, so post-processing maps predictions back onto the full image.
+        settings = dict(size={"height": crop, "width": crop}, do_center_crop=False)
     if source_format == "deit" and config.position_embedding_type == "learned":
         settings.update(superpixel_recipe="supervised", resample=PILImageResampling.BICUBIC)
     return CastImageProcessor(**settings)
