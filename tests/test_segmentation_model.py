@@ -289,3 +289,19 @@ def test_image_processor_post_processing_and_pipeline():
     results = segmenter(image)
     assert {r["label"] for r in results} <= {"sky", "grass", "cow"}
     assert all(r["mask"].size == (120, 90) for r in results)
+
+
+def test_converted_directory_loads_with_its_processor(shared_dir, tmp_path):
+    """convert_checkpoint on cast_seg: a save_pretrained folder whose processor resizes without centre crop."""
+    from hf_hierseg.convert import convert_checkpoint
+    from hf_hierseg.image_processing_cast import CastImageProcessor
+
+    fixture = shared_dir / "fixtures" / "original_cast" / "tiny_seg_moco"
+    model, _ = convert_checkpoint(fixture / "checkpoint_0000.pth.tar", tmp_path, None, parse_overrides(TINY_OVERRIDES))
+    processor = CastImageProcessor.from_pretrained(tmp_path)
+    assert processor.do_center_crop is False and processor.size["height"] == processor.size["width"] == 64
+    AutoModelForSemanticSegmentation.register(CastConfig, CastForSemanticSegmentation, exist_ok=True)
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    inputs = load_file(fixture / "inputs.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).segment_logits, model(**inputs).segment_logits)
