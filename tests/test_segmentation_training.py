@@ -213,14 +213,16 @@ def run_args(data_dir, output_dir, *extra):
     ])
 
 
-def test_tiny_run_evaluates_saves_and_resumes(synthetic_folder, tmp_path):
+def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_path, hub_server):
+    from huggingface_hub import HfApi, ModelCard
     from transformers import AutoModelForSemanticSegmentation
 
     from hf_hierseg import CastConfig
     from hf_hierseg.modeling_cast_seg import CastForSemanticSegmentation
 
     output = tmp_path / "run"
-    metrics = train_segmentation(run_args(synthetic_folder, output, "--eval_steps", "2"))
+    metrics = train_segmentation(run_args(synthetic_folder, output, "--eval_steps", "2", "--push_to_hub",
+                                          "--hub_model_id", "tester/cast-seg-tiny"))
     assert 0.0 <= metrics["eval_mean_iou"] <= 1.0 and metrics["eval_samples"] == 4
     logged = read_metrics(output / "metrics.jsonl")
     losses = {line["step"]: line["loss"] for line in logged if "loss" in line}
@@ -242,6 +244,13 @@ def test_tiny_run_evaluates_saves_and_resumes(synthetic_folder, tmp_path):
     assert torch.equal(inputs["superpixels"][0], view["superpixels"])
     assert isinstance(model, CastForSemanticSegmentation) and model.config.num_labels == 7
     assert model.config.freeze_last_pooling is False and model.config.semantic_loss_ignore_index == 255
+
+    files = set(HfApi().list_repo_files("tester/cast-seg-tiny"))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_cast_seg.py"} <= files
+    published = AutoModelForSemanticSegmentation.from_pretrained("tester/cast-seg-tiny")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, published.state_dict()[name]), name
+    assert ModelCard.load("tester/cast-seg-tiny").data.pipeline_tag == "image-segmentation"
 
     # As if killed after step 2: the resumed run logs the same losses for steps 3 and 4.
     import shutil
