@@ -44,6 +44,8 @@ class CastConfig(PretrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the truncated-normal initialiser.
         projection_dim, projection_hidden_dim (`int`, default 256 / 4096): MoCo-v3 projector and predictor sizes
             (used by `CastForSelfSupervisedPretraining`).
+        segmentation_head_type (`"linear"` | `"mlp_projector"`), semantic_loss_ignore_index (`int`, 255): head and
+            ignored label of `CastForSemanticSegmentation`.
     """
 
     model_type = "cast"
@@ -72,6 +74,8 @@ class CastConfig(PretrainedConfig):
         initializer_range=0.02,
         projection_dim=256,
         projection_hidden_dim=4096,
+        segmentation_head_type="linear",
+        semantic_loss_ignore_index=255,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -97,6 +101,8 @@ class CastConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.projection_dim = projection_dim
         self.projection_hidden_dim = projection_hidden_dim
+        self.segmentation_head_type = segmentation_head_type
+        self.semantic_loss_ignore_index = semantic_loss_ignore_index
         self.validate_cast()
 
     @property

@@ -306,7 +306,7 @@ class CastPreTrainedModel(PreTrainedModel):
 
 class CastModel(CastPreTrainedModel):
     # Heads saved beside the backbone (classifier, MoCo projector / predictor) are not part of it.
-    _keys_to_ignore_on_load_unexpected = [r"^classifier\.", r"^projector\.", r"^predictor\."]
+    _keys_to_ignore_on_load_unexpected = [r"^classifier\.", r"^projector\.", r"^predictor\.", r"^fusion\."]
 
     def __init__(self, config: CastConfig, add_final_norm: bool = True):
         super().__init__(config)
