@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTModel
+from transformers import ViTForImageClassification, ViTModel
 
 from hf_hierseg import CastConfig, CastForImageClassification
 from hf_hierseg.evaluation import evaluate_vit_baseline, make_vit_like, write_synthetic_dataset
@@ -30,6 +30,7 @@ from hf_hierseg.evaluation.segmentation_eval import (
     load_dataset_split,
     predict_cast_levels,
     read_image_mask_pairs,
+    vit_baseline_model,
 )
 from hf_hierseg.image_processing_cast import CastImageProcessor
 from hf_hierseg.training.augment import EvalTransform, ViewEncoder
@@ -179,6 +180,20 @@ def test_encoder_follows_the_saved_image_processor_unless_overridden(tiny_files,
     assert settings(cast_encoder(config, tmp_path)) == ("slic", 300, 5)
     assert settings(cast_encoder(config, tmp_path, "seeds", 600, "self_supervised")) == ("seeds", 600, 15)
     assert settings(cast_encoder(config)) == ("seeds", 196, 15)  # no model folder: the defaults
+
+
+def test_vit_baseline_model_loads_a_classifier_or_a_backbone_else_random_weights(tiny_files, tmp_path, caplog):
+    config = tiny_files.model.config
+    vit_config = make_vit_like(config, num_labels=6)
+    ViTForImageClassification(vit_config).save_pretrained(tmp_path / "classifier")
+    ViTModel(vit_config, add_pooling_layer=False).save_pretrained(tmp_path / "backbone")
+    classifier, random_classifier = vit_baseline_model(config, tmp_path / "classifier")
+    backbone, random_backbone = vit_baseline_model(config, tmp_path / "backbone")
+    assert isinstance(classifier, ViTForImageClassification) and isinstance(backbone, ViTModel)
+    assert not random_classifier and not random_backbone and not caplog.records
+    random_vit, random_weights = vit_baseline_model(config, patch_size=32)
+    assert random_weights and random_vit.config.patch_size == 32 and random_vit.config.hidden_size == 24
+    assert "RANDOMLY INITIALISED" in caplog.text
 
 
 def run_script(name, *arguments):

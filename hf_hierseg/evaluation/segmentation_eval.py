@@ -244,11 +244,15 @@ def evaluate_vit_hierarchy(vit_model, pairs, num_labels, num_clusters, levels=CA
 
 
 def vit_baseline_model(cast_config, vit_model=None, patch_size=VIT_BASELINE_PATCH_SIZE, seed=0):
-    """`(ViTModel, random_weights)`: the ViT at `vit_model` (a folder or Hub id; a classifier loads without its
-    head), else a randomly initialised one of CAST's width and depth (`make_vit_like`), with a loud warning."""
-    from transformers import ViTModel
+    """`(ViT, random_weights)`: the ViT at `vit_model` (a folder or Hub id of a `ViTModel` or a
+    `ViTForImageClassification`), else a randomly initialised `ViTModel` of CAST's width and depth (`make_vit_like`),
+    with a loud warning."""
+    from transformers import AutoConfig, ViTForImageClassification, ViTModel
 
     if vit_model is not None:
+        architectures = AutoConfig.from_pretrained(vit_model).architectures or ()
+        if "ViTForImageClassification" in architectures:
+            return ViTForImageClassification.from_pretrained(vit_model).eval(), False
         return ViTModel.from_pretrained(vit_model, add_pooling_layer=False).eval(), False
     logger.warning(
         "NO --vit_model GIVEN: the ViT + k-means baseline uses a RANDOMLY INITIALISED ViT (width %d, %d layers, "
