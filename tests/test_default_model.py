@@ -51,7 +51,7 @@ def test_default_model_segments_a_real_photo_offline_in_a_fresh_process(tmp_path
         socket.create_connection = no_network
 
         import numpy as np
-        from hf_hierseg import load_default
+        from hf_hierseg.default_model import load_default
         from hf_hierseg.pipelines import HierarchicalSegmentationPipeline
 
         model, processor = load_default()
@@ -103,7 +103,8 @@ def test_demo_writes_overlays_and_the_hierarchy(tmp_path, capsys):
     # Parents point to segments of the next level.
     for record in written["images"]:
         for level, above in zip(record["levels"], record["levels"][1:]):
-            assert {segment["parent"] for segment in level["segments"]} <= {segment["id"] for segment in above["segments"]}
+            parents = {segment["parent"] for segment in level["segments"]}
+            assert parents <= {segment["id"] for segment in above["segments"]}
     assert "hierarchy.json" in capsys.readouterr().out
 
 
@@ -126,3 +127,18 @@ def test_missing_default_model_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIRECTORY", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="train_default_model.py"):
         default_model.load_default()
+
+
+def test_segment_command_uses_the_default_model_without_model_argument(tmp_path, capsys):
+    from hf_hierseg.cli import main
+    from hf_hierseg.evaluation.synthetic import generate_example
+
+    image_path = tmp_path / "shape.png"
+    generate_example(0, split="test", image_size=96)["image"].save(image_path)
+    assert main(["segment", str(image_path), "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "shape.json").read_text())
+    config = json.loads((default_model.default_model_path() / "config.json").read_text())
+    assert [level["level"] for level in record["levels"]] == [1, 2, 3, 4]
+    assert all(level["num_segments"] <= limit for level, limit in zip(record["levels"], config["num_clusters"]))
+    assert (tmp_path / "out" / "shape_hierarchy.png").is_file()
+    assert "shape.json" in capsys.readouterr().out
