@@ -169,6 +169,23 @@ def cpu_seconds():
     return times.user + times.system + times.children_user + times.children_system
 
 
+def source_revision():
+    """Git commit of the source tree this package runs from (`-dirty` when tracked files are modified), or None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
 def export_backbone(training_dir, export_dir):
     """Save the backbone (`CastModel`) of a MoCo training folder, with its image processor, into `export_dir`
     (the projector and predictor are only needed for pre-training). Returns `export_dir` as a `Path`."""
@@ -202,6 +219,7 @@ def train_default_model(work_dir, export_dir=DEFAULT_MODEL_DIRECTORY, recipe=Non
 
     recipe = recipe or DefaultModelRecipe()
     work_dir = Path(work_dir)
+    revision = source_revision()
     start_wall, start_cpu = time.perf_counter(), cpu_seconds()
     counts = write_training_images(work_dir / "data", recipe, cache_dir)
     data_seconds = time.perf_counter() - start_wall
@@ -224,6 +242,7 @@ def train_default_model(work_dir, export_dir=DEFAULT_MODEL_DIRECTORY, recipe=Non
         "cpu_seconds": round(cpu_seconds() - start_cpu, 1),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
+        "source_revision": revision,
     }
     path = Path(export_dir) / TRAINING_SUMMARY_FILE
     path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
