@@ -14,7 +14,6 @@ architecture (and the superpixels) give for free.
 
 import dataclasses
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -35,8 +34,6 @@ from .segmentation_eval import (
 )
 from .synthetic import CLASS_NAMES, INFO_FILE, PART_NAMES, load_synthetic_dataset, write_synthetic_dataset
 
-
-logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "results.md"
