@@ -168,14 +168,16 @@ def cpu_seconds():
 
 
 def source_revision():
-    """Git commit of the source tree this package runs from (`-dirty` when tracked files are modified), or None."""
+    """Git commit of the source tree this package runs from (`-dirty` when tracked files other than the exported
+    model are modified), or None."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=30)
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 f":(exclude){DEFAULT_MODEL_DIRECTORY.relative_to(root).as_posix()}"],
                                 capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
