@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["hf_hierseg", "hf_hierseg.*"]),
-    package_data={"hf_hierseg": ["default_model/*", "assets/*"]},
+    package_data={"hf_hierseg": ["assets/default_model/*", "evaluation/modules/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "transformers>=5.0,<6",

@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import time
 
-from hf_hierseg.evaluation.reproduce import ReproductionSettings, format_reproduction_report, reproduce_small
+from hf_hierseg.apps.reproduce import ReproductionSettings, format_reproduction_report, reproduce_small
 
 
 def main(argv=None):

@@ -9,17 +9,18 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 
-from .backbone import CastBackbone
 from .configuration_cast import CAST_PRESETS, CastConfig
+from .default_model import default_model_path, load_default
 from .image_processing_cast import CastImageProcessor
 from .modeling_cast import (
+    CastBackbone,
     CastForImageClassification,
     CastForSelfSupervisedPretraining,
+    CastForSemanticSegmentation,
     CastModel,
     CastModelOutput,
     CastPreTrainedModel,
 )
-from .modeling_cast_seg import CastForSemanticSegmentation
 from .pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline, register_pipelines
 
 AutoConfig.register("cast", CastConfig, exist_ok=True)
@@ -32,13 +33,6 @@ CastImageProcessor.register_for_auto_class("AutoImageProcessor")  # preprocessor
 register_pipelines()  # "hierarchical-segmentation" in transformers' PIPELINE_REGISTRY
 
 __version__ = "0.1.0"
-
-
-def load_default():
-    """The small CAST model bundled with the package and its image processor: `(model, processor)`, offline."""
-    from .default_model import load_default as _load_default
-
-    return _load_default()
 
 
 __all__ = [
@@ -54,5 +48,6 @@ __all__ = [
     "CastModelOutput",
     "CastPreTrainedModel",
     "HierarchicalSegmentationPipeline",
+    "default_model_path",
     "load_default",
 ]

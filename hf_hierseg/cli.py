@@ -46,7 +46,7 @@ DELEGATED_COMMANDS = {
     ),
     "finetune-lora": (
         "LoRA fine-tuning of a classifier with peft (Accelerate)",
-        ("hf_hierseg.peft_utils:lora_parser", "hf_hierseg.peft_utils:finetune_lora"),
+        ("hf_hierseg.training.lora:lora_parser", "hf_hierseg.training.lora:finetune_lora"),
     ),
     "evaluate": (
         "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F)",
@@ -163,7 +163,7 @@ def load_model_and_processor(model, trust_remote_code=False, device="cpu", proce
 
     from .image_processing_cast import CastImageProcessor
     from .modeling_cast import CastModel
-    from .modeling_cast_seg import CastForSemanticSegmentation
+    from .modeling_cast import CastForSemanticSegmentation
 
     path = resolve_model_path(model)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -278,7 +278,7 @@ def command_segment(args):
 
 
 def command_demo(args):
-    from .demo import run_demo
+    from .apps.demo import run_demo
 
     run_demo(args.out, args.model, args.device)
     return 0

@@ -1,6 +1,7 @@
 """CAST model configuration."""
 
 from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 
 # The authors' factories (cast_models/cast.py, cast_deit.py): width, heads, depths, clusters.
@@ -163,4 +164,48 @@ class CastConfig(PretrainedConfig):
         return cls(**{**CAST_PRESETS[name], **kwargs})
 
 
-__all__ = ["CastConfig", "CAST_PRESETS"]
+LEVEL_NAMES = [f"level{level}" for level in range(1, NUM_LEVELS + 1)]
+STAGE_NAMES = ["stem"] + LEVEL_NAMES
+
+
+class CastBackboneConfig(BackboneConfigMixin, CastConfig):
+    """[`CastConfig`] with the backbone fields: `stage_names` ("stem", "level1".."level4"), `out_features` and
+    `out_indices` (defaults to the four levels)."""
+
+    def __init__(self, out_features=None, out_indices=None, **kwargs):
+        kwargs.pop("stage_names", None)
+        super().__init__(**kwargs)
+        self.stage_names = STAGE_NAMES
+        if out_features is None and out_indices is None:
+            out_features = LEVEL_NAMES
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+    def to_dict(self):
+        """Saves `out_features` only: a plain `CastConfig` reloads it as an attribute, and the indices and stage names
+        follow from it (so `from_pretrained(..., out_features=...)` or `out_indices=...` cannot disagree with it)."""
+        output = super().to_dict()
+        output.pop("out_indices", None)
+        output.pop("stage_names", None)
+        return output
+
+
+def backbone_config(config, out_features=None, out_indices=None):
+    """A backbone configuration for `config` (a CAST config, package or remote code): `config` itself when it already
+    is one, else a [`CastBackboneConfig`] with its values. Explicit `out_features` / `out_indices` win over saved
+    ones."""
+    if getattr(config, "model_type", None) != "cast":
+        raise ValueError(f"CastBackbone needs a CAST configuration (model_type 'cast'), got {type(config).__name__}.")
+    if isinstance(config, BackboneConfigMixin):
+        if out_features is not None or out_indices is not None:
+            config.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        return config
+    values = config.to_dict()
+    saved_features = values.pop("out_features", None)
+    if out_features is None and out_indices is None:
+        out_features = saved_features
+    for key in ("model_type", "transformers_version", "stage_names", "_out_features", "_out_indices"):
+        values.pop(key, None)
+    return CastBackboneConfig(out_features=out_features, out_indices=out_indices, **values)
+
+
+__all__ = ["CAST_PRESETS", "STAGE_NAMES", "CastBackboneConfig", "CastConfig", "backbone_config"]

@@ -15,7 +15,7 @@ from .modeling_cast import (
     CastModel,
     sincos_position_grid,
 )
-from .modeling_cast_seg import CastForSemanticSegmentation
+from .modeling_cast import CastForSemanticSegmentation
 
 
 EXPECTED_KEYS_HELP = (
@@ -308,6 +308,24 @@ def convert_state(checkpoint, preset=None, overrides=None):
     return model, report
 
 
+def momentum_encoder_from_original(checkpoint, config):
+    """The momentum encoder of an original MoCo-v3 CAST checkpoint (`module.momentum_encoder.*`), converted like
+    the base encoder (`convert_state`), as a `CastForSelfSupervisedPretraining` (its predictor
+    is the checkpoint's). `config` supplies what the tensors do not tell (heads, clusters, ...)."""
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    prefix = "module.momentum_encoder."
+    swapped = {"module.base_encoder." + key[len(prefix):]: value for key, value in state.items()
+               if key.startswith(prefix)}
+    if not swapped:
+        raise ValueError("Not an original MoCo-v3 checkpoint: no `module.momentum_encoder.*` keys in `state_dict`.")
+    swapped.update({key: value for key, value in state.items() if key.startswith("module.predictor.")})
+    overrides = {name: getattr(config, name) for name in (
+        "num_attention_heads", "num_clusters", "mlp_ratio", "qkv_bias", "layer_norm_eps", "graph_pooling_num_heads",
+        "assignment_scale", "patch_size")}
+    model, _ = convert_state({"state_dict": swapped}, None, overrides)
+    return model
+
+
 def parse_overrides(items):
     """`key=value` strings (lists comma-separated) to a dict typed like CastConfig's defaults."""
     defaults = CastConfig().to_dict()
@@ -385,6 +403,7 @@ def publish_converted(output_dir, repo_id, report, private=False):
 
 
 __all__ = [
+    "momentum_encoder_from_original",
     "ConversionReport",
     "convert_checkpoint",
     "convert_state",

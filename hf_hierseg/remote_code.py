@@ -21,8 +21,8 @@ AUTO_CLASSES = {
     "AutoConfig": "configuration_cast.CastConfig",
     "AutoModel": "modeling_cast.CastModel",
     "AutoModelForImageClassification": "modeling_cast.CastForImageClassification",
-    "AutoModelForSemanticSegmentation": "modeling_cast_seg.CastForSemanticSegmentation",
-    "AutoBackbone": "backbone.CastBackbone",
+    "AutoModelForSemanticSegmentation": "modeling_cast.CastForSemanticSegmentation",
+    "AutoBackbone": "modeling_cast.CastBackbone",
     "AutoImageProcessor": "image_processing_cast.CastImageProcessor",
 }
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from hf_hierseg.evaluation.benchmark import BenchmarkSettings, format_command, format_report, run_benchmark
+from hf_hierseg.apps.benchmark_throughput import BenchmarkSettings, format_command, format_report, run_benchmark
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ holds the adapter: `PeftModel.from_pretrained(AutoModelForImageClassification.fr
 `--save_merged` also writes the merged model. See `--help` for all options.
 """
 
-from hf_hierseg.peft_utils import finetune_lora, lora_parser
+from hf_hierseg.training.lora import finetune_lora, lora_parser
 
 
 def main(argv=None):

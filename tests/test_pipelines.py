@@ -166,7 +166,7 @@ def test_image_segmentation_from_a_hierarchy_level(classifier, images):
 
 
 def test_image_segmentation_with_the_segmentation_head(images):
-    from hf_hierseg.modeling_cast_seg import CastForSemanticSegmentation
+    from hf_hierseg.modeling_cast import CastForSemanticSegmentation
 
     torch.manual_seed(0)
     names = {0: "sky", 1: "grass", 2: "road", 3: "car"}

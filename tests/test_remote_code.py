@@ -86,7 +86,7 @@ def test_save_pretrained_ships_every_module_and_auto_map(tmp_path, classifier):
 
 
 def test_segmentation_checkpoint_feeds_image_segmentation_through_its_head(tmp_path):
-    from hf_hierseg.modeling_cast_seg import CastForSemanticSegmentation
+    from hf_hierseg.modeling_cast import CastForSemanticSegmentation
 
     CastForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(tmp_path)
     config = saved_config(tmp_path)
@@ -185,7 +185,7 @@ def test_remote_code_without_the_package_matches_the_package(tmp_path, classifie
         expected = classifier(**inputs)
         base = CastModel.from_pretrained(local).eval()
         expected_tokens = base(**inputs).last_hidden_state
-        from hf_hierseg.backbone import CastBackbone
+        from hf_hierseg.modeling_cast import CastBackbone
 
         expected_level2 = CastBackbone.from_pretrained(local, out_features=["level2"]).eval()(**inputs).feature_maps[0]
 

@@ -1,4 +1,4 @@
-"""The CPU-scale reproduction (hf_hierseg.evaluation.reproduce) on a tiny setting: one training step per model."""
+"""The CPU-scale reproduction (hf_hierseg.apps.reproduce) on a tiny setting: one training step per model."""
 
 import json
 from types import SimpleNamespace
@@ -8,7 +8,7 @@ import torch
 from transformers import ViTForImageClassification
 
 from hf_hierseg import CastForImageClassification
-from hf_hierseg.evaluation.reproduce import (
+from hf_hierseg.apps.reproduce import (
     MASKS,
     ReproductionSettings,
     SuperpixelFreeClassifier,

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForSemanticSegmentation
 from hf_hierseg import CastConfig
 from hf_hierseg.convert import convert_state, load_original_checkpoint, parse_overrides
 from hf_hierseg.hierarchy import paint_segments
-from hf_hierseg.modeling_cast_seg import CastForSemanticSegmentation, segment_cross_entropy
+from hf_hierseg.modeling_cast import CastForSemanticSegmentation, segment_cross_entropy
 
 TINY_OVERRIDES = ["num_attention_heads=4", "num_clusters=16,8,4,2"]
 

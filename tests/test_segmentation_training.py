@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_hierseg.image_datasets import check_class_ids, mask_column_of, mask_to_class_ids, reduce_mask_labels
 from hf_hierseg.superpixels import denormalize_to_uint8
 from hf_hierseg.training.augment import ViewEncoder
 from hf_hierseg.training.data import TrainingBatches
@@ -14,10 +15,6 @@ from hf_hierseg.training.loop import read_metrics
 from hf_hierseg.training.segmentation import (
     SegmentationBatches,
     SegmentationTransform,
-    check_class_ids,
-    mask_column_of,
-    mask_to_class_ids,
-    reduce_mask_labels,
     segmentation_parser,
     train_segmentation,
 )
@@ -218,7 +215,7 @@ def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_pa
     from transformers import AutoModelForSemanticSegmentation
 
     from hf_hierseg import CastConfig
-    from hf_hierseg.modeling_cast_seg import CastForSemanticSegmentation
+    from hf_hierseg.modeling_cast import CastForSemanticSegmentation
 
     output = tmp_path / "run"
     metrics = train_segmentation(run_args(synthetic_folder, output, "--eval_steps", "2", "--push_to_hub",
@@ -246,7 +243,7 @@ def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_pa
     assert model.config.freeze_last_pooling is False and model.config.semantic_loss_ignore_index == 255
 
     files = set(HfApi().list_repo_files("tester/cast-seg-tiny"))
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_cast_seg.py"} <= files
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_cast.py"} <= files
     published = AutoModelForSemanticSegmentation.from_pretrained("tester/cast-seg-tiny")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, published.state_dict()[name]), name
@@ -281,7 +278,7 @@ def test_fine_tuning_starts_from_a_classification_checkpoint(tmp_path):
     from transformers import AutoModelForSemanticSegmentation
 
     from hf_hierseg import CastConfig, CastForImageClassification
-    from hf_hierseg.modeling_cast_seg import CastForSemanticSegmentation
+    from hf_hierseg.modeling_cast import CastForSemanticSegmentation
     from hf_hierseg.training.recipes import build_config
     from hf_hierseg.training.segmentation import build_model
 

@@ -12,10 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_hierseg.training.augment import MocoTransform, ViewEncoder
-from hf_hierseg.training.data import (
-    SuperpixelBatches,
-    TrainingBatches,
+from hf_hierseg.image_datasets import (
     UndecodableImageError,
     decode_image,
     image_column_of,
@@ -23,6 +20,8 @@ from hf_hierseg.training.data import (
     label_names_of,
     load_image_datasets,
 )
+from hf_hierseg.training.augment import MocoTransform, ViewEncoder
+from hf_hierseg.training.data import SuperpixelBatches, TrainingBatches
 
 CLASSES = ("cat", "dog")
 

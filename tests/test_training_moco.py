@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from hf_hierseg import CastConfig, CastForSelfSupervisedPretraining
 from hf_hierseg.convert import convert_state, parse_overrides
-from hf_hierseg.training.moco import CastMocoV3, MocoObjective, contrastive_loss, momentum_encoder_from_original
+from hf_hierseg.convert import momentum_encoder_from_original
+from hf_hierseg.training.moco import CastMocoV3, MocoObjective, contrastive_loss
 from hf_hierseg.training.optim import cosine_momentum
 
 TINY_OVERRIDES = ["num_attention_heads=4", "num_clusters=16,8,4,2"]

@@ -1,5 +1,5 @@
 """Evaluation: metrics, offline `evaluate` modules, the ViT + k-means baseline, evaluation data, the segmentation and
-classification evaluations of scripts/evaluate_*.py and the CPU-scale reproduction."""
+classification evaluations of scripts/evaluate_*.py."""
 
 from .baselines import evaluate_vit_baseline, hierarchical_kmeans, make_vit_like, spherical_kmeans, vit_kmeans_hierarchy
 from .classification_eval import evaluate_classification, run_classification_evaluation
@@ -14,7 +14,6 @@ from .metrics import (
 )
 from .modules import METRIC_NAMES, metric_path
 from .real_photos import RealPhotosUnavailableError, load_arc2017_photo, load_imagenet_photos, load_voc_photo
-from .reproduce import ReproductionSettings, format_reproduction_report, reproduce_small
 from .segmentation_eval import (
     evaluate_cast_hierarchy,
     evaluate_segmentation,
@@ -54,7 +53,4 @@ __all__ = [
     "run_segmentation_evaluation",
     "evaluate_classification",
     "run_classification_evaluation",
-    "ReproductionSettings",
-    "format_reproduction_report",
-    "reproduce_small",
 ]

@@ -51,7 +51,7 @@ def extract_features(model, examples, transform, image_column="image", label_col
         dict with `features` float32 `[N, C]`, `logits` float32 `[N, K]` (None for a model without a classifier)
         and `labels` int64 `[N]`.
     """
-    from ..training.data import decode_image
+    from ..image_datasets import decode_image
 
     model.eval()
     features, logits, labels, batch = [], [], [], []
@@ -131,7 +131,7 @@ def run_classification_evaluation(model_name_or_path, dataset_name, eval_split="
 
     Returns `{"settings": ..., "results": evaluate_classification results}`."""
     from ..training.augment import EvalTransform
-    from ..training.data import image_column_of, label_column_of
+    from ..image_datasets import image_column_of, label_column_of
 
     model = load_classification_model(model_name_or_path)
     encoder = cast_encoder(model.config, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe)

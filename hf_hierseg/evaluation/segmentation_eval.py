@@ -139,8 +139,7 @@ def read_image_mask_pairs(examples, mask_column, image_column=None, max_samples=
 
     The image column defaults to the dataset's first `datasets.Image` column (else `"image"`); masks go through
     `training.segmentation.mask_to_class_ids` (palette indices, grayscale values or grayscale stored as RGB)."""
-    from ..training.data import decode_image, image_column_of
-    from ..training.segmentation import decode_mask, mask_to_class_ids
+    from ..image_datasets import decode_image, decode_mask, image_column_of, mask_to_class_ids
 
     if image_column is None:
         image_column = image_column_of(examples) if getattr(examples, "features", None) else "image"

@@ -7,15 +7,8 @@ from their modules.
 """
 
 from .augment import DeitTransform, EvalTransform, MocoTransform, ProcessorTransform, RandAugment, ViewEncoder
-from .data import (
-    StreamPosition,
-    SuperpixelBatches,
-    TrainingBatches,
-    UndecodableImageError,
-    datasets_transform,
-    load_image_datasets,
-)
-from .moco import CastMocoV3, MocoObjective, contrastive_loss, momentum_encoder_from_original
+from .data import StreamPosition, SuperpixelBatches, TrainingBatches, datasets_transform
+from .moco import CastMocoV3, MocoObjective, contrastive_loss
 from .supervised import ModelEma, SupervisedObjective, mixup_cutmix
 from .recipes import train_moco, train_supervised
 
@@ -32,13 +25,10 @@ __all__ = [
     "SupervisedObjective",
     "SuperpixelBatches",
     "TrainingBatches",
-    "UndecodableImageError",
     "ViewEncoder",
     "contrastive_loss",
     "datasets_transform",
-    "load_image_datasets",
     "mixup_cutmix",
-    "momentum_encoder_from_original",
     "train_moco",
     "train_supervised",
 ]

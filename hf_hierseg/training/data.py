@@ -17,7 +17,6 @@ Each worker builds whole batches; the DataLoader takes them from the workers in 
 """
 
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 
 import datasets
@@ -27,103 +26,13 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
+from ..image_datasets import UndecodableImageError, decode_image
+
 logger = logging.getLogger(__name__)
-
-LABEL_COLUMN_NAMES = ("label", "labels", "cls", "class", "target")
-IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
-
-
-class UndecodableImageError(ValueError):
-    """A record whose image cannot be read (corrupt, truncated, not an image)."""
-
-
-def load_image_datasets(dataset_name=None, dataset_config_name=None, train_dir=None, validation_dir=None,
-                        streaming=False, cache_dir=None, token=None):
-    """Load the splits as `run_image_classification_no_trainer.py` does.
-
-    `dataset_name`: anything `datasets.load_dataset` takes: a Hub id, or a local folder of images (imagefolder,
-    class sub-folders give labels), of parquet files with an `Image` column, or of webdataset `.tar` shards.
-    `train_dir` / `validation_dir`: image folders. Returns a `DatasetDict` (or `IterableDatasetDict` if streaming).
-    """
-    if dataset_name is not None:
-        return datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir,
-                                     token=token)
-    if train_dir is None and validation_dir is None:
-        raise ValueError("Give `--dataset_name` or a `--train_dir` / `--validation_dir` image folder.")
-    data_files = {}
-    for split, folder in (("train", train_dir), ("validation", validation_dir)):
-        if folder is not None:
-            if not os.path.isdir(folder):
-                raise ValueError(f"--{split if split == 'train' else 'validation'}_dir {folder!r} is not a folder.")
-            data_files[split] = os.path.join(folder, "**")
-    return datasets.load_dataset("imagefolder", data_files=data_files, streaming=streaming, cache_dir=cache_dir)
-
-
-def image_column_of(dataset, name=None):
-    """The column holding the images: `name` if given, else the first `datasets.Image` column."""
-    features = dataset.features
-    if name is not None:
-        if features is not None and name not in features:
-            raise ValueError(f"--image_column_name {name!r} is not a column; columns: {list(features)}.")
-        return name
-    if features is not None:
-        for column, feature in features.items():
-            if isinstance(feature, datasets.Image):
-                return column
-        for column in IMAGE_COLUMN_NAMES:
-            if column in features:
-                return column
-        raise ValueError(f"No image column (a `datasets.Image` feature) among {list(features)}; "
-                         "pass --image_column_name.")
-    raise ValueError("The dataset does not declare its features; pass --image_column_name.")
-
-
-def label_column_of(dataset, name=None):
-    """The label column: `name` if given, else the first `ClassLabel` column, else a column named like a label."""
-    features = dataset.features or {}
-    if name is not None:
-        if features and name not in features:
-            raise ValueError(f"--label_column_name {name!r} is not a column; columns: {list(features)}.")
-        return name
-    for column, feature in features.items():
-        if isinstance(feature, datasets.ClassLabel):
-            return column
-    for column in LABEL_COLUMN_NAMES:
-        if column in features:
-            return column
-    raise ValueError(f"No label column (a `ClassLabel` feature) among {list(features)}; pass --label_column_name.")
-
-
-def label_names_of(dataset, label_column):
-    """Class names, from the `ClassLabel` feature (or the sorted label values of a map-style dataset)."""
-    feature = (dataset.features or {}).get(label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    if isinstance(dataset, datasets.Dataset):
-        return [str(value) for value in range(int(max(dataset[label_column])) + 1)]
-    raise ValueError(f"Column {label_column!r} is not a `ClassLabel`, and a streamed dataset cannot be scanned for "
-                     "its classes: cast it to `datasets.ClassLabel(names=...)` first.")
-
 
 def without_image_decoding(dataset, image_column):
     """Cast the image column to `Image(decode=False)`: records carry bytes / paths, decoded in `decode_image`."""
     return dataset.cast_column(image_column, datasets.Image(decode=False))
-
-
-def decode_image(value):
-    """An image record (`{"bytes", "path"}`, a path, or a PIL image) -> RGB PIL image, fully decoded.
-
-    Raises `UndecodableImageError` for anything that does not decode."""
-    try:
-        if isinstance(value, (bytes, bytearray)):
-            value = {"bytes": bytes(value), "path": None}
-        image = datasets.Image().decode_example(value)
-        image.load()
-        if image.width < 1 or image.height < 1:
-            raise ValueError(f"empty image of size {image.size}")
-        return image.convert("RGB")
-    except Exception as error:  # PIL raises many types (OSError, UnidentifiedImageError, SyntaxError, ...)
-        raise UndecodableImageError(f"{type(error).__name__}: {error}") from error
 
 
 def record_key(example, image_value, fallback):
@@ -405,12 +314,6 @@ __all__ = [
     "StreamPosition",
     "SuperpixelBatches",
     "TrainingBatches",
-    "UndecodableImageError",
     "datasets_transform",
-    "decode_image",
     "evaluation_loader",
-    "image_column_of",
-    "label_column_of",
-    "label_names_of",
-    "load_image_datasets",
 ]

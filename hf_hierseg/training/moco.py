@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import convert_state
 from ..modeling_cast import CastForSelfSupervisedPretraining
 from .optim import cosine_momentum
 
@@ -86,24 +85,6 @@ class CastMocoV3(nn.Module):
         self.momentum_encoder.projector.load_state_dict(source.projector.state_dict())
 
 
-def momentum_encoder_from_original(checkpoint, config):
-    """The momentum encoder of an original MoCo-v3 CAST checkpoint (`module.momentum_encoder.*`), converted like
-    the base encoder (`hf_hierseg.convert.convert_state`), as a `CastForSelfSupervisedPretraining` (its predictor
-    is the checkpoint's). `config` supplies what the tensors do not tell (heads, clusters, ...)."""
-    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    prefix = "module.momentum_encoder."
-    swapped = {"module.base_encoder." + key[len(prefix):]: value for key, value in state.items()
-               if key.startswith(prefix)}
-    if not swapped:
-        raise ValueError("Not an original MoCo-v3 checkpoint: no `module.momentum_encoder.*` keys in `state_dict`.")
-    swapped.update({key: value for key, value in state.items() if key.startswith("module.predictor.")})
-    overrides = {name: getattr(config, name) for name in (
-        "num_attention_heads", "num_clusters", "mlp_ratio", "qkv_bias", "layer_norm_eps", "graph_pooling_num_heads",
-        "assignment_scale", "patch_size")}
-    model, _ = convert_state({"state_dict": swapped}, None, overrides)
-    return model
-
-
 class MocoObjective:
     """MoCo-v3 training objective for `hf_hierseg.training.loop.train`."""
 
@@ -147,4 +128,4 @@ class MocoObjective:
         return {"temperature": self.module.temperature, "base momentum (cosine to 1)": self.base_momentum}
 
 
-__all__ = ["CastMocoV3", "CastMomentumEncoder", "MocoObjective", "contrastive_loss", "momentum_encoder_from_original"]
+__all__ = ["CastMocoV3", "CastMomentumEncoder", "MocoObjective", "contrastive_loss"]

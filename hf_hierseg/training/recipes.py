@@ -14,7 +14,8 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from ..configuration_cast import CAST_PRESETS, CastConfig
-from ..convert import load_original_checkpoint, parse_overrides
+from ..convert import load_original_checkpoint, momentum_encoder_from_original, parse_overrides
+from ..image_datasets import image_column_of, label_column_of, label_names_of, load_image_datasets
 from ..image_processing_cast import CastImageProcessor
 from ..modeling_cast import CastForImageClassification, CastForSelfSupervisedPretraining
 from .augment import (
@@ -26,17 +27,9 @@ from .augment import (
     RandAugment,
     ViewEncoder,
 )
-from .data import (
-    SuperpixelBatches,
-    TrainingBatches,
-    evaluation_loader,
-    image_column_of,
-    label_column_of,
-    label_names_of,
-    load_image_datasets,
-)
+from .data import SuperpixelBatches, TrainingBatches, evaluation_loader
 from .loop import create_accelerator, setup_logging, steps_for_epochs, train
-from .moco import MocoObjective, momentum_encoder_from_original
+from .moco import MocoObjective
 from .supervised import SupervisedObjective, evaluate_classifier
 
 logger = logging.getLogger(__name__)

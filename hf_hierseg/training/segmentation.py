@@ -23,10 +23,20 @@ from PIL import Image, ImageOps
 from transformers import AutoModelForSemanticSegmentation
 
 from ..evaluation.metrics import mean_iou
-from ..modeling_cast_seg import CastForSemanticSegmentation
+from ..image_datasets import (
+    check_class_ids,
+    decode_mask,
+    image_column_of,
+    load_image_datasets,
+    mask_column_of,
+    mask_to_class_ids,
+    normalize_palette,
+    reduce_mask_labels,
+)
+from ..modeling_cast import CastForSemanticSegmentation
 from .arguments import common_parser, positive_int
 from .augment import color_jitter, random_resized_crop
-from .data import SuperpixelBatches, TrainingBatches, evaluation_loader, image_column_of, load_image_datasets
+from .data import SuperpixelBatches, TrainingBatches, evaluation_loader
 from .loop import create_accelerator, setup_logging, steps_for_epochs, train
 from .recipes import (
     build_config,
@@ -41,112 +51,9 @@ from .recipes import (
 
 logger = logging.getLogger(__name__)
 
-MASK_COLUMN_NAMES = ("mask", "label", "labels", "annotation", "segmentation", "semantic_mask", "object_mask")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Masks
 # --------------------------------------------------------------------------------------------------------------
-
-
-def decode_mask(value):
-    """A mask record (`{"bytes", "path"}`, a path, a PIL image or an array) -> PIL image in its own mode, or a
-    2-D / 3-D numpy array for array records. Never converts colours."""
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, (str, dict, bytes, bytearray)):
-        if isinstance(value, (bytes, bytearray)):
-            value = {"bytes": bytes(value), "path": None}
-        mask = datasets.Image().decode_example(value)
-        mask.load()
-        return mask
-    return np.asarray(value)
-
-
-def normalize_palette(palette):
-    """`palette`: a list of RGB colours (index = class id) or a dict {colour: class id}; colours as (r, g, b)
-    sequences or "#rrggbb" strings. Returns {packed 0xRRGGBB int: class id}."""
-
-    def pack(colour):
-        if isinstance(colour, str):
-            text = colour.lstrip("#")
-            if len(text) != 6:
-                raise ValueError(f"Palette colour {colour!r} is not '#rrggbb'.")
-            colour = tuple(int(text[i : i + 2], 16) for i in (0, 2, 4))
-        red, green, blue = (int(c) for c in colour)
-        if not all(0 <= c <= 255 for c in (red, green, blue)):
-            raise ValueError(f"Palette colour {colour!r} has channels outside 0..255.")
-        return (red << 16) | (green << 8) | blue
-
-    if isinstance(palette, dict):
-        return {pack(colour): int(class_id) for colour, class_id in palette.items()}
-    return {pack(colour): class_id for class_id, colour in enumerate(palette)}
-
-
-def colours_to_class_ids(rgb, palette):
-    """uint8 [H, W, 3] colour mask -> int64 class ids through `palette` ({packed colour: id})."""
-    packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    colours, inverse = np.unique(packed, return_inverse=True)
-    unknown = [c for c in colours.tolist() if c not in palette]
-    if unknown:
-        shown = ", ".join(f"#{c:06x}" for c in unknown[:5])
-        raise ValueError(f"The colour mask has {len(unknown)} colour(s) not in the palette: {shown}. Add them to "
-                         "the palette (map unlabelled colours to the ignore index, e.g. 255).")
-    return np.asarray([palette[c] for c in colours.tolist()], dtype=np.int64)[inverse].reshape(packed.shape)
-
-
-def mask_to_class_ids(mask, palette=None):
-    """Class-id map int64 [H, W] of a mask.
-
-    - "P" (palette) images: the palette *indices* are the class ids (the PASCAL VOC convention);
-    - "L", "I", "I;16", "1" images and 2-D integer arrays: the pixel values;
-    - "RGB"/"RGBA" images and [H, W, 3|4] arrays: colours mapped through `palette` (see `normalize_palette`); without
-      a palette only grayscale stored as RGB (equal channels) is accepted, anything else is a `ValueError`.
-    """
-    if isinstance(mask, Image.Image):
-        if mask.mode in ("RGB", "RGBA"):
-            array = np.asarray(mask.convert("RGB"))
-        elif mask.mode in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-            array = np.asarray(mask)
-        else:
-            raise ValueError(f"Unsupported mask image mode {mask.mode!r}: use a palette (P), grayscale (L), "
-                             "16/32-bit integer (I;16, I) or RGB colour mask.")
-    else:
-        array = np.asarray(mask)
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        rgb = array[..., :3]
-        if palette is not None:
-            return colours_to_class_ids(rgb.astype(np.uint8), normalize_palette(palette))
-        if (rgb == rgb[..., :1]).all():
-            return rgb[..., 0].astype(np.int64)
-        raise ValueError("The mask is an RGB colour image: pass a `palette` (one colour per class id, e.g. "
-                         "--palette palette.json) to map its colours to class ids, or save masks as palette (P) "
-                         "or grayscale (L) images of class ids.")
-    if array.ndim != 2:
-        raise ValueError(f"A mask must be [H, W] class ids (or an [H, W, 3] colour mask), got shape {array.shape}.")
-    if array.dtype == np.bool_:
-        return array.astype(np.int64)
-    if not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise ValueError(f"Mask values must be integer class ids, got non-integer {array.dtype} values.")
-    return array.astype(np.int64)
-
-
-def reduce_mask_labels(class_ids, ignore_index=255):
-    """ADE20k convention: class 0 (background / "other") becomes `ignore_index`, the others shift down by one."""
-    reduced = class_ids - 1
-    reduced[(class_ids == 0) | (class_ids == ignore_index)] = ignore_index
-    return reduced
-
-
-def check_class_ids(class_ids, num_labels, ignore_index=255):
-    """Raise a `ValueError` naming the offending ids if any is outside `0..num_labels-1` and not `ignore_index`."""
-    values = np.unique(class_ids)
-    bad = [int(v) for v in values if (v < 0 or v >= num_labels) and v != ignore_index]
-    if bad:
-        raise ValueError(f"Mask class ids {bad[:10]} are outside 0..{num_labels - 1} (num_labels={num_labels}) and "
-                         f"not the ignore index {ignore_index}: fix --num_labels / --id2label, --ignore_index, "
-                         "--reduce_labels or --palette.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,25 +150,6 @@ class SegmentationBatches(SuperpixelBatches):
 
     def transform_pair(self, image, rng):
         return self.pair_transform(image, self.current_mask, rng)
-
-
-def mask_column_of(dataset, image_column, name=None):
-    """The mask column: `name` if given, else the first image/array column (not `image_column`) named like a mask
-    (`MASK_COLUMN_NAMES` order), else the first other `datasets.Image` column. Class-label columns never qualify."""
-    features = dataset.features or {}
-    if name is not None:
-        if features and name not in features:
-            raise ValueError(f"--label_column_name {name!r} is not a column; columns: {list(features)}.")
-        return name
-    candidates = [column for column, feature in features.items() if column != image_column
-                  and not isinstance(feature, (datasets.Value, datasets.ClassLabel))]
-    for column in MASK_COLUMN_NAMES:
-        if column in candidates:
-            return column
-    images = [column for column in candidates if isinstance(features[column], datasets.Image)]
-    if images:
-        return images[0]
-    raise ValueError(f"No mask column among {list(features)}: pass --label_column_name (the column with the masks).")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -475,12 +363,7 @@ __all__ = [
     "SegmentationBatches",
     "SegmentationObjective",
     "SegmentationTransform",
-    "check_class_ids",
     "evaluate_segmentation",
-    "mask_column_of",
-    "mask_to_class_ids",
-    "normalize_palette",
-    "reduce_mask_labels",
     "segmentation_parser",
     "train_segmentation",
 ]

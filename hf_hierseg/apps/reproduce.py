@@ -22,9 +22,9 @@ from transformers import ViTForImageClassification
 
 from ..configuration_cast import CastConfig
 from ..modeling_cast import CastForImageClassification
-from .baselines import make_vit_like
-from .classification_eval import evaluate_classification, format_classification_table
-from .segmentation_eval import (
+from ..evaluation.baselines import make_vit_like
+from ..evaluation.classification_eval import evaluate_classification, format_classification_table
+from ..evaluation.segmentation_eval import (
     CAST_LEVELS,
     evaluate_segmentation,
     format_score,
@@ -32,7 +32,7 @@ from .segmentation_eval import (
     read_image_mask_pairs,
     to_jsonable,
 )
-from .synthetic import CLASS_NAMES, INFO_FILE, PART_NAMES, load_synthetic_dataset, write_synthetic_dataset
+from ..evaluation.synthetic import CLASS_NAMES, INFO_FILE, PART_NAMES, load_synthetic_dataset, write_synthetic_dataset
 
 
 RESULTS_FILE = "results.json"
@@ -154,7 +154,7 @@ def train_pixel_classifier(args, model):
     from accelerate.utils import set_seed
 
     from ..training.augment import DeitTransform, RandAugment, ViewEncoder
-    from ..training.data import image_column_of, label_column_of, load_image_datasets
+    from ..image_datasets import image_column_of, label_column_of, load_image_datasets
     from ..training.loop import create_accelerator, setup_logging, train
     from ..training.recipes import evaluation_split, limit, select_split, training_batches
     from ..training.supervised import SupervisedObjective

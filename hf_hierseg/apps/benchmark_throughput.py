@@ -39,7 +39,7 @@ from ..configuration_cast import CastConfig
 from ..image_processing_cast import CastImageProcessor
 from ..modeling_cast import CastForImageClassification, CastForSelfSupervisedPretraining, CastModel, moco_mlp
 from ..training.moco import contrastive_loss
-from .synthetic import generate_example
+from ..evaluation.synthetic import generate_example
 
 
 # GMACs per 224x224 image reported in the CAST paper (Table 1).
@@ -261,7 +261,7 @@ def measure_peak_memory(settings, images, names=INFERENCE_CASES):
     """{case name: {batch size: MiB}}, each case measured in a fresh Python process; {} without /proc (not Linux)."""
     if not os.path.exists("/proc/self/clear_refs"):
         return {}
-    command = [sys.executable, "-c", "from hf_hierseg.evaluation.benchmark import _peak_memory_main as m; m()"]
+    command = [sys.executable, "-c", "from hf_hierseg.apps.benchmark_throughput import _peak_memory_main as m; m()"]
     results = {}
     for name in names:
         completed = subprocess.run(command, input=pickle.dumps((name, settings, images)), capture_output=True)

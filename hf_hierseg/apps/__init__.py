@@ -1,0 +1,2 @@
+"""Applications on top of the tools and the core: the demo, the default-model recipe, benchmarks and the CPU-scale
+reproduction. Nothing in the package imports them except the command line."""
