@@ -26,15 +26,20 @@ def main(argv=None):
     for field in dataclasses.fields(ReproductionSettings):
         value = getattr(defaults, field.name)
         if isinstance(value, bool):
-            parser.add_argument(f"--{field.name}", type=lambda text: text.lower() in ("1", "true", "yes"),
-                                default=value, help=f"default: {value}")
+            parser.add_argument(
+                f"--{field.name}",
+                type=lambda text: text.lower() in ("1", "true", "yes"),
+                default=value,
+                help=f"default: {value}",
+            )
         elif isinstance(value, tuple):
             parser.add_argument(f"--{field.name}", type=int, nargs="+", default=value, help=f"default: {value}")
         else:
             parser.add_argument(f"--{field.name}", type=type(value), default=value, help=f"default: {value}")
     args = parser.parse_args(argv)
-    settings = ReproductionSettings(**{field.name: getattr(args, field.name)
-                                       for field in dataclasses.fields(ReproductionSettings)})
+    settings = ReproductionSettings(
+        **{field.name: getattr(args, field.name) for field in dataclasses.fields(ReproductionSettings)}
+    )
     start = time.perf_counter()
     results = reproduce_small(args.output_dir, settings)
     print("\n" + format_reproduction_report(results))

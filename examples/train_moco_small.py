@@ -29,25 +29,46 @@ from hf_hierseg.training.data import SuperpixelBatches, evaluation_loader
 from hf_hierseg.training.loop import METRICS_FILE, read_metrics
 from hf_hierseg.training.recipes import build_config, train_moco
 
+
 # pooling_dropout_prob=0: the original's dropout inside graph pooling (0.1) makes the views' embeddings too noisy
 # for a few hundred steps of a small model.
-SMALL_CAST = ["hidden_size=96", "num_attention_heads=4", "depths=1,1,1,1", "num_clusters=32,16,8,4", "image_size=64",
-              "projection_dim=64", "projection_hidden_dim=256", "pooling_dropout_prob=0.0"]
+SMALL_CAST = [
+    "hidden_size=96",
+    "num_attention_heads=4",
+    "depths=1,1,1,1",
+    "num_clusters=32,16,8,4",
+    "image_size=64",
+    "projection_dim=64",
+    "projection_hidden_dim=256",
+    "pooling_dropout_prob=0.0",
+]
 NUM_SUPERPIXELS = 600  # per 224x224 pixels: 49 requested on a 64x64 view, SEEDS returns 36
 
 RECIPE = [
-    "--num_superpixels", str(NUM_SUPERPIXELS),
-    "--per_device_train_batch_size", "32",
-    "--learning_rate", "1.5e-3",
-    "--weight_decay", "0.1",
-    "--num_warmup_steps", "20",
-    "--max_train_steps", "200",
-    "--crop_min_scale", "0.2",
-    "--moco_momentum", "0.9",  # 0.99 in the paper's long runs; a 200-step run needs a momentum encoder that keeps up
-    "--logging_steps", "20",
-    "--checkpointing_steps", "100",
-    "--dataloader_num_workers", "1",
-    "--report_to", "jsonl",
+    "--num_superpixels",
+    str(NUM_SUPERPIXELS),
+    "--per_device_train_batch_size",
+    "32",
+    "--learning_rate",
+    "1.5e-3",
+    "--weight_decay",
+    "0.1",
+    "--num_warmup_steps",
+    "20",
+    "--max_train_steps",
+    "200",
+    "--crop_min_scale",
+    "0.2",
+    "--moco_momentum",
+    "0.9",  # 0.99 in the paper's long runs; a 200-step run needs a momentum encoder that keeps up
+    "--logging_steps",
+    "20",
+    "--checkpointing_steps",
+    "100",
+    "--dataloader_num_workers",
+    "1",
+    "--report_to",
+    "jsonl",
 ]
 
 
@@ -77,25 +98,40 @@ def main():
     output_dir = Path(known.output_dir)
     data_dir = output_dir.parent / f"{output_dir.name}_data"
     if not (data_dir / "synthetic_info.json").is_file():
-        write_synthetic_dataset(data_dir, num_images=known.num_images, num_test_images=240, image_size=64,
-                                format="parquet", seed=1)
-    args = moco_parser().parse_args([
-        "--dataset_name", str(data_dir / "data"), "--config_name", "cast-small",
-        "--config_overrides", *SMALL_CAST, "--output_dir", str(output_dir), *RECIPE, *extra,
-    ])
+        write_synthetic_dataset(
+            data_dir, num_images=known.num_images, num_test_images=240, image_size=64, format="parquet", seed=1
+        )
+    args = moco_parser().parse_args(
+        [
+            "--dataset_name",
+            str(data_dir / "data"),
+            "--config_name",
+            "cast-small",
+            "--config_overrides",
+            *SMALL_CAST,
+            "--output_dir",
+            str(output_dir),
+            *RECIPE,
+            *extra,
+        ]
+    )
     train_moco(args)
 
     print("\nMoCo loss over training:")
     for line in read_metrics(output_dir / METRICS_FILE):
-        print(f"  step {line['step']:4d}: loss {line['loss']:.3f}  lr {line['learning_rate']:.2e}  "
-              f"momentum {line['momentum']:.4f}")
+        print(
+            f"  step {line['step']:4d}: loss {line['loss']:.3f}  lr {line['learning_rate']:.2e}  "
+            f"momentum {line['momentum']:.4f}"
+        )
     test_split = datasets.load_dataset(str(data_dir / "data"), split="test")
     torch.manual_seed(args.seed)
     initial = CastModel(build_config(args))
     trained = CastModel.from_pretrained(output_dir)
-    print(f"Matching two MoCo views of {len(test_split)} held-out images (chance {1 / len(test_split):.3f}): "
-          f"at initialisation {view_retrieval_accuracy(initial, test_split):.3f}, "
-          f"after MoCo {view_retrieval_accuracy(trained, test_split):.3f}")
+    print(
+        f"Matching two MoCo views of {len(test_split)} held-out images (chance {1 / len(test_split):.3f}): "
+        f"at initialisation {view_retrieval_accuracy(initial, test_split):.3f}, "
+        f"after MoCo {view_retrieval_accuracy(trained, test_split):.3f}"
+    )
 
 
 if __name__ == "__main__":

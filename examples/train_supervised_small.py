@@ -21,30 +21,60 @@ from hf_hierseg.training.arguments import supervised_parser
 from hf_hierseg.training.loop import METRICS_FILE, read_metrics
 from hf_hierseg.training.recipes import train_supervised
 
+
 # pooling_dropout_prob=0: the original's dropout inside graph pooling (0.1) slows down a small model trained for a
 # few hundred steps (held-out accuracy 0.38 instead of 0.44 after 300 steps).
-SMALL_CAST = ["hidden_size=96", "num_attention_heads=4", "depths=1,1,1,1", "num_clusters=32,16,8,4", "image_size=64",
-              "pooling_dropout_prob=0.0"]
+SMALL_CAST = [
+    "hidden_size=96",
+    "num_attention_heads=4",
+    "depths=1,1,1,1",
+    "num_clusters=32,16,8,4",
+    "image_size=64",
+    "pooling_dropout_prob=0.0",
+]
 
 RECIPE = [
-    "--num_superpixels", "600",  # per 224x224 pixels: 49 requested on a 64x64 view, SEEDS returns 36
-    "--per_device_train_batch_size", "32",
-    "--per_device_eval_batch_size", "64",
-    "--learning_rate", "1e-3",
-    "--weight_decay", "0.05",
-    "--num_warmup_steps", "20",
-    "--max_train_steps", "500",
-    "--max_grad_norm", "5.0",
+    "--num_superpixels",
+    "600",  # per 224x224 pixels: 49 requested on a 64x64 view, SEEDS returns 36
+    "--per_device_train_batch_size",
+    "32",
+    "--per_device_eval_batch_size",
+    "64",
+    "--learning_rate",
+    "1e-3",
+    "--weight_decay",
+    "0.05",
+    "--num_warmup_steps",
+    "20",
+    "--max_train_steps",
+    "500",
+    "--max_grad_norm",
+    "5.0",
     # A lighter DeiT recipe for 600 images and 500 steps: no Mixup / CutMix / erasing, one RandAugment op.
-    "--mixup", "0", "--cutmix", "0", "--reprob", "0",
-    "--rand_augment_num_ops", "1", "--rand_augment_magnitude", "5",
-    "--crop_min_scale", "0.5",
-    "--label_smoothing", "0.1",
-    "--eval_steps", "100",
-    "--logging_steps", "25",
-    "--checkpointing_steps", "100",
-    "--dataloader_num_workers", "1",
-    "--report_to", "jsonl",
+    "--mixup",
+    "0",
+    "--cutmix",
+    "0",
+    "--reprob",
+    "0",
+    "--rand_augment_num_ops",
+    "1",
+    "--rand_augment_magnitude",
+    "5",
+    "--crop_min_scale",
+    "0.5",
+    "--label_smoothing",
+    "0.1",
+    "--eval_steps",
+    "100",
+    "--logging_steps",
+    "25",
+    "--checkpointing_steps",
+    "100",
+    "--dataloader_num_workers",
+    "1",
+    "--report_to",
+    "jsonl",
 ]
 
 
@@ -56,18 +86,31 @@ def main():
     output_dir = Path(known.output_dir)
     data_dir = output_dir.parent / f"{output_dir.name}_data"
     if not (data_dir / "synthetic_info.json").is_file():
-        write_synthetic_dataset(data_dir, num_images=known.num_images, num_test_images=240, image_size=64,
-                                format="parquet", seed=0)
-    args = supervised_parser().parse_args([
-        "--dataset_name", str(data_dir / "data"), "--config_name", "cast-small",
-        "--config_overrides", *SMALL_CAST, "--output_dir", str(output_dir), *RECIPE, *extra,
-    ])
+        write_synthetic_dataset(
+            data_dir, num_images=known.num_images, num_test_images=240, image_size=64, format="parquet", seed=0
+        )
+    args = supervised_parser().parse_args(
+        [
+            "--dataset_name",
+            str(data_dir / "data"),
+            "--config_name",
+            "cast-small",
+            "--config_overrides",
+            *SMALL_CAST,
+            "--output_dir",
+            str(output_dir),
+            *RECIPE,
+            *extra,
+        ]
+    )
     metrics = train_supervised(args)
     print("\nHeld-out accuracy over training (chance = 1/6 = 0.167):")
     for line in read_metrics(output_dir / METRICS_FILE):
         if "eval_accuracy" in line:
-            print(f"  step {line['step']:4d}: eval_accuracy {line['eval_accuracy']:.3f}  "
-                  f"eval_loss {line['eval_loss']:.3f}")
+            print(
+                f"  step {line['step']:4d}: eval_accuracy {line['eval_accuracy']:.3f}  "
+                f"eval_loss {line['eval_loss']:.3f}"
+            )
     print(f"final: {metrics}")
 
 

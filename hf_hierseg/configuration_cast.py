@@ -135,7 +135,9 @@ class CastConfig(PretrainedConfig):
         if self.patch_size != 8:
             raise ValueError(f"The ConvStem has a fixed stride of 8: `patch_size` must be 8, got {self.patch_size}.")
         if self.hidden_size % 8 != 0:
-            raise ValueError(f"`hidden_size` must be a multiple of 8 (ConvStem widths C/8..C), got {self.hidden_size}.")
+            raise ValueError(
+                f"`hidden_size` must be a multiple of 8 (ConvStem widths C/8..C), got {self.hidden_size}."
+            )
         if self.position_embedding_type not in ("sincos", "learned"):
             raise ValueError(
                 f"`position_embedding_type` must be 'sincos' or 'learned', got {self.position_embedding_type!r}."

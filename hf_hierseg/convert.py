@@ -12,10 +12,10 @@ from .configuration_cast import CAST_PRESETS, NUM_LEVELS, CastConfig
 from .modeling_cast import (
     CastForImageClassification,
     CastForSelfSupervisedPretraining,
+    CastForSemanticSegmentation,
     CastModel,
     sincos_position_grid,
 )
-from .modeling_cast import CastForSemanticSegmentation
 
 
 EXPECTED_KEYS_HELP = (
@@ -82,7 +82,9 @@ def split_checkpoint(checkpoint):
     """Return (format name, backbone state dict, MoCo extras {projector/predictor}, dropped {key: reason})."""
     dropped, extras = {}, {}
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"Not a CAST checkpoint: expected a dict, got {type(checkpoint).__name__}; {EXPECTED_KEYS_HELP}.")
+        raise ValueError(
+            f"Not a CAST checkpoint: expected a dict, got {type(checkpoint).__name__}; {EXPECTED_KEYS_HELP}."
+        )
     if "state_dict" in checkpoint and any(k.startswith("module.base_encoder.") for k in checkpoint["state_dict"]):
         source_format, state = "moco", {}
         for key, value in checkpoint["state_dict"].items():
@@ -179,7 +181,7 @@ def backbone_key(key, depths, local_block_indices=False):
         level, rest = int(match.group(1)) - 1, match.group(2)
         for old, new in POOLING_RENAMES.items():
             if rest.startswith(old):
-                return f"levels.{level}.pooling.{new}{rest[len(old):]}"
+                return f"levels.{level}.pooling.{new}{rest[len(old) :]}"
     return None
 
 
@@ -314,14 +316,25 @@ def momentum_encoder_from_original(checkpoint, config):
     is the checkpoint's). `config` supplies what the tensors do not tell (heads, clusters, ...)."""
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     prefix = "module.momentum_encoder."
-    swapped = {"module.base_encoder." + key[len(prefix):]: value for key, value in state.items()
-               if key.startswith(prefix)}
+    swapped = {
+        "module.base_encoder." + key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)
+    }
     if not swapped:
         raise ValueError("Not an original MoCo-v3 checkpoint: no `module.momentum_encoder.*` keys in `state_dict`.")
     swapped.update({key: value for key, value in state.items() if key.startswith("module.predictor.")})
-    overrides = {name: getattr(config, name) for name in (
-        "num_attention_heads", "num_clusters", "mlp_ratio", "qkv_bias", "layer_norm_eps", "graph_pooling_num_heads",
-        "assignment_scale", "patch_size")}
+    overrides = {
+        name: getattr(config, name)
+        for name in (
+            "num_attention_heads",
+            "num_clusters",
+            "mlp_ratio",
+            "qkv_bias",
+            "layer_norm_eps",
+            "graph_pooling_num_heads",
+            "assignment_scale",
+            "patch_size",
+        )
+    }
     model, _ = convert_state({"state_dict": swapped}, None, overrides)
     return model
 
@@ -395,10 +408,14 @@ def publish_converted(output_dir, repo_id, report, private=False):
             "tensors kept": len(report.kept),
             "entries dropped": len(report.dropped),
         },
-        extra={"Conversion": "Converted with `scripts/convert_original_cast.py` from github.com/twke18/CAST weights; "
-               "outputs match the original implementation (see the hf_hierseg parity tests)."},
+        extra={
+            "Conversion": "Converted with `scripts/convert_original_cast.py` from github.com/twke18/CAST weights; "
+            "outputs match the original implementation (see the hf_hierseg parity tests)."
+        },
     )
-    commit = push_folder_to_hub(output_dir, repo_id, f"Upload {report.model_class} converted from the original CAST", private=private)
+    commit = push_folder_to_hub(
+        output_dir, repo_id, f"Upload {report.model_class} converted from the original CAST", private=private
+    )
     return getattr(commit, "commit_url", commit)
 
 

@@ -9,6 +9,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+
 CITATION = """@inproceedings{ke2024cast,
   title     = {Learning Hierarchical Image Segmentation For Recognition and By Recognition},
   author    = {Ke, Tsung-Wei and Mo, Sangwoo and Yu, Stella X.},
@@ -31,7 +32,9 @@ DEFAULT_IGNORE_PATTERNS = ("checkpoint-*", "*.tmp", "__pycache__/*", "*.pyc", ".
 
 def _check_repo_id(repo_id, argument):
     if not isinstance(repo_id, str) or not repo_id:
-        raise ValueError(f"`{argument}` must be a non-empty Hub repo id ('name' or 'namespace/name'), got {repo_id!r}.")
+        raise ValueError(
+            f"`{argument}` must be a non-empty Hub repo id ('name' or 'namespace/name'), got {repo_id!r}."
+        )
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
@@ -54,15 +57,22 @@ def _bullets(values: Mapping) -> str:
 
 
 def _metrics_table(metrics: Mapping) -> str:
-    rows = [f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
-            for name, value in metrics.items()]
+    rows = [
+        f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
+        for name, value in metrics.items()
+    ]
     return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
 def _model_details(config: dict) -> str:
     details = {"Architecture": ", ".join(config.get("architectures") or ["CastModel"])}
-    names = {"hidden_size": "Width", "num_attention_heads": "Attention heads", "depths": "Blocks per level",
-             "num_clusters": "Segments kept by each graph pooling", "image_size": "Training resolution (px)"}
+    names = {
+        "hidden_size": "Width",
+        "num_attention_heads": "Attention heads",
+        "depths": "Blocks per level",
+        "num_clusters": "Segments kept by each graph pooling",
+        "image_size": "Training resolution (px)",
+    }
     details.update({label: config[key] for key, label in names.items() if key in config})
     if config.get("id2label"):
         details["Classes"] = len(config["id2label"])
@@ -209,8 +219,9 @@ def write_model_card(
     return readme
 
 
-def push_folder_to_hub(folder, repo_id, commit_message, private=False, token=None,
-                       ignore_patterns=DEFAULT_IGNORE_PATTERNS):
+def push_folder_to_hub(
+    folder, repo_id, commit_message, private=False, token=None, ignore_patterns=DEFAULT_IGNORE_PATTERNS
+):
     """Create `repo_id` on the Hub if needed and upload `folder` (a `save_pretrained` folder with its model card)
     in one commit; training checkpoints (`checkpoint-*`) are left out. Returns the `CommitInfo`
     (`.oid`, `.commit_url`, `.repo_url.repo_id`)."""

@@ -24,8 +24,15 @@ class UndecodableImageError(ValueError):
     """A record whose image cannot be read (corrupt, truncated, not an image)."""
 
 
-def load_image_datasets(dataset_name=None, dataset_config_name=None, train_dir=None, validation_dir=None,
-                        streaming=False, cache_dir=None, token=None):
+def load_image_datasets(
+    dataset_name=None,
+    dataset_config_name=None,
+    train_dir=None,
+    validation_dir=None,
+    streaming=False,
+    cache_dir=None,
+    token=None,
+):
     """Load the splits as `run_image_classification_no_trainer.py` does.
 
     `dataset_name`: anything `datasets.load_dataset` takes: a Hub id, or a local folder of images (imagefolder,
@@ -33,8 +40,9 @@ def load_image_datasets(dataset_name=None, dataset_config_name=None, train_dir=N
     `train_dir` / `validation_dir`: image folders. Returns a `DatasetDict` (or `IterableDatasetDict` if streaming).
     """
     if dataset_name is not None:
-        return datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir,
-                                     token=token)
+        return datasets.load_dataset(
+            dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir, token=token
+        )
     if train_dir is None and validation_dir is None:
         raise ValueError("Give `--dataset_name` or a `--train_dir` / `--validation_dir` image folder.")
     data_files = {}
@@ -60,8 +68,9 @@ def image_column_of(dataset, name=None):
         for column in IMAGE_COLUMN_NAMES:
             if column in features:
                 return column
-        raise ValueError(f"No image column (a `datasets.Image` feature) among {list(features)}; "
-                         "pass --image_column_name.")
+        raise ValueError(
+            f"No image column (a `datasets.Image` feature) among {list(features)}; pass --image_column_name."
+        )
     raise ValueError("The dataset does not declare its features; pass --image_column_name.")
 
 
@@ -88,8 +97,10 @@ def label_names_of(dataset, label_column):
         return list(feature.names)
     if isinstance(dataset, datasets.Dataset):
         return [str(value) for value in range(int(max(dataset[label_column])) + 1)]
-    raise ValueError(f"Column {label_column!r} is not a `ClassLabel`, and a streamed dataset cannot be scanned for "
-                     "its classes: cast it to `datasets.ClassLabel(names=...)` first.")
+    raise ValueError(
+        f"Column {label_column!r} is not a `ClassLabel`, and a streamed dataset cannot be scanned for "
+        "its classes: cast it to `datasets.ClassLabel(names=...)` first."
+    )
 
 
 def decode_image(value):
@@ -152,8 +163,10 @@ def colours_to_class_ids(rgb, palette):
     unknown = [c for c in colours.tolist() if c not in palette]
     if unknown:
         shown = ", ".join(f"#{c:06x}" for c in unknown[:5])
-        raise ValueError(f"The colour mask has {len(unknown)} colour(s) not in the palette: {shown}. Add them to "
-                         "the palette (map unlabelled colours to the ignore index, e.g. 255).")
+        raise ValueError(
+            f"The colour mask has {len(unknown)} colour(s) not in the palette: {shown}. Add them to "
+            "the palette (map unlabelled colours to the ignore index, e.g. 255)."
+        )
     return np.asarray([palette[c] for c in colours.tolist()], dtype=np.int64)[inverse].reshape(packed.shape)
 
 
@@ -171,8 +184,10 @@ def mask_to_class_ids(mask, palette=None):
         elif mask.mode in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
             array = np.asarray(mask)
         else:
-            raise ValueError(f"Unsupported mask image mode {mask.mode!r}: use a palette (P), grayscale (L), "
-                             "16/32-bit integer (I;16, I) or RGB colour mask.")
+            raise ValueError(
+                f"Unsupported mask image mode {mask.mode!r}: use a palette (P), grayscale (L), "
+                "16/32-bit integer (I;16, I) or RGB colour mask."
+            )
     else:
         array = np.asarray(mask)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
@@ -181,9 +196,11 @@ def mask_to_class_ids(mask, palette=None):
             return colours_to_class_ids(rgb.astype(np.uint8), normalize_palette(palette))
         if (rgb == rgb[..., :1]).all():
             return rgb[..., 0].astype(np.int64)
-        raise ValueError("The mask is an RGB colour image: pass a `palette` (one colour per class id, e.g. "
-                         "--palette palette.json) to map its colours to class ids, or save masks as palette (P) "
-                         "or grayscale (L) images of class ids.")
+        raise ValueError(
+            "The mask is an RGB colour image: pass a `palette` (one colour per class id, e.g. "
+            "--palette palette.json) to map its colours to class ids, or save masks as palette (P) "
+            "or grayscale (L) images of class ids."
+        )
     if array.ndim != 2:
         raise ValueError(f"A mask must be [H, W] class ids (or an [H, W, 3] colour mask), got shape {array.shape}.")
     if array.dtype == np.bool_:
@@ -206,9 +223,11 @@ def check_class_ids(class_ids, num_labels, ignore_index=255):
     values = np.unique(class_ids)
     bad = [int(v) for v in values if (v < 0 or v >= num_labels) and v != ignore_index]
     if bad:
-        raise ValueError(f"Mask class ids {bad[:10]} are outside 0..{num_labels - 1} (num_labels={num_labels}) and "
-                         f"not the ignore index {ignore_index}: fix --num_labels / --id2label, --ignore_index, "
-                         "--reduce_labels or --palette.")
+        raise ValueError(
+            f"Mask class ids {bad[:10]} are outside 0..{num_labels - 1} (num_labels={num_labels}) and "
+            f"not the ignore index {ignore_index}: fix --num_labels / --id2label, --ignore_index, "
+            "--reduce_labels or --palette."
+        )
 
 
 def mask_column_of(dataset, image_column, name=None):
@@ -219,8 +238,11 @@ def mask_column_of(dataset, image_column, name=None):
         if features and name not in features:
             raise ValueError(f"--label_column_name {name!r} is not a column; columns: {list(features)}.")
         return name
-    candidates = [column for column, feature in features.items() if column != image_column
-                  and not isinstance(feature, (datasets.Value, datasets.ClassLabel))]
+    candidates = [
+        column
+        for column, feature in features.items()
+        if column != image_column and not isinstance(feature, (datasets.Value, datasets.ClassLabel))
+    ]
     for column in MASK_COLUMN_NAMES:
         if column in candidates:
             return column

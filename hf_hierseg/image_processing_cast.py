@@ -1,6 +1,5 @@
 """Image processor for CAST: 8-bit RGB -> resize -> centre crop -> superpixels -> normalise."""
 
-
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
@@ -266,7 +265,9 @@ class CastImageProcessor(PilBackend):
                     "keep do_center_crop=True (or resize to a fixed height and width), or pass return_tensors=None."
                 )
             pixel_values, superpixels = np.stack(pixel_values), np.stack(superpixels)
-        return BatchFeature(data={"pixel_values": pixel_values, "superpixels": superpixels}, tensor_type=return_tensors)
+        return BatchFeature(
+            data={"pixel_values": pixel_values, "superpixels": superpixels}, tensor_type=return_tensors
+        )
 
     def _compute_superpixels(
         self, crops, pixel_values, method, recipe, num_superpixels, reference_size, num_workers,

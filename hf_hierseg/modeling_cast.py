@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput, SemanticSegmenterOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -373,8 +373,9 @@ class CastModel(CastPreTrainedModel):
             sampled.append(pooled.sampled_indices)
             hidden_states = torch.cat([pooled.cls_token, pooled.pooled_tokens], dim=1)
             pooled_hidden_states.append(hidden_states)
-            padding_mask = torch.zeros(hidden_states.shape[0], hidden_states.shape[1] - 1, dtype=torch.bool,
-                                       device=hidden_states.device)
+            padding_mask = torch.zeros(
+                hidden_states.shape[0], hidden_states.shape[1] - 1, dtype=torch.bool, device=hidden_states.device
+            )
         return dict(
             level_hidden_states=tuple(level_hidden_states),
             pooled_hidden_states=tuple(pooled_hidden_states),

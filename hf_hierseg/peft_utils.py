@@ -46,4 +46,10 @@ def freeze_batch_norm_statistics(model):
     return model
 
 
-__all__ = ["LORA_TARGET_MODULES", "LORA_EXCLUDE_MODULES", "add_lora", "cast_lora_config", "freeze_batch_norm_statistics"]
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "LORA_EXCLUDE_MODULES",
+    "add_lora",
+    "cast_lora_config",
+    "freeze_batch_norm_statistics",
+]

@@ -27,7 +27,7 @@ def synthetic_photos(count, height, width, seed=0):
     for _ in range(count):
         coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
         image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
-        image[: height // 2, rng.integers(width // 4, width):] -= 70
+        image[: height // 2, rng.integers(width // 4, width) :] -= 70
         image += rng.integers(-12, 13, image.shape, dtype=np.int16)
         photos.append(PIL.Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)))
     return photos
@@ -61,8 +61,10 @@ def main(argv=None):
     for workers in sorted({1, cores}):
         processor = CastImageProcessor(num_workers=workers)
         seconds = best_time(lambda: processor(images, return_tensors="pt"), args.repeats)
-        print(f"processor, {workers} worker(s): {len(images) / seconds:7.1f} images/s "
-              f"({1000 * seconds / len(images):.1f} ms/image)")
+        print(
+            f"processor, {workers} worker(s): {len(images) / seconds:7.1f} images/s "
+            f"({1000 * seconds / len(images):.1f} ms/image)"
+        )
         if workers == 1:
             one_worker_seconds = seconds
 
@@ -71,8 +73,10 @@ def main(argv=None):
     crops = list(denormalize_to_uint8(pixel_values))
     count = scaled_num_superpixels(224, 224)
     seeds_seconds = best_time(lambda: batch_superpixels(crops, "seeds", count, num_workers=1), args.repeats)
-    print(f"SEEDS alone, 1 worker: {len(images) / seeds_seconds:7.1f} images/s; share of the processor's time: "
-          f"{100 * seeds_seconds / one_worker_seconds:.0f}%")
+    print(
+        f"SEEDS alone, 1 worker: {len(images) / seeds_seconds:7.1f} images/s; share of the processor's time: "
+        f"{100 * seeds_seconds / one_worker_seconds:.0f}%"
+    )
 
 
 if __name__ == "__main__":

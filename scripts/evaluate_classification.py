@@ -31,23 +31,47 @@ def main(argv=None):
     parser.add_argument("--crop_fraction", type=float, default=0.875, help="central crop of the evaluation view")
     parser.add_argument("--knn_k", type=int, default=20)
     parser.add_argument("--knn_temperature", type=float, default=0.07)
-    parser.add_argument("--superpixel_method", choices=("seeds", "slic", "grid"), default=None,
-                        help="default: the model's image processor's, else seeds")
-    parser.add_argument("--num_superpixels", type=int, default=None,
-                        help="superpixels per 224x224 px (default: the image processor's, else 196)")
-    parser.add_argument("--seeds_recipe", choices=("self_supervised", "supervised"), default=None,
-                        help="SEEDS settings (default: the image processor's, else self_supervised)")
+    parser.add_argument(
+        "--superpixel_method",
+        choices=("seeds", "slic", "grid"),
+        default=None,
+        help="default: the model's image processor's, else seeds",
+    )
+    parser.add_argument(
+        "--num_superpixels",
+        type=int,
+        default=None,
+        help="superpixels per 224x224 px (default: the image processor's, else 196)",
+    )
+    parser.add_argument(
+        "--seeds_recipe",
+        choices=("self_supervised", "supervised"),
+        default=None,
+        help="SEEDS settings (default: the image processor's, else self_supervised)",
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--output_json", default=None, help="write the settings and the scores here")
     args = parser.parse_args(argv)
 
     run = run_classification_evaluation(
-        args.model_name_or_path, args.dataset_name, eval_split=args.eval_split, train_split=args.train_split,
-        knn=not args.no_knn, image_column=args.image_column, label_column=args.label_column,
-        superpixel_method=args.superpixel_method, num_superpixels=args.num_superpixels,
-        seeds_recipe=args.seeds_recipe, image_size=args.image_size, crop_fraction=args.crop_fraction,
-        knn_k=args.knn_k, knn_temperature=args.knn_temperature, batch_size=args.batch_size,
-        max_eval_samples=args.max_eval_samples, max_train_samples=args.max_train_samples)
+        args.model_name_or_path,
+        args.dataset_name,
+        eval_split=args.eval_split,
+        train_split=args.train_split,
+        knn=not args.no_knn,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        superpixel_method=args.superpixel_method,
+        num_superpixels=args.num_superpixels,
+        seeds_recipe=args.seeds_recipe,
+        image_size=args.image_size,
+        crop_fraction=args.crop_fraction,
+        knn_k=args.knn_k,
+        knn_temperature=args.knn_temperature,
+        batch_size=args.batch_size,
+        max_eval_samples=args.max_eval_samples,
+        max_train_samples=args.max_train_samples,
+    )
     print(f"**{args.dataset_name} [{args.eval_split}]**\n")
     print(format_classification_table({args.model_name_or_path: run["results"]}))
     if args.output_json:

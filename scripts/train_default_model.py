@@ -18,10 +18,14 @@ from hf_hierseg.default_model import DEFAULT_MODEL_DIRECTORY
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work_dir", default="outputs/default_model_training",
-                        help="training images and the MoCo training folder")
-    parser.add_argument("--export_dir", default=str(DEFAULT_MODEL_DIRECTORY),
-                        help="where the backbone and image processor are saved (default: the package's folder)")
+    parser.add_argument(
+        "--work_dir", default="outputs/default_model_training", help="training images and the MoCo training folder"
+    )
+    parser.add_argument(
+        "--export_dir",
+        default=str(DEFAULT_MODEL_DIRECTORY),
+        help="where the backbone and image processor are saved (default: the package's folder)",
+    )
     defaults = DefaultModelRecipe()
     for field in dataclasses.fields(DefaultModelRecipe):
         value = getattr(defaults, field.name)
@@ -30,9 +34,12 @@ def main(argv=None):
         else:
             parser.add_argument(f"--{field.name}", type=type(value), default=value, help=f"default: {value}")
     args = parser.parse_args(argv)
-    recipe = DefaultModelRecipe(**{field.name: (tuple(getattr(args, field.name)) if field.type is tuple
-                                                else getattr(args, field.name))
-                                   for field in dataclasses.fields(DefaultModelRecipe)})
+    recipe = DefaultModelRecipe(
+        **{
+            field.name: (tuple(getattr(args, field.name)) if field.type is tuple else getattr(args, field.name))
+            for field in dataclasses.fields(DefaultModelRecipe)
+        }
+    )
     summary = train_default_model(args.work_dir, args.export_dir, recipe)
     print(json.dumps({key: summary[key] for key in ("steps", "loss", "wall_seconds", "cpu_seconds")}, indent=1))
     print(f"Default model saved to {args.export_dir}")

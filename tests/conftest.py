@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+
 sys.path.insert(0, os.path.dirname(__file__))  # make tests/hub_server.py importable from any rootdir
 
 from hub_server import HubServer  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +53,9 @@ def hub_server(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
 
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)

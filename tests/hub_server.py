@@ -22,15 +22,45 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".msgpack", ".npy", ".npz",
-                ".pkl", ".tar", ".tar.gz", ".zip", ".png", ".jpg", ".jpeg", ".parquet", ".arrow")
+
+LFS_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".onnx",
+    ".msgpack",
+    ".npy",
+    ".npz",
+    ".pkl",
+    ".tar",
+    ".tar.gz",
+    ".zip",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".parquet",
+    ".arrow",
+)
 LFS_MIN_SIZE = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES).encode()
 # Hub pipeline tags that a model card may use (subset of the Hub's task list).
 PIPELINE_TAGS = {
-    "image-classification", "image-feature-extraction", "image-segmentation", "object-detection",
-    "depth-estimation", "mask-generation", "zero-shot-image-classification", "image-to-image",
-    "image-to-text", "feature-extraction", "text-classification", "fill-mask", "text-generation",
+    "image-classification",
+    "image-feature-extraction",
+    "image-segmentation",
+    "object-detection",
+    "depth-estimation",
+    "mask-generation",
+    "zero-shot-image-classification",
+    "image-to-image",
+    "image-to-text",
+    "feature-extraction",
+    "text-classification",
+    "fill-mask",
+    "text-generation",
 }
 REPO_PATH = r"(?P<prefix>datasets/|spaces/)?(?P<repo>[\w.-]+/[\w.-]+?)"
 API_REPO = r"/api/(?P<type>model|dataset|space)s/(?P<repo>[\w.-]+/[\w.-]+)"
@@ -123,11 +153,26 @@ class FakeHub:
 
     def info(self, repo, revision):
         sha, files = repo.resolve(revision)
-        siblings = [{"rfilename": path, "size": len(f.content), "blobId": f.blob_id, "lfs": {
-                     "sha256": f.sha256, "size": len(f.content), "pointerSize": f.pointer_size} if f.lfs else None}
-                    for path, f in sorted(files.items())]
-        return {"id": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": sha, "private": repo.private,
-                "lastModified": repo.last_modified, "tags": [], "siblings": siblings, "disabled": False, "gated": False}
+        siblings = [
+            {
+                "rfilename": path,
+                "size": len(f.content),
+                "blobId": f.blob_id,
+                "lfs": {"sha256": f.sha256, "size": len(f.content), "pointerSize": f.pointer_size} if f.lfs else None,
+            }
+            for path, f in sorted(files.items())
+        ]
+        return {
+            "id": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": sha,
+            "private": repo.private,
+            "lastModified": repo.last_modified,
+            "tags": [],
+            "siblings": siblings,
+            "disabled": False,
+            "gated": False,
+        }
 
     def tree(self, repo, revision, folder, recursive):
         _, files = repo.resolve(revision)
@@ -136,7 +181,7 @@ class FakeHub:
         for path, stored in sorted(files.items()):
             if not path.startswith(prefix):
                 continue
-            parts = path[len(prefix):].split("/")
+            parts = path[len(prefix) :].split("/")
             if recursive:
                 folders.update(prefix + "/".join(parts[:depth]) for depth in range(1, len(parts)))
             if recursive or len(parts) == 1:
@@ -153,8 +198,14 @@ class FakeHub:
         for item in body["files"]:
             lfs = item["path"].lower().endswith(LFS_SUFFIXES) or item["size"] >= LFS_MIN_SIZE
             remote = files.get(item["path"])
-            answers.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                            "oid": remote.etag if remote is not None and remote.lfs == lfs else None})
+            answers.append(
+                {
+                    "path": item["path"],
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": remote.etag if remote is not None and remote.lfs == lfs else None,
+                }
+            )
         return {"files": answers, "commitOid": sha}
 
     def lfs_batch(self, body):
@@ -162,8 +213,10 @@ class FakeHub:
         for obj in body["objects"]:
             answer = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
             if obj["oid"] not in self.lfs_objects:
-                answer["actions"] = {"upload": {"href": f"{self.url}/__lfs__/{obj['oid']}"},
-                                     "verify": {"href": f"{self.url}/__lfs__/verify"}}
+                answer["actions"] = {
+                    "upload": {"href": f"{self.url}/__lfs__/{obj['oid']}"},
+                    "verify": {"href": f"{self.url}/__lfs__/verify"},
+                }
             objects.append(answer)
         return {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}
 
@@ -194,8 +247,12 @@ class FakeHub:
                 raise HubError(400, f"Unsupported commit operation {key!r}")
         sha = repo.commit(revision, files, header["summary"])
         prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
-        return {"commitOid": sha, "commitUrl": f"{self.url}/{prefix}{repo.repo_id}/commit/{sha}",
-                "pullRequestUrl": None, "success": True}
+        return {
+            "commitOid": sha,
+            "commitUrl": f"{self.url}/{prefix}{repo.repo_id}/commit/{sha}",
+            "pullRequestUrl": None,
+            "success": True,
+        }
 
     @staticmethod
     def validate_yaml(body):
@@ -211,7 +268,8 @@ class FakeHub:
         problems = []
         for key, value in metadata.items():
             if key in ("tags", "datasets", "base_model", "language") and not (
-                isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+                isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            ):
                 problems.append(f'"{key}" must be a string or a list of strings')
             if key in ("license", "library_name", "pipeline_tag") and not isinstance(value, str):
                 problems.append(f'"{key}" must be a string')
@@ -281,8 +339,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             headers.update({"X-Repo-Commit": error.commit} if error.commit else {})
             self.send_json({"error": error.message, **(error.body or {})}, error.status, headers)
         except Exception as error:  # a malformed request (or a gap in this server): fail fast, never retried
-            self.send_json({"error": f"The test Hub could not handle {method} {url.path}: {error!r}"}, 400,
-                           {"X-Error-Message": "Bad request"})
+            self.send_json(
+                {"error": f"The test Hub could not handle {method} {url.path}: {error!r}"},
+                400,
+                {"X-Error-Message": "Bad request"},
+            )
 
     def read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -319,8 +380,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def handle_whoami(self, hub, **_):
         if self.token != hub.token:
             raise HubError(401, "Invalid credentials in Authorization header")
-        self.send_json({"type": "user", "name": hub.user, "fullname": "Test User", "orgs": [],
-                        "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
+        self.send_json(
+            {
+                "type": "user",
+                "name": hub.user,
+                "fullname": "Test User",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+            }
+        )
 
     def handle_validate_yaml(self, hub, **_):
         self.send_json(hub.validate_yaml(self.json_body()))
@@ -351,14 +419,24 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def handle_refs(self, hub, repo_type, repo, **_):
         branches = hub.repo(repo_type, repo, self.token).branches
-        self.send_json({"branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha}
-                                     for name, sha in sorted(branches.items())],
-                        "converts": [], "tags": [], "pullRequests": []})
+        self.send_json(
+            {
+                "branches": [
+                    {"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha}
+                    for name, sha in sorted(branches.items())
+                ],
+                "converts": [],
+                "tags": [],
+                "pullRequests": [],
+            }
+        )
 
     def handle_lfs_batch(self, hub, repo_type, repo, **_):
         hub.repo(repo_type, repo, self.token, write=True)
-        self.send_bytes(json.dumps(hub.lfs_batch(self.json_body())).encode(),
-                        headers={"Content-Type": "application/vnd.git-lfs+json"})
+        self.send_bytes(
+            json.dumps(hub.lfs_batch(self.json_body())).encode(),
+            headers={"Content-Type": "application/vnd.git-lfs+json"},
+        )
 
     def handle_lfs_upload(self, hub, oid, **_):
         if hashlib.sha256(self.body).hexdigest() != oid:
@@ -377,14 +455,18 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if path not in files:
             raise HubError(404, f"{path} does not exist at {rev}", "EntryNotFound", commit=sha)
         stored = files[path]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{stored.etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{stored.etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         content, status = stored.content, 200
         ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if ranged and not self.head:
             start, end = int(ranged.group(1)), int(ranged.group(2) or len(content) - 1)
             headers["Content-Range"] = f"bytes {start}-{min(end, len(content) - 1)}/{len(content)}"
-            content, status = content[start:end + 1], 206
+            content, status = content[start : end + 1], 206
         self.send_bytes(content, status, headers)
 
 

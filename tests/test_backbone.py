@@ -8,6 +8,7 @@ from hf_hierseg import CastConfig, CastModel
 from hf_hierseg.configuration_cast import STAGE_NAMES
 from hf_hierseg.modeling_cast import CastBackbone
 
+
 AutoBackbone.register(CastConfig, CastBackbone, exist_ok=True)  # until hf_hierseg/__init__.py registers it
 
 
@@ -62,7 +63,9 @@ def test_feature_maps_paint_each_level_token_on_its_grid_cells(backbone, inputs)
                     tokens = outputs.level_hidden_states[level][b, 1:]
                     expected = backbone.cast.layernorm(tokens[token])
                     torch.testing.assert_close(maps[level][b, :, i, j], expected)
-                    token = int(outputs.assignment_logits[level][b, token].argmax())  # its cluster = next level's token
+                    token = int(
+                        outputs.assignment_logits[level][b, token].argmax()
+                    )  # its cluster = next level's token
 
 
 def test_maps_are_constant_on_groups_and_levels_get_coarser(backbone, inputs):

@@ -144,12 +144,15 @@ def test_settings_reject_bad_values():
 def random_point_sets():
     generator = torch.Generator().manual_seed(0)
     for trial in range(60):
-        batch, num_points, dim = 3, int(torch.randint(2, 40, (), generator=generator)), int(
-            torch.randint(1, 30, (), generator=generator))
+        batch, num_points, dim = (
+            3,
+            int(torch.randint(2, 40, (), generator=generator)),
+            int(torch.randint(1, 30, (), generator=generator)),
+        )
         points = torch.randn(batch, num_points, dim, generator=generator, dtype=torch.float64)
         kind = trial % 5
         if kind == 1:  # exact duplicates of the start point (as padding filled with the mean token)
-            points[:, num_points // 2:] = points[:, :1].clone()
+            points[:, num_points // 2 :] = points[:, :1].clone()
         elif kind == 2:  # integer grid: many exactly tied distances
             points = torch.randint(0, 3, (batch, num_points, dim), generator=generator).double()
         elif kind == 3:  # a large common offset: the Gram matrix formula cancels badly

@@ -22,8 +22,9 @@ SUBCOMMANDS = ["segment", "embed", "convert", *DELEGATED_COMMANDS]
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    config = CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2),
-                        image_size=64)
+    config = CastConfig(
+        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64
+    )
     CastModel(config).save_pretrained(folder)
     CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
     return folder
@@ -58,30 +59,36 @@ def test_top_level_help_lists_every_subcommand(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("argv", [[name, "--help"] for name in SUBCOMMANDS]
-                         + [["evaluate", "classification", "--help"], ["evaluate", "segmentation", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [[name, "--help"] for name in SUBCOMMANDS]
+    + [["evaluate", "classification", "--help"], ["evaluate", "segmentation", "--help"]],
+)
 def test_every_subcommand_has_help(argv, capsys):
     status, out, err = run(argv, capsys)
     assert status == 0, err
     assert out.startswith("usage: hf-hierseg " + " ".join(argv[:-1]))
 
 
-@pytest.mark.parametrize("argv", [
-    [],
-    ["frobnicate"],
-    ["segment"],
-    ["segment", "a.png"],
-    ["segment", "a.png", "--out", "out", "--levels", "9"],
-    ["embed", "a.png", "--out", "e.npy", "--batch-size", "0"],
-    ["convert", "--output", "out"],
-    ["train-moco", "--output_dir", "out", "--per_device_train_batch_size", "0"],
-    ["train-supervised", "--unknown-flag"],
-    ["finetune-lora", "--lora_r", "x"],
-    ["evaluate"],
-    ["evaluate", "regression"],
-    ["evaluate", "classification", "--bogus"],
-    ["benchmark", "--threads", "x"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["segment"],
+        ["segment", "a.png"],
+        ["segment", "a.png", "--out", "out", "--levels", "9"],
+        ["embed", "a.png", "--out", "e.npy", "--batch-size", "0"],
+        ["convert", "--output", "out"],
+        ["train-moco", "--output_dir", "out", "--per_device_train_batch_size", "0"],
+        ["train-supervised", "--unknown-flag"],
+        ["finetune-lora", "--lora_r", "x"],
+        ["evaluate"],
+        ["evaluate", "regression"],
+        ["evaluate", "classification", "--bogus"],
+        ["benchmark", "--threads", "x"],
+    ],
+)
 def test_wrong_arguments_give_one_line(argv, capsys):
     status, out, err = run(argv, capsys)
     assert status == 2
@@ -143,8 +150,9 @@ def test_embed_pooled_and_per_token(tmp_path, model_dir, images, capsys):
         expected = model(**processor(images=[Image.open(images[1])], return_tensors="pt")).pooler_output[0]
     np.testing.assert_allclose(pooled[1], expected.numpy(), rtol=1e-5, atol=1e-5)
 
-    status, _, err = run(["embed", *images, "--out", tmp_path / "tokens.safetensors", "--per-token",
-                          "--model", model_dir], capsys)
+    status, _, err = run(
+        ["embed", *images, "--out", tmp_path / "tokens.safetensors", "--per-token", "--model", model_dir], capsys
+    )
     assert status == 0, err
     from safetensors import safe_open
 
@@ -159,8 +167,12 @@ def test_console_script(tmp_path):
     (entry,) = [e for e in entry_points(group="console_scripts") if e.name == "hf-hierseg"]
     assert entry.value == "hf_hierseg.cli:main"
     script = Path(sys.executable).parent / "hf-hierseg"
-    result = subprocess.run([str(script), "segment", tmp_path / "missing.png", "--out", tmp_path], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [str(script), "segment", tmp_path / "missing.png", "--out", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     expected = f"hf-hierseg segment: error: no such image: {tmp_path / 'missing.png'}"
     assert result.stderr.strip().splitlines() == [expected]

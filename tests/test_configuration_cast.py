@@ -1,7 +1,7 @@
 import pytest
+from transformers import AutoConfig
 
 from hf_hierseg import CastConfig
-from transformers import AutoConfig
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from hf_hierseg import CastForImageClassification, CastForSelfSupervisedPretraining, CastModel
 from hf_hierseg.convert import convert_checkpoint, convert_state, load_original_checkpoint, parse_overrides
 
+
 TINY = ["num_attention_heads=4", "num_clusters=16,8,4,2"]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,10 +35,23 @@ def moco_checkpoint(fixtures):
 def test_script_lists_kept_and_dropped_keys(tmp_path, fixtures):
     output = tmp_path / "tiny_moco"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "convert_original_cast.py"),
-         "--checkpoint", str(fixtures / "tiny_moco" / "checkpoint_0000.pth.tar"), "--output", str(output),
-         "--set", "num_attention_heads=4", "--set", "num_clusters=16,8,4,2", "--set", "image_size=64"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "convert_original_cast.py"),
+            "--checkpoint",
+            str(fixtures / "tiny_moco" / "checkpoint_0000.pth.tar"),
+            "--output",
+            str(output),
+            "--set",
+            "num_attention_heads=4",
+            "--set",
+            "num_clusters=16,8,4,2",
+            "--set",
+            "image_size=64",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     text = result.stdout
     assert "source format: moco; saved as CastForSelfSupervisedPretraining" in text
@@ -56,9 +70,16 @@ def test_script_error_is_one_line(tmp_path):
     bogus = tmp_path / "bogus.pth"
     torch.save({"weight": torch.zeros(2)}, bogus)
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "convert_original_cast.py"), "--checkpoint", str(bogus),
-         "--output", str(tmp_path / "out")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "convert_original_cast.py"),
+            "--checkpoint",
+            str(bogus),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "Not a CAST checkpoint" in result.stderr
@@ -88,9 +109,7 @@ def test_bare_state_dict_and_linear_probe_format(deit_checkpoint, tmp_path):
 
 
 def test_saved_directory_reloads_identically(tmp_path, fixtures, shared_dir):
-    model, _ = convert_checkpoint(
-        fixtures / "tiny_deit" / "checkpoint.pth", tmp_path, None, parse_overrides(TINY)
-    )
+    model, _ = convert_checkpoint(fixtures / "tiny_deit" / "checkpoint.pth", tmp_path, None, parse_overrides(TINY))
     reloaded = CastForImageClassification.from_pretrained(tmp_path).eval()
     inputs = load_file(fixtures / "tiny_deit" / "inputs.safetensors")
     with torch.no_grad():
@@ -144,7 +163,9 @@ def test_other_pickled_objects_stay_refused(tmp_path, deit_checkpoint):
 
 def test_parse_overrides_types():
     assert parse_overrides(["num_clusters=32,16,8,4", "mask_padding_tokens=true", "image_size=96"]) == {
-        "num_clusters": (32, 16, 8, 4), "mask_padding_tokens": True, "image_size": 96,
+        "num_clusters": (32, 16, 8, 4),
+        "mask_padding_tokens": True,
+        "image_size": 96,
     }
     with pytest.raises(ValueError, match="unknown config field"):
         parse_overrides(["width=3"])

@@ -13,6 +13,7 @@ from hf_hierseg import default_model
 from hf_hierseg.evaluation import real_photos
 from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_voc_photo
 
+
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 
@@ -61,10 +62,16 @@ def test_default_model_segments_a_real_photo_offline_in_a_fresh_process(tmp_path
         np.save({str(tmp_path / "maps.npy")!r}, maps)
         print(json.dumps({{"size": result["size"], "type": type(model).__name__}}))
     """)
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                   "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "empty_hf_home")}
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
-                               timeout=300)
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "empty_hf_home"),
+    }
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     info = json.loads(completed.stdout.strip().splitlines()[-1])
     assert info == {"size": [375, 500], "type": "CastModel"}
@@ -93,8 +100,9 @@ def test_demo_writes_overlays_and_the_hierarchy(tmp_path, capsys):
     summary = run_demo(tmp_path / "demo")
     names = ["voc", *DEMO_IMAGENET_PHOTOS]
     assert summary["source"].startswith("real photos")
-    assert [record["image"] for record in summary["images"]] == [str(tmp_path / "demo" / "images" / f"{name}.png")
-                                                                 for name in names]
+    assert [record["image"] for record in summary["images"]] == [
+        str(tmp_path / "demo" / "images" / f"{name}.png") for name in names
+    ]
     for name in names:
         for suffix in ("_level1.png", "_level4.png", "_hierarchy.png", ".json"):
             assert (tmp_path / "demo" / f"{name}{suffix}").is_file()

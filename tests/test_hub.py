@@ -16,20 +16,23 @@ from transformers import AutoModel, ViTConfig, ViTModel
 from hf_hierseg import CastConfig, CastForImageClassification, CastModel
 from hf_hierseg.hub import CITATION, DEFAULT_TAGS, push_folder_to_hub, write_model_card
 
+
 # huggingface_hub's own LFS upload passes `data=` to httpx; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
 
 def tiny_vit():
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                       image_size=16, patch_size=8)
+    config = ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8
+    )
     return ViTModel(config).eval()
 
 
 def tiny_cast_config(**kwargs):
-    return CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2),
-                      image_size=64, **kwargs)
+    return CastConfig(
+        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
+    )
 
 
 def grid_inputs(batch=2, size=64, cell=10):
@@ -60,9 +63,14 @@ def go_offline(hub_server, monkeypatch):
 def test_model_card_metadata_and_sections(tmp_path):
     CastForImageClassification(tiny_cast_config(num_labels=3)).save_pretrained(tmp_path)
     readme = write_model_card(
-        tmp_path, repo_id="someone/cast-tiny-deit", base_model="someone/cast-tiny-moco",
-        datasets=["ILSVRC/imagenet-1k"], tags=["deit"], objective="DeiT supervised classification",
-        training_summary={"steps": 12, "learning rate": 5e-4}, metrics={"top-1 accuracy": 0.4567},
+        tmp_path,
+        repo_id="someone/cast-tiny-deit",
+        base_model="someone/cast-tiny-moco",
+        datasets=["ILSVRC/imagenet-1k"],
+        tags=["deit"],
+        objective="DeiT supervised classification",
+        training_summary={"steps": 12, "learning rate": 5e-4},
+        metrics={"top-1 accuracy": 0.4567},
         extra={"Limitations": "Random weights, for tests."},
     )
     assert readme == tmp_path / "README.md"
@@ -92,13 +100,14 @@ def test_model_card_snippet_runs_on_the_model(tmp_path):
     text = write_model_card(tmp_path, repo_id="someone/cast-tiny").read_text()
     assert "pipeline_tag: image-feature-extraction" in text
     start = text.index("for level, segment_map in")
-    snippet = text[start:text.index("```", start)]
+    snippet = text[start : text.index("```", start)]
     pixel_values, superpixels = grid_inputs(batch=1)
     with torch.no_grad():
         outputs = model(pixel_values=pixel_values, superpixels=superpixels)
     printed = []
-    exec(snippet, {"torch": torch, "outputs": outputs, "inputs": {"superpixels": superpixels},
-                   "print": printed.append})
+    exec(
+        snippet, {"torch": torch, "outputs": outputs, "inputs": {"superpixels": superpixels}, "print": printed.append}
+    )
     counts = [int(line.split(": ")[1].split()[0]) for line in printed]
     assert len(counts) == 5  # levels 0 (superpixels) to 4
     assert counts == sorted(counts, reverse=True) and counts[0] <= 49 and counts[-1] <= 2
@@ -191,7 +200,8 @@ def test_second_push_makes_a_new_commit(hub_server, tmp_path):
     assert second.oid != first.oid
     assert HfApi().model_info("test-user/updated").sha == second.oid
     assert hub_server.files("test-user/updated", revision=first.oid).keys() == (
-        hub_server.files("test-user/updated").keys() - {"notes.txt"})
+        hub_server.files("test-user/updated").keys() - {"notes.txt"}
+    )
     lfs_uploads = [request for request in hub_server.hub.requests if request[0] == "PUT"]
     assert len(lfs_uploads) == 1  # unchanged weights are not uploaded again
 

@@ -161,7 +161,7 @@ def test_transparency_is_composited_onto_white():
 
 
 def test_16bit_images_are_scaled_to_8bit():
-    values = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0..255 * 257
+    values = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257  # 0..255 * 257
     values[0, 0] = 65535
     image = PIL.Image.fromarray(values)
     assert image.mode == "I;16"
@@ -240,7 +240,7 @@ def test_very_large_images_fail_before_allocation():
         CastImageProcessor(max_image_pixels=1000)(PIL.Image.new("RGB", (50, 50)))
 
 
-@pytest.mark.parametrize("bad", [{"a": 1}, 42, None, [synthetic_image(0, 32, 32), "not an image".encode()]])
+@pytest.mark.parametrize("bad", [{"a": 1}, 42, None, [synthetic_image(0, 32, 32), b"not an image"]])
 def test_non_image_objects(bad):
     with pytest.raises(TypeError, match="image"):
         CastImageProcessor()(bad)
@@ -296,7 +296,7 @@ def test_precomputed_superpixels_are_validated():
 
 def test_precomputed_superpixels_follow_resize_and_crop():
     image = synthetic_image(16, 100, 200)
-    labels = (grid_superpixels(100, 200, 8) * 7 + 3)  # 2 x 4 cells of 50x50, non-consecutive ids
+    labels = grid_superpixels(100, 200, 8) * 7 + 3  # 2 x 4 cells of 50x50, non-consecutive ids
     outputs = CastImageProcessor(size={"height": 50, "width": 100}, crop_size={"height": 50, "width": 50})(
         image, superpixels=labels, return_tensors="pt"
     )

@@ -70,9 +70,7 @@ def test_mean_iou_sums_pixels_over_images_before_dividing():
     # Image A: pred [0 1], ref [0 0]; image B: pred [1], ref [1].
     # class 0: intersect 1, pred 1, ref 2 -> 1/2; class 1: intersect 1, pred 2, ref 1 -> 1/2 (per-image mean would
     # give class 1 IoU (0 + 1) / 2 over images that contain it, i.e. a different pooling).
-    result = mean_iou(
-        [np.array([[0, 1]]), np.array([[1]])], [np.array([[0, 0]]), np.array([[1]])], num_labels=2
-    )
+    result = mean_iou([np.array([[0, 1]]), np.array([[1]])], [np.array([[0, 0]]), np.array([[1]])], num_labels=2)
     np.testing.assert_allclose(result["per_category_iou"], [1 / 2, 1 / 2])
     assert result["overall_accuracy"] == pytest.approx(2 / 3)
 

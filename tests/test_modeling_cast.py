@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from transformers import AutoModel, AutoModelForImageClassification
 
 from hf_hierseg import CastConfig, CastForImageClassification, CastModel
 from hf_hierseg.hierarchy import paint_hierarchy
-from transformers import AutoModel, AutoModelForImageClassification
 
 
 def block_superpixels(batch, height, width, block=16, offset=0):
@@ -19,12 +19,25 @@ def block_superpixels(batch, height, width, block=16, offset=0):
 class CastModelTester:
     """Tiny configuration and inputs, in the style of transformers' `ViTModelTester`."""
 
-    def __init__(self, batch_size=2, image_size=64, hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1),
-                 num_clusters=(8, 4, 3, 2), num_labels=5, graph_pooling_num_heads=12):
+    def __init__(
+        self,
+        batch_size=2,
+        image_size=64,
+        hidden_size=24,
+        num_attention_heads=4,
+        depths=(1, 1, 1, 1),
+        num_clusters=(8, 4, 3, 2),
+        num_labels=5,
+        graph_pooling_num_heads=12,
+    ):
         self.batch_size, self.image_size = batch_size, image_size
         self.config_kwargs = dict(
-            hidden_size=hidden_size, num_attention_heads=num_attention_heads, depths=depths,
-            num_clusters=num_clusters, image_size=image_size, num_labels=num_labels,
+            hidden_size=hidden_size,
+            num_attention_heads=num_attention_heads,
+            depths=depths,
+            num_clusters=num_clusters,
+            image_size=image_size,
+            num_labels=num_labels,
             graph_pooling_num_heads=graph_pooling_num_heads,
         )
 

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from hf_hierseg.convert import convert_state, load_original_checkpoint, parse_overrides
 
+
 TINY_OVERRIDES = ["num_attention_heads=4", "num_clusters=16,8,4,2"]
 FIXTURES = {"tiny_moco": "checkpoint_0000.pth.tar", "tiny_deit": "checkpoint.pth"}
 # MoCo's projector (`head`) and predictor outputs are checked by the self-supervised training tests.

@@ -144,12 +144,30 @@ def test_finetune_script_trains_streamed_data_and_saves_adapter_and_merged_model
     torch.manual_seed(0)
     CastForImageClassification(tiny_config(num_labels=2)).save_pretrained(tmp_path / "base")
     out = tmp_path / "lora"
-    args = lora_parser().parse_args([
-        "--model_name_or_path", str(tmp_path / "base"), "--dataset_name", str(tmp_path / "data"), "--streaming",
-        "--max_train_steps", "2", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-        "--output_dir", str(out), "--report_to", "none", "--save_merged", "--learning_rate", "0.05",
-        "--superpixel_method", "grid",
-    ])
+    args = lora_parser().parse_args(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "base"),
+            "--dataset_name",
+            str(tmp_path / "data"),
+            "--streaming",
+            "--max_train_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--per_device_eval_batch_size",
+            "2",
+            "--output_dir",
+            str(out),
+            "--report_to",
+            "none",
+            "--save_merged",
+            "--learning_rate",
+            "0.05",
+            "--superpixel_method",
+            "grid",
+        ]
+    )
     metrics = finetune_lora(args)
     assert metrics["train_steps"] == 2 and metrics["eval_samples"] == 6
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()

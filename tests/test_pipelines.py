@@ -12,14 +12,20 @@ from hf_hierseg.hierarchy import paint_hierarchy
 from hf_hierseg.image_processing_cast import CastImageProcessor
 from hf_hierseg.pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline, register_pipelines
 
+
 register_pipelines()  # until hf_hierseg/__init__.py does it
 
 
 def tiny_config(**kwargs):
     # mask_padding_tokens: an image's result must not depend on its batch partners (batch_size tests).
     return CastConfig(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64,
-        mask_padding_tokens=True, **kwargs
+        hidden_size=24,
+        num_attention_heads=4,
+        depths=(1, 1, 1, 1),
+        num_clusters=(16, 8, 4, 2),
+        image_size=64,
+        mask_padding_tokens=True,
+        **kwargs,
     )
 
 
@@ -114,7 +120,8 @@ def test_hierarchical_segmentation_levels_masks_and_parent_links(classifier, ima
 
     # Independently: the model on the whole picture (no centre crop), its hierarchy painted and resized.
     outputs, superpixels = direct_outputs(
-        classifier, processor, pictures[0], do_center_crop=False, size={"height": 64, "width": 64})
+        classifier, processor, pictures[0], do_center_crop=False, size={"height": 64, "width": 64}
+    )
     painted = paint_hierarchy(outputs.hierarchy, superpixels)
     for entry in result["levels"]:
         level = entry["level"]
@@ -150,8 +157,12 @@ def test_hierarchical_segmentation_inputs_levels_and_batches(classifier, images)
 
 
 def test_image_segmentation_from_a_hierarchy_level(classifier, images):
-    segment = pipeline("image-segmentation", model=classifier, image_processor=tiny_processor(),
-                       pipeline_class=CastImageSegmentationPipeline)
+    segment = pipeline(
+        "image-segmentation",
+        model=classifier,
+        image_processor=tiny_processor(),
+        pipeline_class=CastImageSegmentationPipeline,
+    )
     pictures, paths = images
     levels = HierarchicalSegmentationPipeline(model=classifier, image_processor=tiny_processor())(paths[2])
     for level in (2, 3):
@@ -189,6 +200,7 @@ def test_pipelines_refuse_other_models():
     from transformers import ViTConfig, ViTModel
 
     with pytest.raises(ValueError, match="CAST"):
-        HierarchicalSegmentationPipeline(model=ViTModel(ViTConfig(num_hidden_layers=1, hidden_size=32,
-                                                                  num_attention_heads=2, intermediate_size=8)),
-                                         image_processor=tiny_processor())
+        HierarchicalSegmentationPipeline(
+            model=ViTModel(ViTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=8)),
+            image_processor=tiny_processor(),
+        )

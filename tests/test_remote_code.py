@@ -19,6 +19,7 @@ from hf_hierseg import CastConfig, CastForImageClassification, CastModel
 from hf_hierseg.image_processing_cast import CastImageProcessor
 from hf_hierseg.remote_code import AUTO_CLASSES, remote_code_files
 
+
 # Until hf_hierseg/__init__.py does it: the processor's save writes its auto_map to preprocessor_config.json.
 CastImageProcessor.register_for_auto_class("AutoImageProcessor")
 
@@ -62,8 +63,13 @@ def test_save_pretrained_ships_every_module_and_auto_map(tmp_path, classifier):
     config = saved_config(tmp_path)
     shipped = {path.name for path in tmp_path.glob("*.py")}
     # Every Auto class whose class exists is mapped, and its module file is in the folder.
-    for auto_class in ("AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoBackbone",
-                       "AutoModelForSemanticSegmentation"):
+    for auto_class in (
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForImageClassification",
+        "AutoBackbone",
+        "AutoModelForSemanticSegmentation",
+    ):
         module, name = config["auto_map"][auto_class].split(".")
         assert config["auto_map"][auto_class] == AUTO_CLASSES[auto_class]
         assert f"{module}.py" in shipped
@@ -94,7 +100,7 @@ def test_segmentation_checkpoint_feeds_image_segmentation_through_its_head(tmp_p
 
 
 # Runs in `python -I` with `hf_hierseg` blocked: loads every source with trust_remote_code and writes the outputs.
-CHILD = r'''
+CHILD = r"""
 import importlib.abc, json, sys
 
 class BlockPackage(importlib.abc.MetaPathFinder):
@@ -149,7 +155,7 @@ for name, source in spec["sources"].items():
                 tensors[f"{name}/{task}/{level['level']}"] = torch.from_numpy(level["segmentation"])
 save_file({key: value.contiguous() for key, value in tensors.items()}, spec["output"])
 print(json.dumps(report))
-'''
+"""
 
 
 def run_without_package(spec, offline=False):
@@ -158,7 +164,10 @@ def run_without_package(spec, offline=False):
     if offline:
         environment["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
-        [sys.executable, "-I", "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=environment,
+        [sys.executable, "-I", "-c", CHILD, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=environment,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -172,7 +181,8 @@ def test_remote_code_without_the_package_matches_the_package(tmp_path, classifie
     save_file(inputs, tmp_path / "inputs.safetensors")
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
-        (80, 60), Image.BICUBIC).save(image)
+        (80, 60), Image.BICUBIC
+    ).save(image)
     processor = CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
     local = tmp_path / "local"
     classifier.save_pretrained(local)
@@ -190,27 +200,42 @@ def test_remote_code_without_the_package_matches_the_package(tmp_path, classifie
         expected_level2 = CastBackbone.from_pretrained(local, out_features=["level2"]).eval()(**inputs).feature_maps[0]
 
         expected_classes = pipeline("image-classification", model=classifier, image_processor=processor)(
-            str(image), top_k=3)
+            str(image), top_k=3
+        )
         expected_pooled = pipeline("image-feature-extraction", model=base, image_processor=processor)(
-            str(image), pool=True, return_tensors=True)
-        expected_segments = sorted(r["label"] for r in CastImageSegmentationPipeline(
-            model=classifier, image_processor=processor)(str(image), level=2))
+            str(image), pool=True, return_tensors=True
+        )
+        expected_segments = sorted(
+            r["label"]
+            for r in CastImageSegmentationPipeline(model=classifier, image_processor=processor)(str(image), level=2)
+        )
         expected_levels = HierarchicalSegmentationPipeline(model=classifier, image_processor=processor)(str(image))
 
     tasks = ["image-classification", "image-feature-extraction", "image-segmentation", "hierarchical-segmentation"]
-    spec = {"sources": {"local": str(local), "hub": repo_id}, "inputs": str(tmp_path / "inputs.safetensors"),
-            "output": str(tmp_path / "online.safetensors"), "image": str(image),
-            "pipelines": {"local": tasks, "hub": ["hierarchical-segmentation"]}}
+    spec = {
+        "sources": {"local": str(local), "hub": repo_id},
+        "inputs": str(tmp_path / "inputs.safetensors"),
+        "output": str(tmp_path / "online.safetensors"),
+        "image": str(image),
+        "pipelines": {"local": tasks, "hub": ["hierarchical-segmentation"]},
+    }
     report = run_without_package(spec)
     hub_server.stop()  # the offline load must come from the cache alone
-    offline_spec = {**spec, "sources": {"offline": repo_id}, "output": str(tmp_path / "offline.safetensors"),
-                    "pipelines": {"offline": ["hierarchical-segmentation"]}}
+    offline_spec = {
+        **spec,
+        "sources": {"offline": repo_id},
+        "output": str(tmp_path / "offline.safetensors"),
+        "pipelines": {"offline": ["hierarchical-segmentation"]},
+    }
     report.update(run_without_package(offline_spec, offline=True))
 
     outputs = {**load_file(tmp_path / "online.safetensors"), **load_file(tmp_path / "offline.safetensors")}
     for name in ("local", "hub", "offline"):
-        assert all(module.startswith("transformers_modules.") for key, module in report[name].items()
-                   if key in ("config", "classifier", "model", "backbone"))
+        assert all(
+            module.startswith("transformers_modules.")
+            for key, module in report[name].items()
+            if key in ("config", "classifier", "model", "backbone")
+        )
         assert torch.equal(outputs[f"{name}/logits"], expected.logits)
         assert torch.equal(outputs[f"{name}/hierarchy"], torch.stack(expected.hierarchy, 1))
         assert torch.equal(outputs[f"{name}/last_hidden_state"], expected_tokens)
@@ -219,17 +244,21 @@ def test_remote_code_without_the_package_matches_the_package(tmp_path, classifie
     # Pipelines: the remote-code classes, the package's results.
     for task in tasks:
         assert report["local"][f"{task}/class"].startswith("transformers_modules.") or task in (
-            "image-classification", "image-feature-extraction")  # transformers' own pipelines, remote model
+            "image-classification",
+            "image-feature-extraction",
+        )  # transformers' own pipelines, remote model
     assert report["local"]["hierarchical-segmentation/class"].endswith(".pipelines.HierarchicalSegmentationPipeline")
     assert report["local"]["image-segmentation/class"].endswith(".pipelines.CastImageSegmentationPipeline")
     assert [r["label"] for r in report["local"]["image-classification"]] == [r["label"] for r in expected_classes]
     assert [r["score"] for r in report["local"]["image-classification"]] == pytest.approx(
-        [r["score"] for r in expected_classes], abs=1e-6)
+        [r["score"] for r in expected_classes], abs=1e-6
+    )
     assert torch.equal(outputs["local/image-feature-extraction"], expected_pooled)
     assert report["local"]["image-segmentation"] == expected_segments
     for name in ("local", "hub", "offline"):
         parents = [{int(k): v for k, v in level.items()} for level in report[name]["hierarchical-segmentation"]]
         for level, expected_level in enumerate(expected_levels["levels"]):
             assert parents[level] == {s["id"]: s["parent"] for s in expected_level["segments"]}
-            assert np.array_equal(outputs[f"{name}/hierarchical-segmentation/{level + 1}"].numpy(),
-                                  expected_level["segmentation"])
+            assert np.array_equal(
+                outputs[f"{name}/hierarchical-segmentation/{level + 1}"].numpy(), expected_level["segmentation"]
+            )

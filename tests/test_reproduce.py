@@ -20,9 +20,20 @@ from hf_hierseg.training.loop import read_metrics
 
 
 TINY = ReproductionSettings(
-    num_train_images=8, num_test_images=4, hidden_size=24, num_attention_heads=4, graph_pooling_num_heads=4,
-    num_clusters=(16, 8, 4, 2), train_steps=1, batch_size=4, eval_batch_size=8, warmup_steps=0,
-    dataloader_num_workers=0, learning_rate=1e-4, vit_max_fit_pixels=256)
+    num_train_images=8,
+    num_test_images=4,
+    hidden_size=24,
+    num_attention_heads=4,
+    graph_pooling_num_heads=4,
+    num_clusters=(16, 8, 4, 2),
+    train_steps=1,
+    batch_size=4,
+    eval_batch_size=8,
+    warmup_steps=0,
+    dataloader_num_workers=0,
+    learning_rate=1e-4,
+    vit_max_fit_pixels=256,
+)
 MODELS = ("CAST", "ViT", "CAST (untrained)", "ViT (untrained)")
 
 
@@ -82,8 +93,10 @@ def test_both_models_were_trained_the_same_way(reproduction):
     torch.manual_seed(TINY.seed)
     initial_cast = CastForImageClassification(TINY.cast_config(6))
     for initial, trained in ((initial_vit, vit), (initial_cast, cast)):
-        changes = [(parameter - dict(trained.named_parameters())[name]).abs().max().item()
-                   for name, parameter in initial.named_parameters()]
+        changes = [
+            (parameter - dict(trained.named_parameters())[name]).abs().max().item()
+            for name, parameter in initial.named_parameters()
+        ]
         assert 0 < max(changes) <= 3e-4
 
 
@@ -93,8 +106,9 @@ def test_superpixel_free_classifier_ignores_superpixels():
     wrapped = SuperpixelFreeClassifier(vit)
     pixel_values = torch.randn(2, 3, 64, 64)
     expected = vit(pixel_values=pixel_values).logits
-    assert torch.equal(wrapped(pixel_values=pixel_values, superpixels=torch.zeros(2, 64, 64, dtype=torch.long)).logits,
-                       expected)
+    assert torch.equal(
+        wrapped(pixel_values=pixel_values, superpixels=torch.zeros(2, 64, 64, dtype=torch.long)).logits, expected
+    )
     assert wrapped.config is vit.config
 
 

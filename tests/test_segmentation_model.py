@@ -12,12 +12,21 @@ from hf_hierseg.convert import convert_state, load_original_checkpoint, parse_ov
 from hf_hierseg.hierarchy import paint_segments
 from hf_hierseg.modeling_cast import CastForSemanticSegmentation, segment_cross_entropy
 
+
 TINY_OVERRIDES = ["num_attention_heads=4", "num_clusters=16,8,4,2"]
 
 
 def tiny_config(**kwargs):
-    settings = dict(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2),
-                    image_size=64, graph_pooling_num_heads=4, num_labels=3, freeze_last_pooling=False)
+    settings = dict(
+        hidden_size=24,
+        num_attention_heads=4,
+        depths=(1, 1, 1, 1),
+        num_clusters=(16, 8, 4, 2),
+        image_size=64,
+        graph_pooling_num_heads=4,
+        num_labels=3,
+        freeze_last_pooling=False,
+    )
     return CastConfig(**{**settings, **kwargs})
 
 
@@ -270,8 +279,9 @@ def test_image_processor_post_processing_and_pipeline():
 
     torch.manual_seed(0)
     model = CastForSemanticSegmentation(tiny_config(id2label={0: "sky", 1: "grass", 2: "cow"})).eval()
-    processor = CastImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
-                                   num_superpixels=600)
+    processor = CastImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, num_superpixels=600
+    )
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
     inputs = processor(images=[image, image], return_tensors="pt")
     with torch.no_grad():
@@ -282,7 +292,8 @@ def test_image_processor_post_processing_and_pipeline():
     assert torch.equal(native, outputs.logits[0].argmax(0))
     # Per-segment logits painted by the processor give the same map.
     per_segment = processor.post_process_semantic_segmentation(
-        type("Out", (), {"logits": outputs.segment_logits})(), superpixels=inputs["superpixels"])[0]
+        type("Out", (), {"logits": outputs.segment_logits})(), superpixels=inputs["superpixels"]
+    )[0]
     assert torch.equal(per_segment, native)
 
     segmenter = CastImageSegmentationPipeline(model=model, image_processor=processor)

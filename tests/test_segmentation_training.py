@@ -19,6 +19,7 @@ from hf_hierseg.training.segmentation import (
     train_segmentation,
 )
 
+
 COLOURS = [(0, 0, 0), (200, 30, 30), (30, 200, 30), (30, 30, 200)]
 
 
@@ -129,7 +130,8 @@ def test_bad_pairs_get_clear_errors():
         transform(coloured(ids), Image.fromarray(ids[:, :48].astype(np.uint8), "L"), np.random.default_rng(0))
     with pytest.raises(ValueError, match="outside 0..2"):
         SegmentationTransform(ViewEncoder("grid", 196), 32, num_labels=3)(
-            coloured(ids), Image.fromarray(ids.astype(np.uint8), "L"), np.random.default_rng(0))
+            coloured(ids), Image.fromarray(ids.astype(np.uint8), "L"), np.random.default_rng(0)
+        )
     with pytest.raises(ValueError, match="palette"):
         transform(coloured(ids), coloured(ids), np.random.default_rng(0))
     # With the palette, the same colour mask is accepted.
@@ -144,8 +146,9 @@ def test_bad_pairs_get_clear_errors():
 def synthetic_folder(tmp_path_factory):
     from hf_hierseg.evaluation.synthetic import write_synthetic_dataset
 
-    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_images=8, num_test_images=4,
-                                   image_size=64)
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic"), num_images=8, num_test_images=4, image_size=64
+    )
 
 
 def test_batches_from_imagefolder_and_parquet(synthetic_folder, tmp_path):
@@ -154,8 +157,9 @@ def test_batches_from_imagefolder_and_parquet(synthetic_folder, tmp_path):
     from hf_hierseg.evaluation.synthetic import write_synthetic_dataset
 
     folder = datasets.load_dataset("imagefolder", data_dir=str(synthetic_folder), split="train")
-    parquet_dir = write_synthetic_dataset(tmp_path / "parquet", num_images=8, num_test_images=1, image_size=64,
-                                          format="parquet")
+    parquet_dir = write_synthetic_dataset(
+        tmp_path / "parquet", num_images=8, num_test_images=1, image_size=64, format="parquet"
+    )
     parquet = datasets.load_dataset("parquet", data_dir=str(parquet_dir / "data"), split="train")
     transform = SegmentationTransform(ViewEncoder("grid", 600), 64, num_labels=7)
     for dataset in (folder, parquet):
@@ -184,12 +188,19 @@ def test_undecodable_mask_is_skipped(synthetic_folder, tmp_path, caplog):
             Image.open(synthetic_folder / "train" / row["object_mask_file_name"]).save(mask_path)
     with open(folder / "metadata.jsonl", "w") as handle:
         for row in rows[:3]:
-            handle.write(json.dumps({"file_name": row["file_name"], "mask_file_name": row["object_mask_file_name"]})
-                         + "\n")
+            handle.write(
+                json.dumps({"file_name": row["file_name"], "mask_file_name": row["object_mask_file_name"]}) + "\n"
+            )
     dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
-    batches = SegmentationBatches(dataset, SegmentationTransform(ViewEncoder("grid", 600), 64, num_labels=7,
-                                                                 train=False), 3, "image", "mask", shuffle=False,
-                                  drop_last=False)
+    batches = SegmentationBatches(
+        dataset,
+        SegmentationTransform(ViewEncoder("grid", 600), 64, num_labels=7, train=False),
+        3,
+        "image",
+        "mask",
+        shuffle=False,
+        drop_last=False,
+    )
     got = [batch for batch in batches if "labels" in batch]
     assert len(got) == 1 and got[0]["labels"].shape[0] == 2
     assert "mask does not decode" in caplog.text
@@ -199,15 +210,46 @@ def test_undecodable_mask_is_skipped(synthetic_folder, tmp_path, caplog):
 
 
 def run_args(data_dir, output_dir, *extra):
-    return segmentation_parser().parse_args([
-        "--dataset_name", str(data_dir), "--label_column_name", "object_mask", "--num_labels", "7",
-        "--config_name", "cast-small", "--config_overrides", "hidden_size=24", "num_attention_heads=4",
-        "depths=1,1,1,1", "num_clusters=16,8,4,2", "image_size=64", "graph_pooling_num_heads=4",
-        "--superpixel_method", "grid", "--num_superpixels", "600", "--per_device_train_batch_size", "2",
-        "--per_device_eval_batch_size", "4", "--max_train_steps", "4", "--logging_steps", "1",
-        "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--report_to", "jsonl",
-        "--output_dir", str(output_dir), *extra,
-    ])
+    return segmentation_parser().parse_args(
+        [
+            "--dataset_name",
+            str(data_dir),
+            "--label_column_name",
+            "object_mask",
+            "--num_labels",
+            "7",
+            "--config_name",
+            "cast-small",
+            "--config_overrides",
+            "hidden_size=24",
+            "num_attention_heads=4",
+            "depths=1,1,1,1",
+            "num_clusters=16,8,4,2",
+            "image_size=64",
+            "graph_pooling_num_heads=4",
+            "--superpixel_method",
+            "grid",
+            "--num_superpixels",
+            "600",
+            "--per_device_train_batch_size",
+            "2",
+            "--per_device_eval_batch_size",
+            "4",
+            "--max_train_steps",
+            "4",
+            "--logging_steps",
+            "1",
+            "--checkpointing_steps",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--report_to",
+            "jsonl",
+            "--output_dir",
+            str(output_dir),
+            *extra,
+        ]
+    )
 
 
 def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_path, hub_server):
@@ -218,8 +260,11 @@ def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_pa
     from hf_hierseg.modeling_cast import CastForSemanticSegmentation
 
     output = tmp_path / "run"
-    metrics = train_segmentation(run_args(synthetic_folder, output, "--eval_steps", "2", "--push_to_hub",
-                                          "--hub_model_id", "tester/cast-seg-tiny"))
+    metrics = train_segmentation(
+        run_args(
+            synthetic_folder, output, "--eval_steps", "2", "--push_to_hub", "--hub_model_id", "tester/cast-seg-tiny"
+        )
+    )
     assert 0.0 <= metrics["eval_mean_iou"] <= 1.0 and metrics["eval_samples"] == 4
     logged = read_metrics(output / "metrics.jsonl")
     losses = {line["step"]: line["loss"] for line in logged if "loss" in line}
@@ -236,7 +281,8 @@ def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_pa
     image = coloured(ids)
     inputs = processor(images=image, return_tensors="pt")
     view = SegmentationTransform(ViewEncoder("grid", 600), 64, num_labels=4, train=False)(
-        image, Image.fromarray(ids.astype(np.uint8), "L"))
+        image, Image.fromarray(ids.astype(np.uint8), "L")
+    )
     torch.testing.assert_close(inputs["pixel_values"][0], view["pixel_values"], atol=1e-5, rtol=0)
     assert torch.equal(inputs["superpixels"][0], view["superpixels"])
     assert isinstance(model, CastForSemanticSegmentation) and model.config.num_labels == 7
@@ -284,8 +330,16 @@ def test_fine_tuning_starts_from_a_classification_checkpoint(tmp_path):
 
     AutoModelForSemanticSegmentation.register(CastConfig, CastForSemanticSegmentation, exist_ok=True)
     torch.manual_seed(0)
-    classifier = CastForImageClassification(CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1),
-                                                       num_clusters=(16, 8, 4, 2), image_size=64, num_labels=5))
+    classifier = CastForImageClassification(
+        CastConfig(
+            hidden_size=24,
+            num_attention_heads=4,
+            depths=(1, 1, 1, 1),
+            num_clusters=(16, 8, 4, 2),
+            image_size=64,
+            num_labels=5,
+        )
+    )
     classifier.save_pretrained(tmp_path / "classifier")
     args = run_args(tmp_path, tmp_path / "out", "--ignore_mismatched_sizes")
     args.model_name_or_path, args.config_name, args.config_overrides = str(tmp_path / "classifier"), None, None

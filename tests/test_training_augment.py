@@ -41,15 +41,17 @@ def test_random_resized_crop_takes_a_region_of_the_requested_area_and_is_reprodu
     image = gradient_image(200, 100)
     areas = []
     for seed in range(30):
-        crop = np.asarray(random_resized_crop(image, 32, np.random.default_rng(seed), scale=(0.2, 0.5),
-                                              resample=Image.NEAREST))
+        crop = np.asarray(
+            random_resized_crop(image, 32, np.random.default_rng(seed), scale=(0.2, 0.5), resample=Image.NEAREST)
+        )
         assert crop.shape == (32, 32, 3)
         # Nearest resampling keeps source coordinates: the crop spans this many source columns / rows.
         width = int(crop[0, :, 0].max()) - int(crop[0, :, 0].min()) + 1
         height = int(crop[:, 0, 1].max()) - int(crop[:, 0, 1].min()) + 1
         areas.append(width * height / (200 * 100))
-        again = np.asarray(random_resized_crop(image, 32, np.random.default_rng(seed), scale=(0.2, 0.5),
-                                               resample=Image.NEAREST))
+        again = np.asarray(
+            random_resized_crop(image, 32, np.random.default_rng(seed), scale=(0.2, 0.5), resample=Image.NEAREST)
+        )
         np.testing.assert_array_equal(crop, again)
     # Area fractions drawn in [0.2, 0.5] (up to rounding of the box and the 32-pixel sampling of its extent).
     assert 0.15 < min(areas) and max(areas) < 0.55
@@ -95,8 +97,10 @@ def test_moco_views_are_two_different_augmentations_each_with_its_own_superpixel
     assert not torch.equal(sample["pixel_values"][0], sample["pixel_values"][1])
     for view in range(2):  # superpixels of each view = superpixels of that view's own 8-bit image
         view_uint8 = denormalize_to_uint8(sample["pixel_values"][view])
-        np.testing.assert_array_equal(sample["superpixels"][view].numpy(),
-                                      compute_superpixels(view_uint8, "seeds", scaled_num_superpixels(32, 32, 196)))
+        np.testing.assert_array_equal(
+            sample["superpixels"][view].numpy(),
+            compute_superpixels(view_uint8, "seeds", scaled_num_superpixels(32, 32, 196)),
+        )
     again = transform(gradient_image(), np.random.default_rng(0))
     assert torch.equal(sample["pixel_values"], again["pixel_values"])
 
@@ -105,8 +109,14 @@ def test_moco_view_recipes_are_asymmetric_as_in_the_paper():
     assert MOCO_VIEW_1.blur_probability == 1.0 and MOCO_VIEW_1.solarize_probability == 0.0
     assert MOCO_VIEW_2.blur_probability == 0.1 and MOCO_VIEW_2.solarize_probability == 0.2
     # A solarized view: with solarize forced on and everything else off, bright pixels are inverted.
-    recipe = MOCO_VIEW_2.__class__(crop_scale=(1.0, 1.0), flip_probability=0, jitter_probability=0,
-                                   grayscale_probability=0, blur_probability=0, solarize_probability=1.0)
+    recipe = MOCO_VIEW_2.__class__(
+        crop_scale=(1.0, 1.0),
+        flip_probability=0,
+        jitter_probability=0,
+        grayscale_probability=0,
+        blur_probability=0,
+        solarize_probability=1.0,
+    )
     image = gradient_image(64, 64)
     view = np.asarray(recipe(image, 64, np.random.default_rng(0)))  # a crop of scale 1 is the whole image
     np.testing.assert_array_equal(view[..., :2], np.asarray(image)[..., :2])  # values < 128 are kept
@@ -150,8 +160,9 @@ def test_deit_transform_and_eval_transform_shapes_and_superpixels():
     assert sample["pixel_values"].shape == (3, 32, 32) and sample["superpixels"].shape == (32, 32)
     source = denormalize_to_uint8(sample["pixel_values"], rounding="truncate")
     count = scaled_num_superpixels(32, 32, 196)
-    np.testing.assert_array_equal(sample["superpixels"].numpy(),
-                                  compute_superpixels(source, "seeds", count, "supervised"))
+    np.testing.assert_array_equal(
+        sample["superpixels"].numpy(), compute_superpixels(source, "seeds", count, "supervised")
+    )
     evaluation = EvalTransform(encoder, 32)
     first, second = evaluation(gradient_image()), evaluation(gradient_image())
     assert torch.equal(first["pixel_values"], second["pixel_values"])

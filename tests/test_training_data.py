@@ -23,6 +23,7 @@ from hf_hierseg.image_datasets import (
 from hf_hierseg.training.augment import MocoTransform, ViewEncoder
 from hf_hierseg.training.data import SuperpixelBatches, TrainingBatches
 
+
 CLASSES = ("cat", "dog")
 
 
@@ -75,9 +76,16 @@ def write_parquet_shards(root, num_images, num_shards, corrupt_index=None):
     root.mkdir(parents=True)
     per_shard = num_images // num_shards
     for shard in range(num_shards):
-        rows = [{"image": {"bytes": truncated_png() if index == corrupt_index else png_bytes(make_image(index)),
-                           "path": None}, "label": index % 2}
-                for index in range(shard * per_shard, (shard + 1) * per_shard)]
+        rows = [
+            {
+                "image": {
+                    "bytes": truncated_png() if index == corrupt_index else png_bytes(make_image(index)),
+                    "path": None,
+                },
+                "label": index % 2,
+            }
+            for index in range(shard * per_shard, (shard + 1) * per_shard)
+        ]
         path = root / f"train-{shard:05d}-of-{num_shards:05d}.parquet"
         datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
     return root
@@ -145,8 +153,9 @@ def test_ranks_get_disjoint_records_that_cover_the_data(tmp_path, streaming, num
     per_rank = []
     for rank in range(2):
         split = datasets.load_dataset(str(root), split="train", streaming=streaming)
-        batches = SuperpixelBatches(split, identify, 1, "image", rank=rank, world_size=2, drop_last=False,
-                                    shuffle_buffer_size=4)
+        batches = SuperpixelBatches(
+            split, identify, 1, "image", rank=rank, world_size=2, drop_last=False, shuffle_buffer_size=4
+        )
         per_rank.append(run_epoch(batches, num_workers=2)[0])
     assert per_rank[0] and per_rank[1]
     assert set(per_rank[0]).isdisjoint(per_rank[1])
@@ -161,8 +170,9 @@ def test_resuming_from_a_saved_position_gives_the_same_batches(tmp_path, streami
 
     def make():
         split = datasets.load_dataset(str(root), split="train", streaming=streaming)
-        return TrainingBatches(SuperpixelBatches(split, identify, 2, "image", seed=7, shuffle_buffer_size=8),
-                               num_workers=2)
+        return TrainingBatches(
+            SuperpixelBatches(split, identify, 2, "image", seed=7, shuffle_buffer_size=8), num_workers=2
+        )
 
     uninterrupted = make()
     reference = [batch for batch, _ in islice(uninterrupted, 12)]  # 7 batches per epoch (15 decodable images)
@@ -219,8 +229,12 @@ def test_bad_arguments_are_reported():
     with pytest.raises(ValueError, match="No image column"):
         image_column_of(split)
     with pytest.raises(ValueError, match="batch_size must be positive"):
-        SuperpixelBatches(datasets.Dataset.from_dict({"image": []}, features=datasets.Features(
-            {"image": datasets.Image()})), identify, 0, "image")
+        SuperpixelBatches(
+            datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()})),
+            identify,
+            0,
+            "image",
+        )
 
 
 def test_batches_per_epoch_counts_what_an_epoch_yields(tmp_path):
@@ -232,5 +246,6 @@ def test_batches_per_epoch_counts_what_an_epoch_yields(tmp_path):
         produced = sum(1 for batch in TrainingBatches(batches, num_workers=2).loader() if "image_id" in batch)
         assert batches.batches_per_epoch(num_slots=2) == produced == 3  # 7 records: slots of 4 and 3 -> 2 + 1
     with pytest.raises(ValueError, match="max_train_steps"):
-        SuperpixelBatches(datasets.load_dataset(str(root), split="train", streaming=True), identify, 2,
-                          "image").batches_per_epoch(1)
+        SuperpixelBatches(
+            datasets.load_dataset(str(root), split="train", streaming=True), identify, 2, "image"
+        ).batches_per_epoch(1)

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from hf_hierseg import CastConfig, CastForSelfSupervisedPretraining
-from hf_hierseg.convert import convert_state, parse_overrides
-from hf_hierseg.convert import momentum_encoder_from_original
+from hf_hierseg.convert import convert_state, momentum_encoder_from_original, parse_overrides
 from hf_hierseg.training.moco import CastMocoV3, MocoObjective, contrastive_loss
 from hf_hierseg.training.optim import cosine_momentum
+
 
 TINY_OVERRIDES = ["num_attention_heads=4", "num_clusters=16,8,4,2"]
 
@@ -35,8 +35,16 @@ def tiny_moco(request):
 
 
 def tiny_model(**overrides):
-    config = CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2),
-                        image_size=32, projection_dim=16, projection_hidden_dim=32, **overrides)
+    config = CastConfig(
+        hidden_size=24,
+        num_attention_heads=4,
+        depths=(1, 1, 1, 1),
+        num_clusters=(16, 8, 4, 2),
+        image_size=32,
+        projection_dim=16,
+        projection_hidden_dim=32,
+        **overrides,
+    )
     torch.manual_seed(0)
     return CastForSelfSupervisedPretraining(config)
 
@@ -122,7 +130,8 @@ def test_momentum_update_and_gradients_flow_only_through_the_base_encoder():
     superpixels = grid_superpixels(4, 32, 4)[:, None].expand(-1, 2, -1, -1)
     output = moco(pixel_values, superpixels)
     loss = contrastive_loss(output.predictions[0], output.keys[1], 0.2) + contrastive_loss(
-        output.predictions[1], output.keys[0], 0.2)
+        output.predictions[1], output.keys[0], 0.2
+    )
     loss.backward()
     assert all(parameter.grad is None for parameter in moco.momentum_encoder.parameters())
     assert moco.model.predictor[0].weight.grad.abs().sum() > 0
@@ -184,14 +193,34 @@ def test_training_resumes_from_a_converted_original_moco_checkpoint(tiny_moco, t
     folder, checkpoint = tiny_moco
     converted, _ = convert_state(checkpoint, None, parse_overrides(TINY_OVERRIDES))
     converted.save_pretrained(tmp_path / "converted")
-    data = write_synthetic_dataset(tmp_path / "shapes", num_images=8, num_test_images=1, image_size=64,
-                                   format="parquet")
+    data = write_synthetic_dataset(
+        tmp_path / "shapes", num_images=8, num_test_images=1, image_size=64, format="parquet"
+    )
     output_dir = tmp_path / "resumed"
-    args = moco_parser().parse_args([
-        "--dataset_name", str(data / "data"), "--model_name_or_path", str(tmp_path / "converted"),
-        "--momentum_encoder_checkpoint", str(folder / "checkpoint_0000.pth.tar"), "--num_superpixels", "600",
-        "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--max_train_steps", "2",
-        "--learning_rate", "1e-6", "--checkpointing_steps", "2", "--report_to", "none"])
+    args = moco_parser().parse_args(
+        [
+            "--dataset_name",
+            str(data / "data"),
+            "--model_name_or_path",
+            str(tmp_path / "converted"),
+            "--momentum_encoder_checkpoint",
+            str(folder / "checkpoint_0000.pth.tar"),
+            "--num_superpixels",
+            "600",
+            "--output_dir",
+            str(output_dir),
+            "--per_device_train_batch_size",
+            "4",
+            "--max_train_steps",
+            "2",
+            "--learning_rate",
+            "1e-6",
+            "--checkpointing_steps",
+            "2",
+            "--report_to",
+            "none",
+        ]
+    )
     try:
         train_moco(args)
     finally:
@@ -208,7 +237,8 @@ def test_training_resumes_from_a_converted_original_moco_checkpoint(tiny_moco, t
     state = load_file(output_dir / "checkpoint-2" / "model.safetensors")
     original = checkpoint["state_dict"]
     for ours, theirs in (("cls_token", "cls_token"), ("levels.1.blocks.0.mlp.fc1.weight", "blocks2.1.mlp.fc1.weight")):
-        expected = (0.995 * original[f"module.momentum_encoder.{theirs}"]
-                    + 0.005 * original[f"module.base_encoder.{theirs}"])
+        expected = (
+            0.995 * original[f"module.momentum_encoder.{theirs}"] + 0.005 * original[f"module.base_encoder.{theirs}"]
+        )
         key = f"momentum_encoder.cast.{'embeddings.' if ours == 'cls_token' else ''}{ours}"
         torch.testing.assert_close(state[key], expected, atol=1e-5, rtol=0)

@@ -19,10 +19,26 @@ from hf_hierseg.training.arguments import moco_parser, supervised_parser
 from hf_hierseg.training.loop import METRICS_FILE, read_metrics
 from hf_hierseg.training.recipes import train_moco, train_supervised
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config_name", "cast-small", "--config_overrides", "hidden_size=24", "num_attention_heads=4",
-        "depths=1,1,1,1", "num_clusters=16,8,4,2", "image_size=32", "projection_dim=16", "projection_hidden_dim=32",
-        "--num_superpixels", "600", "--report_to", "jsonl", "--logging_steps", "1"]
+TINY = [
+    "--config_name",
+    "cast-small",
+    "--config_overrides",
+    "hidden_size=24",
+    "num_attention_heads=4",
+    "depths=1,1,1,1",
+    "num_clusters=16,8,4,2",
+    "image_size=32",
+    "projection_dim=16",
+    "projection_hidden_dim=32",
+    "--num_superpixels",
+    "600",
+    "--report_to",
+    "jsonl",
+    "--logging_steps",
+    "1",
+]
 # huggingface_hub's own LFS upload passes `data=` to httpx; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
@@ -40,8 +56,9 @@ def one_thread_and_fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """Synthetic shapes (6 classes, 32 px) as parquet: `train` (48 images) and `test` (12)."""
-    root = write_synthetic_dataset(tmp_path_factory.mktemp("shapes"), num_images=48, num_test_images=12,
-                                   image_size=32, format="parquet")
+    root = write_synthetic_dataset(
+        tmp_path_factory.mktemp("shapes"), num_images=48, num_test_images=12, image_size=32, format="parquet"
+    )
     return str(root / "data")
 
 
@@ -61,16 +78,33 @@ def fingerprint(output_dir, rank=0):
 
 
 def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(shapes, tmp_path):
-    arguments = ["--dataset_name", shapes, *TINY, "--per_device_train_batch_size", "4", "--max_train_steps", "8",
-                 "--num_warmup_steps", "2", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2",
-                 "--dataloader_num_workers", "2", "--learning_rate", "1e-3"]
+    arguments = [
+        "--dataset_name",
+        shapes,
+        *TINY,
+        "--per_device_train_batch_size",
+        "4",
+        "--max_train_steps",
+        "8",
+        "--num_warmup_steps",
+        "2",
+        "--checkpointing_steps",
+        "3",
+        "--checkpoints_total_limit",
+        "2",
+        "--dataloader_num_workers",
+        "2",
+        "--learning_rate",
+        "1e-3",
+    ]
     reference = tmp_path / "uninterrupted"
     train_moco(moco_parser().parse_args([*arguments, "--output_dir", str(reference)]))
 
     killed = tmp_path / "killed"
     command = [sys.executable, str(REPO_ROOT / "scripts" / "train_moco.py"), *arguments, "--output_dir", str(killed)]
-    process = subprocess.Popen(command, env=script_environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        command, env=script_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while not (killed / "checkpoint-3").is_dir():
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
@@ -87,8 +121,13 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(shapes, tmp_path
     logged_before_kill = losses_by_step(killed)
     assert max(logged_before_kill) < 8
 
-    resumed = subprocess.run([*command, "--resume_from_checkpoint", "latest"], env=script_environment(),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*command, "--resume_from_checkpoint", "latest"],
+        env=script_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stderr
     expected, got = losses_by_step(reference), losses_by_step(killed)
@@ -97,17 +136,43 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(shapes, tmp_path
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
     assert fingerprint(killed) == fingerprint(reference)
     # Atomic checkpoints: only complete ones, at most --checkpoints_total_limit, no temporary folder left.
-    assert sorted(path.name for path in killed.iterdir() if "checkpoint" in path.name) == ["checkpoint-6",
-                                                                                            "checkpoint-8"]
+    assert sorted(path.name for path in killed.iterdir() if "checkpoint" in path.name) == [
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
 
 
 def test_two_processes_split_the_data_and_end_with_identical_weights(shapes, tmp_path):
     output_dir = tmp_path / "two_processes"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO_ROOT / "scripts" / "train_moco.py"), "--dataset_name", shapes, *TINY,
-               "--per_device_train_batch_size", "4", "--max_train_steps", "3", "--gradient_accumulation_steps", "2",
-               "--max_grad_norm", "1.0", "--log_sample_keys", "--output_dir", str(output_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO_ROOT / "scripts" / "train_moco.py"),
+        "--dataset_name",
+        shapes,
+        *TINY,
+        "--per_device_train_batch_size",
+        "4",
+        "--max_train_steps",
+        "3",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_grad_norm",
+        "1.0",
+        "--log_sample_keys",
+        "--output_dir",
+        str(output_dir),
+    ]
     environment = dict(script_environment(), ACCELERATE_USE_CPU="true")
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -134,10 +199,27 @@ def test_supervised_run_saves_auto_loadable_outputs_and_publishes_them(shapes, t
     from hf_hierseg.image_processing_cast import CastImageProcessor
 
     output_dir = tmp_path / "supervised"
-    args = supervised_parser().parse_args([
-        "--dataset_name", shapes, *TINY, "--output_dir", str(output_dir), "--per_device_train_batch_size", "8",
-        "--max_train_steps", "3", "--model_ema", "--model_ema_decay", "0.9", "--eval_steps", "2",
-        "--push_to_hub", "--hub_model_id", "tester/cast-tiny-shapes"])
+    args = supervised_parser().parse_args(
+        [
+            "--dataset_name",
+            shapes,
+            *TINY,
+            "--output_dir",
+            str(output_dir),
+            "--per_device_train_batch_size",
+            "8",
+            "--max_train_steps",
+            "3",
+            "--model_ema",
+            "--model_ema_decay",
+            "0.9",
+            "--eval_steps",
+            "2",
+            "--push_to_hub",
+            "--hub_model_id",
+            "tester/cast-tiny-shapes",
+        ]
+    )
     metrics = train_supervised(args)
     assert metrics["eval_samples"] == 12 and 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert {"eval_accuracy_ema", "eval_loss_ema"} <= set(metrics)
@@ -165,6 +247,13 @@ def test_supervised_run_saves_auto_loadable_outputs_and_publishes_them(shapes, t
         assert torch.equal(tensor, published.state_dict()[name]), name
     card = ModelCard.load("tester/cast-tiny-shapes")
     assert card.data.pipeline_tag == "image-classification"
-    for text in ("supervised image classification", "steps**: 3", "eval_accuracy", "label smoothing", "EMA decay",
-                 "ke2024cast", "AutoModelForImageClassification"):
+    for text in (
+        "supervised image classification",
+        "steps**: 3",
+        "eval_accuracy",
+        "label smoothing",
+        "EMA decay",
+        "ke2024cast",
+        "AutoModelForImageClassification",
+    ):
         assert text in card.text, text

@@ -28,24 +28,34 @@ def one_thread():
 
 def tiny_classifier(num_labels=3):
     torch.manual_seed(0)
-    return CastForImageClassification(CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1),
-                                                 num_clusters=(16, 8, 4, 2), image_size=32, num_labels=num_labels))
+    return CastForImageClassification(
+        CastConfig(
+            hidden_size=24,
+            num_attention_heads=4,
+            depths=(1, 1, 1, 1),
+            num_clusters=(16, 8, 4, 2),
+            image_size=32,
+            num_labels=num_labels,
+        )
+    )
 
 
 def test_smoothed_one_hot_targets():
     targets = smooth_one_hot(torch.tensor([0, 2]), 4, smoothing=0.1)
     torch.testing.assert_close(targets, torch.tensor([[0.925, 0.025, 0.025, 0.025], [0.025, 0.025, 0.925, 0.025]]))
     logits = torch.randn(2, 4)
-    torch.testing.assert_close(soft_target_cross_entropy(logits, targets),
-                               F.cross_entropy(logits, torch.tensor([0, 2]), label_smoothing=0.1))
+    torch.testing.assert_close(
+        soft_target_cross_entropy(logits, targets), F.cross_entropy(logits, torch.tensor([0, 2]), label_smoothing=0.1)
+    )
 
 
 def test_cutmix_pastes_the_partners_box_and_weights_targets_by_its_area():
     pixel_values = torch.arange(4.0)[:, None, None, None].expand(4, 3, 16, 16).clone()  # image i is filled with i
     labels = torch.tensor([0, 1, 2, 0])
     for seed in range(10):
-        mixed, targets, lam, mode = mixup_cutmix(pixel_values, labels, 3, np.random.default_rng(seed), mixup_alpha=0,
-                                                 cutmix_alpha=1.0, label_smoothing=0.0)
+        mixed, targets, lam, mode = mixup_cutmix(
+            pixel_values, labels, 3, np.random.default_rng(seed), mixup_alpha=0, cutmix_alpha=1.0, label_smoothing=0.0
+        )
         assert mode == "cutmix"
         for i in range(4):
             partner = 3 - i  # the batch is mixed with its reverse
@@ -61,8 +71,9 @@ def test_cutmix_pastes_the_partners_box_and_weights_targets_by_its_area():
 
 def test_mixup_blends_images_and_targets_with_the_same_lambda():
     pixel_values, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
-    mixed, targets, lam, mode = mixup_cutmix(pixel_values, labels, 3, np.random.default_rng(0), mixup_alpha=0.8,
-                                             cutmix_alpha=0, label_smoothing=0.1)
+    mixed, targets, lam, mode = mixup_cutmix(
+        pixel_values, labels, 3, np.random.default_rng(0), mixup_alpha=0.8, cutmix_alpha=0, label_smoothing=0.1
+    )
     assert mode == "mixup" and 0 < lam < 1
     torch.testing.assert_close(mixed, lam * pixel_values + (1 - lam) * pixel_values.flip(0))
     smoothed = smooth_one_hot(labels, 3, 0.1)
@@ -101,8 +112,11 @@ def test_mixed_batches_keep_each_samples_own_superpixels():
     """The original CAST DeiT training mixes the images of a batch but not their superpixels."""
     model = RecordingModel()
     objective = SupervisedObjective(model, mixup_alpha=0.8, cutmix_alpha=1.0, seed=0)
-    batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 0]),
-             "superpixels": torch.stack([torch.full((16, 16), i, dtype=torch.long) for i in range(4)])}
+    batch = {
+        "pixel_values": torch.randn(4, 3, 16, 16),
+        "labels": torch.tensor([0, 1, 2, 0]),
+        "superpixels": torch.stack([torch.full((16, 16), i, dtype=torch.long) for i in range(4)]),
+    }
     for step in range(4):
         loss, metrics = objective.compute_loss(model, batch, step, 0, SingleProcess())
         pixel_values, superpixels = model.calls[-1]
@@ -120,8 +134,11 @@ def test_without_mixing_the_loss_is_label_smoothed_cross_entropy():
     objective = SupervisedObjective(model, label_smoothing=0.1, mixup_alpha=0, cutmix_alpha=0)
     torch.manual_seed(1)
     grid = torch.arange(16).reshape(4, 4).repeat_interleave(8, 0).repeat_interleave(8, 1)  # 4x4 squares
-    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 2]),
-             "superpixels": grid.expand(2, -1, -1)}
+    batch = {
+        "pixel_values": torch.randn(2, 3, 32, 32),
+        "labels": torch.tensor([0, 2]),
+        "superpixels": grid.expand(2, -1, -1),
+    }
     model.eval()
     loss, metrics = objective.compute_loss(model, batch, 0, 0, SingleProcess())
     logits = model(pixel_values=batch["pixel_values"], superpixels=batch["superpixels"]).logits
@@ -159,8 +176,9 @@ def test_parameter_groups_leave_biases_norms_and_tokens_without_decay():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert "cast.embeddings.cls_token" in no_decay_names
     assert all(names[id(p)].endswith("weight") for p in decay["params"])
-    assert not any(name.endswith(("bias", "norm1.weight", "layernorm.weight")) for name in
-                   (names[id(p)] for p in decay["params"]))
+    assert not any(
+        name.endswith(("bias", "norm1.weight", "layernorm.weight")) for name in (names[id(p)] for p in decay["params"])
+    )
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # the 4th graph pooling
     assert frozen and frozen.isdisjoint(no_decay_names | {names[id(p)] for p in decay["params"]})
@@ -171,8 +189,13 @@ def test_parameter_groups_leave_biases_norms_and_tokens_without_decay():
 def test_lars_scales_the_update_by_the_trust_ratio():
     weight = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
     bias = torch.nn.Parameter(torch.tensor([1.0]))
-    optimizer = LARS([{"params": [weight]}, {"params": [bias], "lars_exclude": True}], lr=0.1, weight_decay=0.5,
-                     momentum=0.9, trust_coefficient=0.01)
+    optimizer = LARS(
+        [{"params": [weight]}, {"params": [bias], "lars_exclude": True}],
+        lr=0.1,
+        weight_decay=0.5,
+        momentum=0.9,
+        trust_coefficient=0.01,
+    )
     weight.grad, bias.grad = torch.tensor([[1.0, 0.0]]), torch.tensor([2.0])
     optimizer.step()
     update = torch.tensor([[1.0, 0.0]]) + 0.5 * torch.tensor([[3.0, 4.0]])  # gradient + weight decay
@@ -193,15 +216,26 @@ def test_transformers_trainer_trains_and_evaluates_the_classifier(tmp_path):
 
     rng = np.random.default_rng(0)
     colours = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
-    images = [Image.fromarray(np.clip(np.array(colours[i % 3]) + rng.normal(0, 20, (32, 32, 3)), 0, 255)
-                              .astype(np.uint8)) for i in range(12)]
+    images = [
+        Image.fromarray(np.clip(np.array(colours[i % 3]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8))
+        for i in range(12)
+    ]
     dataset = datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(12)]})
     transform = datasets_transform(EvalTransform(ViewEncoder("grid", 196), 32), "image", "label")
     dataset = dataset.with_transform(transform)
     model = tiny_classifier()
-    arguments = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
-                                  learning_rate=1e-3, remove_unused_columns=False, report_to=[], use_cpu=True,
-                                  save_strategy="no", logging_steps=1, dataloader_num_workers=0)
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+    )
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, eval_dataset=dataset)
     before = model.classifier.weight.detach().clone()
     result = trainer.train()

@@ -36,10 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
 
 from ..configuration_cast import CastConfig
+from ..evaluation.synthetic import generate_example
 from ..image_processing_cast import CastImageProcessor
 from ..modeling_cast import CastForImageClassification, CastForSelfSupervisedPretraining, CastModel, moco_mlp
 from ..training.moco import contrastive_loss
-from ..evaluation.synthetic import generate_example
 
 
 # GMACs per 224x224 image reported in the CAST paper (Table 1).
@@ -121,8 +121,7 @@ class BenchmarkSettings:
 
 def benchmark_images(count, image_size, seed=0):
     """`count` 8-bit RGB PIL images of the package's synthetic set (textured objects on textured backgrounds)."""
-    return [generate_example(index, seed=seed, split="test", image_size=image_size)["image"] for index in
-            range(count)]
+    return [generate_example(index, seed=seed, split="test", image_size=image_size)["image"] for index in range(count)]
 
 
 def cast_processor(settings):
@@ -209,8 +208,7 @@ def measure_throughput(cases, images, batch_size, repeats):
             cpu_start = time.process_time()
             seconds[case.name].append(timed(case, inputs[case.name]))
             cpu_seconds[case.name].append(time.process_time() - cpu_start)
-    return {name: (min(values), statistics.median(values), min(cpu_seconds[name])) for name, values in
-            seconds.items()}
+    return {name: (min(values), statistics.median(values), min(cpu_seconds[name])) for name, values in seconds.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -466,8 +464,10 @@ def measure_training(settings, images):
     vit_moco = MocoStep(VitForMoco(vit_config), "vit").train()
     cast_moco = MocoStep(CastForSelfSupervisedPretraining(cast_config), "cast").train()
     pixels = cast_inputs["pixel_values"]
-    moco_views = [(cast_inputs["pixel_values"], cast_inputs["superpixels"]),
-                  (second_view["pixel_values"], second_view["superpixels"])]
+    moco_views = [
+        (cast_inputs["pixel_values"], cast_inputs["superpixels"]),
+        (second_view["pixel_values"], second_view["superpixels"]),
+    ]
 
     steps = {
         "ViT-S/16 supervised": (vit_classifier, lambda: vit_classifier(pixel_values=pixels, labels=labels).loss, None),
@@ -550,14 +550,16 @@ def run_benchmark(settings=None, log=None):
     try:
         report = BenchmarkReport(settings=settings, machine=machine_description(settings.threads))
         report.machine["load_average_start"] = load_average()
-        images = benchmark_images(max(max(settings.batch_sizes), settings.train_batch_size), settings.image_size,
-                                  settings.seed)
+        images = benchmark_images(
+            max(max(settings.batch_sizes), settings.train_batch_size), settings.image_size, settings.seed
+        )
         cases = build_cases(settings)
         cast_forward = next(case for case in cases if case.name == "cast-forward")
         for batch_size in settings.batch_sizes:
             log(f"throughput, batch {batch_size}")
-            report.throughput[batch_size] = measure_throughput(cases, images, batch_size,
-                                                               settings.repeats_for(batch_size))
+            report.throughput[batch_size] = measure_throughput(
+                cases, images, batch_size, settings.repeats_for(batch_size)
+            )
             log(f"time split, batch {batch_size}")
             processed = cast_forward.prepare(images[:batch_size])
             report.split[batch_size] = split_forward(cast_forward, processed, images[:batch_size])
@@ -592,8 +594,10 @@ def target_lines(report):
     batches = list(report.settings.batch_sizes)
 
     def ratios(case, reference=None):
-        return {batch: (report.ratio(batch, case, 0, reference), report.ratio(batch, case, 2, reference))
-                for batch in batches}
+        return {
+            batch: (report.ratio(batch, case, 0, reference), report.ratio(batch, case, 2, reference))
+            for batch in batches
+        }
 
     def verdict(values, passes):
         met = [str(batch) for batch in batches if passes(values[batch])]
@@ -612,7 +616,8 @@ def target_lines(report):
         + verdict(end_to_end, lambda v: v[0] >= 1.1)
         + f"; against the ViT-S forward alone: {listed(versus_forward)}",
         "- FPS + graph pooling <= 10 % of the CAST-S forward: "
-        + " / ".join(f"{100 * pooling[batch]:.1f} %" for batch in batches) + verdict(pooling, lambda v: v <= 0.10),
+        + " / ".join(f"{100 * pooling[batch]:.1f} %" for batch in batches)
+        + verdict(pooling, lambda v: v <= 0.10),
     ]
 
 
@@ -642,22 +647,30 @@ def format_report(report, command=None):
             cpu_ms = 1000 / report.images_per_second(batch_size, case, 2)
             memory = report.memory.get(case, {}).get(batch_size)
             memory_text = f"{memory:.0f}" if memory is not None else "-"
-            lines.append(f"| {CASE_TITLES[case]} | {batch_size} | {best:.2f} ({median:.2f}) | {cpu_ms:.0f} | "
-                         f"{report.ratio(batch_size, case):.2f} ({report.ratio(batch_size, case, 2):.2f}) | "
-                         f"{memory_text} |")
+            lines.append(
+                f"| {CASE_TITLES[case]} | {batch_size} | {best:.2f} ({median:.2f}) | {cpu_ms:.0f} | "
+                f"{report.ratio(batch_size, case):.2f} ({report.ratio(batch_size, case, 2):.2f}) | "
+                f"{memory_text} |"
+            )
 
     lines += ["", *target_lines(report)]
 
     lines += ["", "CAST-S forward, where the time goes (ms per call; hooks on the modules):", ""]
-    lines += ["| batch | total | " + " | ".join(SPLIT_TITLES[part] for part in SPLIT_PARTS)
-              + " | FPS + graph pooling | processor (SEEDS) |",
-              "|---:|---:|" + "---:|" * (len(SPLIT_PARTS) + 2)]
+    lines += [
+        "| batch | total | "
+        + " | ".join(SPLIT_TITLES[part] for part in SPLIT_PARTS)
+        + " | FPS + graph pooling | processor (SEEDS) |",
+        "|---:|---:|" + "---:|" * (len(SPLIT_PARTS) + 2),
+    ]
     for batch_size, split in report.split.items():
         total = split["total"]
         cells = [f"{split[part]:.0f} ({_percent(split[part], total)})" for part in SPLIT_PARTS]
         pooling = split["fps"] + split["graph_pooling"]
-        lines.append(f"| {batch_size} | {total:.0f} | " + " | ".join(cells)
-                     + f" | {pooling:.0f} ({_percent(pooling, total)}) | {split['processor']:.0f} |")
+        lines.append(
+            f"| {batch_size} | {total:.0f} | "
+            + " | ".join(cells)
+            + f" | {pooling:.0f} ({_percent(pooling, total)}) | {split['processor']:.0f} |"
+        )
 
     if report.flops:
         flops, parts = report.flops, report.flops["cast_parts"]
@@ -671,19 +684,29 @@ def format_report(report, command=None):
             f"| CAST-S | {flops['cast'] / 1e9:.2f} | {flops['cast'] / 2e9:.2f} | {PAPER_GMACS['cast']:.2f} |",
             "",
             f"ViT-S / CAST-S FLOPs: {flops['vit'] / flops['cast']:.2f}. CAST-S FLOPs by part: "
-            + ", ".join(f"{SPLIT_TITLES[part]} {_percent(value, flops['cast'])}" for part, value in parts.items()
-                        if part != "other")
+            + ", ".join(
+                f"{SPLIT_TITLES[part]} {_percent(value, flops['cast'])}"
+                for part, value in parts.items()
+                if part != "other"
+            )
             + " (FPS is its float64 Gram matrix).",
         ]
 
     if report.training:
-        lines += ["", f"Training step, batch {settings.train_batch_size} (random labels; MoCo-v3: two views through "
-                  "the base and the momentum encoder, AdamW):", "",
-                  "| step | ms per step | images/s | x ViT-S |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Training step, batch {settings.train_batch_size} (random labels; MoCo-v3: two views through "
+            "the base and the momentum encoder, AdamW):",
+            "",
+            "| step | ms per step | images/s | x ViT-S |",
+            "|---|---:|---:|---:|",
+        ]
         for name, (best, median) in report.training.items():
             reference = report.training[name.replace("CAST-S", "ViT-S/16")][0]
-            lines.append(f"| {name} | {best * 1000:.0f} ({median * 1000:.0f}) | "
-                         f"{settings.train_batch_size / best:.2f} | {reference / best:.2f} |")
+            lines.append(
+                f"| {name} | {best * 1000:.0f} ({median * 1000:.0f}) | "
+                f"{settings.train_batch_size / best:.2f} | {reference / best:.2f} |"
+            )
     return "\n".join(lines)
 
 

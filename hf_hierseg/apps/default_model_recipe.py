@@ -31,8 +31,6 @@ from ..training.recipes import train_moco
 TRAINING_IMAGE_SIZE_MIN_SIDE = 256  # real photos are stored with this shorter side (crops are taken from them)
 
 
-
-
 @dataclasses.dataclass
 class DefaultModelRecipe:
     """Model size, data and MoCo-v3 settings of the default model (the defaults are the shipped model's)."""
@@ -120,8 +118,11 @@ def write_training_images(output_dir, recipe, cache_dir=None):
     for index in range(recipe.num_synthetic_images):
         example = generate_example(index, seed=recipe.seed, split="train", image_size=recipe.image_size)
         example["image"].save(folder / f"synthetic_{index:05d}.png")
-    return {"real_photos": len(photos), "photo_images": len(photos) * recipe.photo_repeats,
-            "synthetic_images": recipe.num_synthetic_images}
+    return {
+        "real_photos": len(photos),
+        "photo_images": len(photos) * recipe.photo_repeats,
+        "synthetic_images": recipe.num_synthetic_images,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,11 +141,25 @@ def source_revision():
     model are modified), or None."""
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=30)
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                 f":(exclude){DEFAULT_MODEL_DIRECTORY.relative_to(root).as_posix()}"],
-                                capture_output=True, text=True, timeout=30)
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+        )
+        status = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                f":(exclude){DEFAULT_MODEL_DIRECTORY.relative_to(root).as_posix()}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if commit.returncode != 0:
@@ -187,14 +202,17 @@ def train_default_model(work_dir, export_dir=DEFAULT_MODEL_DIRECTORY, recipe=Non
     export_backbone(training_dir, export_dir)
     log = read_training_log(training_dir)
     summary = {
-        "recipe": {key: list(value) if isinstance(value, tuple) else value
-                   for key, value in dataclasses.asdict(recipe).items()},
+        "recipe": {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(recipe).items()
+        },
         "data": counts,
         "objective": "MoCo v3 (hf_hierseg.training.recipes.train_moco)",
         "steps": recipe.train_steps,
         "loss": [{"step": record["step"], "loss": round(record["loss"], 4)} for record in log],
         "parameter_fingerprint": json.loads((training_dir / "train_summary_rank0.json").read_text())[
-            "parameter_fingerprint"],
+            "parameter_fingerprint"
+        ],
         "data_seconds": round(data_seconds, 1),
         "wall_seconds": round(time.perf_counter() - start_wall, 1),
         "cpu_seconds": round(cpu_seconds() - start_cpu, 1),

@@ -37,8 +37,10 @@ def demo_photos(cache_dir=None):
         reason = str(error).splitlines()[0]
     from ..evaluation.synthetic import generate_example
 
-    photos = [(f"synthetic_{index}", generate_example(index, split="test", image_size=224)["image"])
-              for index in range(NUM_SYNTHETIC_FALLBACK_IMAGES)]
+    photos = [
+        (f"synthetic_{index}", generate_example(index, split="test", image_size=224)["image"])
+        for index in range(NUM_SYNTHETIC_FALLBACK_IMAGES)
+    ]
     return photos, f"SYNTHETIC images (the real photos could not be fetched: {reason})"
 
 

@@ -21,7 +21,6 @@ import torch
 from transformers import ViTForImageClassification
 
 from ..configuration_cast import CastConfig
-from ..modeling_cast import CastForImageClassification
 from ..evaluation.baselines import make_vit_like
 from ..evaluation.classification_eval import evaluate_classification, format_classification_table
 from ..evaluation.segmentation_eval import (
@@ -33,6 +32,7 @@ from ..evaluation.segmentation_eval import (
     to_jsonable,
 )
 from ..evaluation.synthetic import CLASS_NAMES, INFO_FILE, PART_NAMES, load_synthetic_dataset, write_synthetic_dataset
+from ..modeling_cast import CastForImageClassification
 
 
 RESULTS_FILE = "results.json"
@@ -86,15 +86,25 @@ class ReproductionSettings:
             id2label = dict(enumerate(CLASS_NAMES[:num_labels]))
             labels = {"id2label": id2label, "label2id": {name: index for index, name in id2label.items()}}
         return CastConfig(
-            hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads, depths=tuple(self.depths),
-            num_clusters=tuple(self.num_clusters), image_size=self.image_size,
-            graph_pooling_num_heads=self.graph_pooling_num_heads, **labels)
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            depths=tuple(self.depths),
+            num_clusters=tuple(self.num_clusters),
+            image_size=self.image_size,
+            graph_pooling_num_heads=self.graph_pooling_num_heads,
+            **labels,
+        )
 
     def config_overrides(self):
         """`--config_overrides` of the training script for `cast_config()`."""
-        return [f"hidden_size={self.hidden_size}", f"num_attention_heads={self.num_attention_heads}",
-                "depths=" + ",".join(map(str, self.depths)), "num_clusters=" + ",".join(map(str, self.num_clusters)),
-                f"image_size={self.image_size}", f"graph_pooling_num_heads={self.graph_pooling_num_heads}"]
+        return [
+            f"hidden_size={self.hidden_size}",
+            f"num_attention_heads={self.num_attention_heads}",
+            "depths=" + ",".join(map(str, self.depths)),
+            "num_clusters=" + ",".join(map(str, self.num_clusters)),
+            f"image_size={self.image_size}",
+            f"graph_pooling_num_heads={self.graph_pooling_num_heads}",
+        ]
 
     def training_arguments(self, data_dir, output_dir, superpixel_method="seeds"):
         """Arguments of `scripts/train_supervised.py` (a light DeiT recipe: no Mixup / CutMix / erasing, one
@@ -140,10 +150,15 @@ def train_cast_classifier(settings, data_dir, output_dir):
     from ..training.arguments import supervised_parser
     from ..training.recipes import train_supervised
 
-    args = supervised_parser().parse_args([
-        *settings.training_arguments(data_dir, output_dir), "--config_name", "cast-small",
-        "--config_overrides", *settings.config_overrides(),
-    ])
+    args = supervised_parser().parse_args(
+        [
+            *settings.training_arguments(data_dir, output_dir),
+            "--config_name",
+            "cast-small",
+            "--config_overrides",
+            *settings.config_overrides(),
+        ]
+    )
     metrics = train_supervised(args)
     return CastForImageClassification.from_pretrained(output_dir).eval(), metrics
 
@@ -153,8 +168,8 @@ def train_pixel_classifier(args, model):
     data, views (their superpixels unused), objective and loop. Returns the final metrics (no evaluation)."""
     from accelerate.utils import set_seed
 
-    from ..training.augment import DeitTransform, RandAugment, ViewEncoder
     from ..image_datasets import image_column_of, label_column_of, load_image_datasets
+    from ..training.augment import DeitTransform, RandAugment, ViewEncoder
     from ..training.loop import create_accelerator, setup_logging, train
     from ..training.recipes import evaluation_split, limit, select_split, training_batches
     from ..training.supervised import SupervisedObjective
@@ -169,15 +184,29 @@ def train_pixel_classifier(args, model):
     train_split = limit(train_split, args.max_train_samples)
     accelerator = create_accelerator(args)
     setup_logging(accelerator)
-    objective = PixelClassifierObjective(SuperpixelFreeClassifier(model), args.label_smoothing, args.mixup,
-                                         args.cutmix, args.mixup_prob, args.mixup_switch_prob, seed=args.seed)
+    objective = PixelClassifierObjective(
+        SuperpixelFreeClassifier(model),
+        args.label_smoothing,
+        args.mixup,
+        args.cutmix,
+        args.mixup_prob,
+        args.mixup_switch_prob,
+        seed=args.seed,
+    )
     encoder = ViewEncoder(args.superpixel_method, args.num_superpixels, "supervised")
-    rand_augment = (RandAugment(args.rand_augment_num_ops, args.rand_augment_magnitude)
-                    if args.rand_augment_num_ops > 0 else None)
-    transform = DeitTransform(encoder, args.image_size or model.config.image_size, rand_augment,
-                              crop_scale=(args.crop_min_scale, 1.0), erasing_probability=args.reprob)
-    batches = training_batches(args, accelerator, train_split, transform, image_column_of(train_split),
-                               label_column_of(train_split))
+    rand_augment = (
+        RandAugment(args.rand_augment_num_ops, args.rand_augment_magnitude) if args.rand_augment_num_ops > 0 else None
+    )
+    transform = DeitTransform(
+        encoder,
+        args.image_size or model.config.image_size,
+        rand_augment,
+        crop_scale=(args.crop_min_scale, 1.0),
+        erasing_probability=args.reprob,
+    )
+    batches = training_batches(
+        args, accelerator, train_split, transform, image_column_of(train_split), label_column_of(train_split)
+    )
     return train(args, accelerator, objective, batches)
 
 
@@ -210,17 +239,25 @@ def count_parameters(model):
 def prepare_data(settings, data_dir):
     """Write the synthetic dataset (parquet) unless `data_dir` already holds one with the same settings."""
     data_dir = Path(data_dir)
-    wanted = {"image_size": settings.image_size, "seed": settings.seed,
-              "splits": {"train": settings.num_train_images, "test": settings.num_test_images}}
+    wanted = {
+        "image_size": settings.image_size,
+        "seed": settings.seed,
+        "splits": {"train": settings.num_train_images, "test": settings.num_test_images},
+    }
     info_file = data_dir / INFO_FILE
     if info_file.is_file():
         info = json.loads(info_file.read_text(encoding="utf-8"))
         if all(info.get(key) == value for key, value in wanted.items()) and info.get("format") == "parquet":
             return data_dir
         raise ValueError(f"{data_dir} holds a synthetic dataset with other settings ({info}); use another folder.")
-    return write_synthetic_dataset(data_dir, num_images=settings.num_train_images,
-                                   num_test_images=settings.num_test_images, image_size=settings.image_size,
-                                   format="parquet", seed=settings.seed)
+    return write_synthetic_dataset(
+        data_dir,
+        num_images=settings.num_train_images,
+        num_test_images=settings.num_test_images,
+        image_size=settings.image_size,
+        format="parquet",
+        seed=settings.seed,
+    )
 
 
 def evaluate_models(model_pairs, settings, train_examples, test_examples):
@@ -237,20 +274,30 @@ def evaluate_models(model_pairs, settings, train_examples, test_examples):
     cast_encoder = ViewEncoder("seeds", settings.num_superpixels, "supervised")
     vit_encoder = ViewEncoder("grid", settings.num_superpixels, "supervised")  # the ViT ignores superpixels
     images = [image for image, _ in read_image_mask_pairs(test_examples, "object_mask")]
-    references = {mask: ([mask_map for _, mask_map in read_image_mask_pairs(test_examples, mask)], num_labels)
-                  for mask, num_labels in MASKS.items()}
+    references = {
+        mask: ([mask_map for _, mask_map in read_image_mask_pairs(test_examples, mask)], num_labels)
+        for mask, num_labels in MASKS.items()
+    }
     classification = {}
     segmentation = {mask: {"num_images": len(images), "num_labels": MASKS[mask], "models": {}} for mask in MASKS}
     for suffix, (cast, vit) in model_pairs.items():
         for name, model, encoder in ((f"CAST{suffix}", cast, cast_encoder), (f"ViT{suffix}", vit, vit_encoder)):
             transform = EvalTransform(encoder, settings.image_size)
-            classification[name] = evaluate_classification(model, test_examples, transform, train_examples,
-                                                           batch_size=settings.eval_batch_size)
+            classification[name] = evaluate_classification(
+                model, test_examples, transform, train_examples, batch_size=settings.eval_batch_size
+            )
             classification[name]["parameters"] = count_parameters(model)
-        scores = evaluate_segmentation(cast, images, references, cast_encoder, vit,
-                                       vit_num_clusters=tuple(settings.num_clusters),
-                                       vit_max_fit_pixels=settings.vit_max_fit_pixels,
-                                       batch_size=settings.eval_batch_size, seed=settings.seed)
+        scores = evaluate_segmentation(
+            cast,
+            images,
+            references,
+            cast_encoder,
+            vit,
+            vit_num_clusters=tuple(settings.num_clusters),
+            vit_max_fit_pixels=settings.vit_max_fit_pixels,
+            batch_size=settings.eval_batch_size,
+            seed=settings.seed,
+        )
         for mask, evaluation in scores.items():
             segmentation[mask]["models"][f"CAST{suffix}"] = evaluation["models"]["cast"]
             segmentation[mask]["models"][f"ViT{suffix}"] = evaluation["models"]["vit_kmeans"]
@@ -347,19 +394,35 @@ def format_reproduction_report(results):
         "",
         "**Classification** (test split)",
         "",
-        format_classification_table({vit_display_name(name, settings).replace(" + k-means", ""): value
-                                     for name, value in results["classification"].items()}),
+        format_classification_table(
+            {
+                vit_display_name(name, settings).replace(" + k-means", ""): value
+                for name, value in results["classification"].items()
+            }
+        ),
     ]
     for mask, evaluation in results["segmentation"].items():
-        lines += ["", f"**Segmentation vs `{mask}`**: mIoU after majority-label assignment "
-                      f"({evaluation['num_labels']} labels, {evaluation['num_images']} images)", "",
-                  format_level_summary(evaluation["models"], "majority_mean_iou", clusters, settings),
-                  "", f"Boundary F-score (1 px) vs `{mask}`", "",
-                  format_level_summary(evaluation["models"], "boundary_fscore", clusters, settings)]
+        lines += [
+            "",
+            f"**Segmentation vs `{mask}`**: mIoU after majority-label assignment "
+            f"({evaluation['num_labels']} labels, {evaluation['num_images']} images)",
+            "",
+            format_level_summary(evaluation["models"], "majority_mean_iou", clusters, settings),
+            "",
+            f"Boundary F-score (1 px) vs `{mask}`",
+            "",
+            format_level_summary(evaluation["models"], "boundary_fscore", clusters, settings),
+        ]
     for mask, evaluation in results["segmentation"].items():
         names = {name: vit_display_name(name, settings) for name in evaluation["models"]}
-        lines += ["", f"<details><summary>All scores vs <code>{mask}</code></summary>", "",
-                  format_segmentation_table(evaluation, names), "", "</details>"]
+        lines += [
+            "",
+            f"<details><summary>All scores vs <code>{mask}</code></summary>",
+            "",
+            format_segmentation_table(evaluation, names),
+            "",
+            "</details>",
+        ]
     return "\n".join(lines)
 
 

@@ -1,7 +1,13 @@
 """Evaluation: metrics, offline `evaluate` modules, the ViT + k-means baseline, evaluation data, the segmentation and
 classification evaluations of scripts/evaluate_*.py."""
 
-from .baselines import evaluate_vit_baseline, hierarchical_kmeans, make_vit_like, spherical_kmeans, vit_kmeans_hierarchy
+from .baselines import (
+    evaluate_vit_baseline,
+    hierarchical_kmeans,
+    make_vit_like,
+    spherical_kmeans,
+    vit_kmeans_hierarchy,
+)
 from .classification_eval import evaluate_classification, run_classification_evaluation
 from .metrics import (
     boundary_fscore,

@@ -26,7 +26,9 @@ def make_vit_like(cast_config, patch_size=VIT_PATCH_SIZE, **kwargs):
     """
     for name in ("hidden_size", "num_attention_heads", "depths", "mlp_ratio", "image_size"):
         if not hasattr(cast_config, name):
-            raise TypeError(f"`cast_config` must be a CastConfig (missing `{name}`), got {type(cast_config).__name__}.")
+            raise TypeError(
+                f"`cast_config` must be a CastConfig (missing `{name}`), got {type(cast_config).__name__}."
+            )
     if cast_config.image_size % patch_size != 0:
         raise ValueError(
             f"`image_size` ({cast_config.image_size}) must be a multiple of the ViT patch size ({patch_size})."

@@ -23,8 +23,10 @@ def load_classification_model(model_name_or_path):
 
     config = AutoConfig.from_pretrained(model_name_or_path)
     if getattr(config, "model_type", None) != "cast":
-        raise ValueError(f"{model_name_or_path} holds a {getattr(config, 'model_type', None)!r} model; a CAST model "
-                         "(config.model_type 'cast') is needed.")
+        raise ValueError(
+            f"{model_name_or_path} holds a {getattr(config, 'model_type', None)!r} model; a CAST model "
+            "(config.model_type 'cast') is needed."
+        )
     is_classifier = any(name.endswith("ForImageClassification") for name in config.architectures or ())
     auto_class = AutoModelForImageClassification if is_classifier else AutoModel
     return auto_class.from_pretrained(model_name_or_path).eval()
@@ -43,8 +45,9 @@ def embed_batch(model, pixel_values, superpixels):
     return outputs.pooler_output, getattr(outputs, "logits", None)
 
 
-def extract_features(model, examples, transform, image_column="image", label_column="label", batch_size=64,
-                     max_samples=None):
+def extract_features(
+    model, examples, transform, image_column="image", label_column="label", batch_size=64, max_samples=None
+):
     """Embeddings, logits and labels of a labelled dataset (or iterable of dicts with a PIL image and an int label).
 
     Returns:
@@ -85,9 +88,20 @@ def extract_features(model, examples, transform, image_column="image", label_col
     }
 
 
-def evaluate_classification(model, eval_examples, transform, train_examples=None, image_column="image",
-                            label_column="label", top_k=DEFAULT_TOP_K, knn_k=20, knn_temperature=0.07,
-                            batch_size=64, max_eval_samples=None, max_train_samples=None):
+def evaluate_classification(
+    model,
+    eval_examples,
+    transform,
+    train_examples=None,
+    image_column="image",
+    label_column="label",
+    top_k=DEFAULT_TOP_K,
+    knn_k=20,
+    knn_temperature=0.07,
+    batch_size=64,
+    max_eval_samples=None,
+    max_train_samples=None,
+):
     """Top-k accuracy of a classifier on `eval_examples` and, with `train_examples`, the weighted kNN accuracy of
     its embeddings (neighbours among the training embeddings).
 
@@ -104,8 +118,16 @@ def evaluate_classification(model, eval_examples, transform, train_examples=None
         train = extract_features(model, train_examples, transform, max_samples=max_train_samples, **common)
         results["num_train"] = int(len(train["labels"]))
         results["knn_k"] = int(min(knn_k, len(train["labels"])))
-        results.update(knn_accuracy(train["features"], train["labels"], evaluated["features"], evaluated["labels"],
-                                    k=knn_k, temperature=knn_temperature))
+        results.update(
+            knn_accuracy(
+                train["features"],
+                train["labels"],
+                evaluated["features"],
+                evaluated["labels"],
+                k=knn_k,
+                temperature=knn_temperature,
+            )
+        )
     return results
 
 
@@ -114,24 +136,41 @@ def format_classification_table(rows, top_k=DEFAULT_TOP_K):
     knn_k = next((results["knn_k"] for results in rows.values() if "knn_k" in results), None)
     columns = [(f"top{k}_accuracy", f"top-{k}") for k in top_k]
     columns.append(("knn_accuracy", f"kNN (k={knn_k})" if knn_k else "kNN"))
-    lines = ["| model | images | " + " | ".join(title for _, title in columns) + " |",
-             "|---|---:|" + "---:|" * len(columns)]
+    lines = [
+        "| model | images | " + " | ".join(title for _, title in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
     for name, results in rows.items():
         cells = [format_score(results.get(key)) for key, _ in columns]
         lines.append(f"| {name} | {results['num_eval']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def run_classification_evaluation(model_name_or_path, dataset_name, eval_split="test", train_split="train",
-                                  knn=True, image_column=None, label_column=None, superpixel_method=None,
-                                  num_superpixels=None, seeds_recipe=None, image_size=None,
-                                  crop_fraction=0.875, top_k=DEFAULT_TOP_K, knn_k=20, knn_temperature=0.07,
-                                  batch_size=64, max_eval_samples=None, max_train_samples=None):
+def run_classification_evaluation(
+    model_name_or_path,
+    dataset_name,
+    eval_split="test",
+    train_split="train",
+    knn=True,
+    image_column=None,
+    label_column=None,
+    superpixel_method=None,
+    num_superpixels=None,
+    seeds_recipe=None,
+    image_size=None,
+    crop_fraction=0.875,
+    top_k=DEFAULT_TOP_K,
+    knn_k=20,
+    knn_temperature=0.07,
+    batch_size=64,
+    max_eval_samples=None,
+    max_train_samples=None,
+):
     """Evaluate a CAST model folder on a labelled dataset (scripts/evaluate_classification.py).
 
     Returns `{"settings": ..., "results": evaluate_classification results}`."""
-    from ..training.augment import EvalTransform
     from ..image_datasets import image_column_of, label_column_of
+    from ..training.augment import EvalTransform
 
     model = load_classification_model(model_name_or_path)
     encoder = cast_encoder(model.config, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe)
@@ -142,8 +181,19 @@ def run_classification_evaluation(model_name_or_path, dataset_name, eval_split="
     label_column = label_column or label_column_of(eval_examples)
     train_examples = load_dataset_split(dataset_name, train_split) if knn else None
     results = evaluate_classification(
-        model, eval_examples, transform, train_examples, image_column, label_column, top_k, knn_k, knn_temperature,
-        batch_size, max_eval_samples, max_train_samples)
+        model,
+        eval_examples,
+        transform,
+        train_examples,
+        image_column,
+        label_column,
+        top_k,
+        knn_k,
+        knn_temperature,
+        batch_size,
+        max_eval_samples,
+        max_train_samples,
+    )
     settings = {
         "model": str(model_name_or_path),
         "classifier": any(key.startswith("top") for key in results),

@@ -217,28 +217,47 @@ def predict_vit_levels(vit_model, images, num_clusters, output_sizes, batch_size
 
 def score_levels(predictions, levels, masks, num_labels, ignore_index=None, tolerance=1, exclude_labels=()):
     """`metrics.evaluate_hierarchy` of per-level predictions, each dict's `level` set to the CAST level."""
-    scores = evaluate_hierarchy(predictions, masks, num_labels, ignore_index=ignore_index, tolerance=tolerance,
-                                exclude_labels=exclude_labels)
+    scores = evaluate_hierarchy(
+        predictions, masks, num_labels, ignore_index=ignore_index, tolerance=tolerance, exclude_labels=exclude_labels
+    )
     for level, score in zip(levels, scores):
         score["level"] = level
     return scores
 
 
-def evaluate_cast_hierarchy(model, pairs, num_labels, encoder, levels=CAST_LEVELS, batch_size=16, ignore_index=None,
-                            tolerance=1, exclude_labels=()):
+def evaluate_cast_hierarchy(
+    model,
+    pairs,
+    num_labels,
+    encoder,
+    levels=CAST_LEVELS,
+    batch_size=16,
+    ignore_index=None,
+    tolerance=1,
+    exclude_labels=(),
+):
     """Per-level scores of CAST's hierarchy on `(image, mask)` pairs (see `predict_cast_levels`)."""
     images, masks = [image for image, _ in pairs], [mask for _, mask in pairs]
     predictions = predict_cast_levels(model, images, encoder, [mask.shape for mask in masks], levels, batch_size)
     return score_levels(predictions, levels, masks, num_labels, ignore_index, tolerance, exclude_labels)
 
 
-def evaluate_vit_hierarchy(vit_model, pairs, num_labels, num_clusters, levels=CAST_LEVELS, batch_size=16,
-                           ignore_index=None, tolerance=1, exclude_labels=(), seed=0):
+def evaluate_vit_hierarchy(
+    vit_model,
+    pairs,
+    num_labels,
+    num_clusters,
+    levels=CAST_LEVELS,
+    batch_size=16,
+    ignore_index=None,
+    tolerance=1,
+    exclude_labels=(),
+    seed=0,
+):
     """Per-level scores of the ViT + k-means baseline on `(image, mask)` pairs, the level with `num_clusters[i]`
     clusters numbered `levels[i]` (the CAST level with as many segments)."""
     images, masks = [image for image, _ in pairs], [mask for _, mask in pairs]
-    predictions = predict_vit_levels(vit_model, images, num_clusters, [mask.shape for mask in masks], batch_size,
-                                     seed)
+    predictions = predict_vit_levels(vit_model, images, num_clusters, [mask.shape for mask in masks], batch_size, seed)
     return score_levels(predictions, levels, masks, num_labels, ignore_index, tolerance, exclude_labels)
 
 
@@ -256,15 +275,29 @@ def vit_baseline_model(cast_config, vit_model=None, patch_size=VIT_BASELINE_PATC
     logger.warning(
         "NO --vit_model GIVEN: the ViT + k-means baseline uses a RANDOMLY INITIALISED ViT (width %d, %d layers, "
         "patch %d). Its scores say what k-means of untrained features gives, not what a trained ViT gives.",
-        cast_config.hidden_size, sum(cast_config.depths), patch_size,
+        cast_config.hidden_size,
+        sum(cast_config.depths),
+        patch_size,
     )
     torch.manual_seed(seed)
     return ViTModel(make_vit_like(cast_config, patch_size=patch_size), add_pooling_layer=False).eval(), True
 
 
-def evaluate_segmentation(cast_model, images, references, encoder, vit_model=None, levels=CAST_LEVELS,
-                          vit_num_clusters=None, vit_max_fit_pixels=4096, batch_size=16, ignore_index=None,
-                          tolerance=1, exclude_labels=(), seed=0):
+def evaluate_segmentation(
+    cast_model,
+    images,
+    references,
+    encoder,
+    vit_model=None,
+    levels=CAST_LEVELS,
+    vit_num_clusters=None,
+    vit_max_fit_pixels=4096,
+    batch_size=16,
+    ignore_index=None,
+    tolerance=1,
+    exclude_labels=(),
+    seed=0,
+):
     """CAST's hierarchy and, if `vit_model` is given, the ViT + k-means baseline of `images`, each computed once and
     scored against every set of ground-truth masks in `references`.
 
@@ -292,15 +325,19 @@ def evaluate_segmentation(cast_model, images, references, encoder, vit_model=Non
     if vit_model is not None and vit_levels:
         clusters = tuple(vit_num_clusters or cast_model.config.num_clusters)
         vit_clusters = tuple(clusters[level - 1] for level in vit_levels)
-        vit_predictions = predict_vit_levels(vit_model, images, vit_clusters, sizes, batch_size, seed,
-                                             vit_max_fit_pixels)
+        vit_predictions = predict_vit_levels(
+            vit_model, images, vit_clusters, sizes, batch_size, seed, vit_max_fit_pixels
+        )
         predictions["vit_kmeans"] = (vit_predictions, vit_levels)
     results = {}
     for name, (masks, num_labels) in references.items():
         num_labels = int(num_labels or infer_num_labels(masks, ignore_index))
-        scores = {model: score_levels(model_predictions, model_levels, masks, num_labels, ignore_index, tolerance,
-                                      exclude_labels)
-                  for model, (model_predictions, model_levels) in predictions.items()}
+        scores = {
+            model: score_levels(
+                model_predictions, model_levels, masks, num_labels, ignore_index, tolerance, exclude_labels
+            )
+            for model, (model_predictions, model_levels) in predictions.items()
+        }
         results[name] = {"num_images": len(images), "num_labels": num_labels, "models": scores}
     return results
 
@@ -320,8 +357,10 @@ def format_score(value, digits=3):
 def format_segmentation_table(results, model_names=None):
     """A markdown table with one row per model and level of `evaluate_segmentation`'s results."""
     model_names = model_names or {"cast": "CAST", "vit_kmeans": "ViT + k-means"}
-    lines = ["| model | level | " + " | ".join(title for _, title in SCORE_COLUMNS) + " |",
-             "|---|---:|" + "---:|" * len(SCORE_COLUMNS)]
+    lines = [
+        "| model | level | " + " | ".join(title for _, title in SCORE_COLUMNS) + " |",
+        "|---|---:|" + "---:|" * len(SCORE_COLUMNS),
+    ]
     for key, levels in results["models"].items():
         for score in levels:
             cells = [format_score(score.get(name), 1 if name == "num_segments" else 3) for name, _ in SCORE_COLUMNS]
@@ -364,16 +403,35 @@ def real_photo_references(name, cache_dir=None):
         raise ValueError(f"Unknown real photo {name!r}; choose one of {sorted(loaders)}.")
     photo = loaders[name](cache_dir)
     masks = {column: np.asarray(photo[column], dtype=np.int64) for column in ("class_mask", "instance_mask")}
-    return photo["image"], {"class_mask": (masks["class_mask"], len(photo["class_names"])),
-                            "instance_mask": (masks["instance_mask"], None)}
+    return photo["image"], {
+        "class_mask": (masks["class_mask"], len(photo["class_names"])),
+        "instance_mask": (masks["instance_mask"], None),
+    }
 
 
-def run_segmentation_evaluation(model_name_or_path, dataset_name=None, split="test", mask_column="object_mask",
-                                image_column=None, max_samples=None, num_labels=None, levels=CAST_LEVELS,
-                                vit_model=None, vit_patch_size=VIT_BASELINE_PATCH_SIZE, skip_vit=False,
-                                vit_max_fit_pixels=4096, real_photos=(), superpixel_method=None, num_superpixels=None,
-                                seeds_recipe=None, batch_size=16, ignore_index=None, tolerance=1, exclude_labels=(),
-                                seed=0):
+def run_segmentation_evaluation(
+    model_name_or_path,
+    dataset_name=None,
+    split="test",
+    mask_column="object_mask",
+    image_column=None,
+    max_samples=None,
+    num_labels=None,
+    levels=CAST_LEVELS,
+    vit_model=None,
+    vit_patch_size=VIT_BASELINE_PATCH_SIZE,
+    skip_vit=False,
+    vit_max_fit_pixels=4096,
+    real_photos=(),
+    superpixel_method=None,
+    num_superpixels=None,
+    seeds_recipe=None,
+    batch_size=16,
+    ignore_index=None,
+    tolerance=1,
+    exclude_labels=(),
+    seed=0,
+):
     """Evaluate a CAST model folder on a dataset split and/or real photos, with the ViT baseline unless
     `skip_vit`. Returns `{"settings": ..., "random_vit_weights": ..., "evaluations": [{"data": description,
     "num_images", "num_labels", "models"}]}`."""
@@ -381,8 +439,9 @@ def run_segmentation_evaluation(model_name_or_path, dataset_name=None, split="te
         raise ValueError("Give a dataset (--dataset_name) and/or real photos (--real_photos voc).")
     cast_model = load_cast_model(model_name_or_path)
     encoder = cast_encoder(cast_model.config, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe)
-    vit, random_vit = (None, False) if skip_vit else vit_baseline_model(cast_model.config, vit_model, vit_patch_size,
-                                                                        seed)
+    vit, random_vit = (
+        (None, False) if skip_vit else vit_baseline_model(cast_model.config, vit_model, vit_patch_size, seed)
+    )
     settings = {
         "model": str(model_name_or_path),
         "image_size": cast_model.config.image_size,
@@ -405,10 +464,20 @@ def run_segmentation_evaluation(model_name_or_path, dataset_name=None, split="te
         image_sets.append((f"{name} photo", [image], {key: ([mask], count) for key, (mask, count) in masks.items()}))
     evaluations = []
     for description, images, references in image_sets:
-        results = evaluate_segmentation(cast_model, images, references, encoder, vit, levels,
-                                        vit_max_fit_pixels=vit_max_fit_pixels, batch_size=batch_size,
-                                        ignore_index=ignore_index, tolerance=tolerance, exclude_labels=exclude_labels,
-                                        seed=seed)
+        results = evaluate_segmentation(
+            cast_model,
+            images,
+            references,
+            encoder,
+            vit,
+            levels,
+            vit_max_fit_pixels=vit_max_fit_pixels,
+            batch_size=batch_size,
+            ignore_index=ignore_index,
+            tolerance=tolerance,
+            exclude_labels=exclude_labels,
+            seed=seed,
+        )
         evaluations += [{"data": f"{description} {mask}", **result} for mask, result in results.items()]
     return {"settings": settings, "random_vit_weights": random_vit, "evaluations": evaluations}
 
@@ -420,8 +489,9 @@ def format_segmentation_report(run):
         sections.append("**Note: the ViT baseline has random weights (no `--vit_model`).**")
     vit_name = f"ViT/{run['settings']['vit_patch_size']} + k-means" if run["settings"]["vit_patch_size"] else None
     for evaluation in run["evaluations"]:
-        sections.append(f"**{evaluation['data']}**: {evaluation['num_images']} image(s), "
-                        f"{evaluation['num_labels']} labels")
+        sections.append(
+            f"**{evaluation['data']}**: {evaluation['num_images']} image(s), {evaluation['num_labels']} labels"
+        )
         sections.append(format_segmentation_table(evaluation, {"cast": "CAST", "vit_kmeans": vit_name}))
     return "\n\n".join(sections)
 

@@ -86,7 +86,7 @@ def _texture(rng, size, colours, kind):
         weight = np.zeros((size, size), dtype=np.float32)
     elif kind == "stripes":
         angle, period = rng.uniform(0, math.pi), rng.uniform(4, 12) * size / 64
-        weight = (np.sin(2 * math.pi * (x * math.cos(angle) + y * math.sin(angle)) / period + rng.uniform(0, 6.3)) > 0)
+        weight = np.sin(2 * math.pi * (x * math.cos(angle) + y * math.sin(angle)) / period + rng.uniform(0, 6.3)) > 0
     elif kind == "checker":
         period = rng.uniform(4, 10) * size / 64
         offset = rng.uniform(0, period, size=2)

@@ -9,8 +9,9 @@ from their modules.
 from .augment import DeitTransform, EvalTransform, MocoTransform, ProcessorTransform, RandAugment, ViewEncoder
 from .data import StreamPosition, SuperpixelBatches, TrainingBatches, datasets_transform
 from .moco import CastMocoV3, MocoObjective, contrastive_loss
-from .supervised import ModelEma, SupervisedObjective, mixup_cutmix
 from .recipes import train_moco, train_supervised
+from .supervised import ModelEma, SupervisedObjective, mixup_cutmix
+
 
 __all__ = [
     "CastMocoV3",

@@ -23,6 +23,7 @@ from ..superpixels import (
     scaled_num_superpixels,
 )
 
+
 # View size (pixels) for which the recipes' absolute settings (blur sigma) are given: ImageNet training crops.
 RECIPE_VIEW_SIZE = 224
 
@@ -97,8 +98,9 @@ def solarize(image, threshold=128):
     return ImageOps.solarize(image, threshold=threshold)
 
 
-def random_erasing(array, rng, probability=0.25, area=(0.02, 1 / 3), ratio=(0.3, 3.3),
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def random_erasing(
+    array, rng, probability=0.25, area=(0.02, 1 / 3), ratio=(0.3, 3.3), mean=IMAGENET_MEAN, std=IMAGENET_STD
+):
     """DeiT's random erasing ("pixel" mode) on a uint8 [H, W, 3] array: one box of per-pixel normal noise.
 
     The original draws N(0, 1) noise in the normalised domain; here the noise is drawn as `mean + std * N(0, 1)`
@@ -127,8 +129,21 @@ class RandAugment:
     clipped to [0, 10]; magnitudes only increase the distortion (the "increasing" variants of the operations)."""
 
     OPERATIONS = (
-        "auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
-        "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
+        "auto_contrast",
+        "equalize",
+        "invert",
+        "rotate",
+        "posterize",
+        "solarize",
+        "solarize_add",
+        "color",
+        "contrast",
+        "brightness",
+        "sharpness",
+        "shear_x",
+        "shear_y",
+        "translate_x",
+        "translate_y",
     )
 
     def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, probability=0.5, fill=(124, 116, 104)):
@@ -167,8 +182,12 @@ class RandAugment:
             added = np.where(array < 128, np.minimum(array + int(110 * level), 255), array)
             return Image.fromarray(added.astype(np.uint8), "RGB")
         if name in ("color", "contrast", "brightness", "sharpness"):
-            enhancer = {"color": ImageEnhance.Color, "contrast": ImageEnhance.Contrast,
-                        "brightness": ImageEnhance.Brightness, "sharpness": ImageEnhance.Sharpness}[name]
+            enhancer = {
+                "color": ImageEnhance.Color,
+                "contrast": ImageEnhance.Contrast,
+                "brightness": ImageEnhance.Brightness,
+                "sharpness": ImageEnhance.Sharpness,
+            }[name]
             return enhancer(image).enhance(1.0 + sign * 0.9 * level)
         width, height = image.size
         matrix = {
@@ -192,9 +211,15 @@ class ViewEncoder:
         image_mean, image_std: normalisation, per channel, in [0, 1] units.
     """
 
-    def __init__(self, superpixel_method="seeds", num_superpixels=DEFAULT_NUM_SUPERPIXELS,
-                 seeds_recipe="self_supervised", image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-                 reference_size=REFERENCE_SIZE):
+    def __init__(
+        self,
+        superpixel_method="seeds",
+        num_superpixels=DEFAULT_NUM_SUPERPIXELS,
+        seeds_recipe="self_supervised",
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        reference_size=REFERENCE_SIZE,
+    ):
         self.superpixel_method = superpixel_method
         self.num_superpixels = num_superpixels
         self.seeds_recipe = get_seeds_recipe(seeds_recipe)
@@ -275,8 +300,9 @@ class DeitTransform:
 
     Returns `{"pixel_values": float32 [3, size, size], "superpixels": int64 [size, size]}`."""
 
-    def __init__(self, encoder, size, rand_augment, crop_scale=(0.08, 1.0), flip_probability=0.5,
-                 erasing_probability=0.25):
+    def __init__(
+        self, encoder, size, rand_augment, crop_scale=(0.08, 1.0), flip_probability=0.5, erasing_probability=0.25
+    ):
         self.encoder = encoder
         self.size = size
         self.rand_augment = rand_augment
@@ -292,8 +318,9 @@ class DeitTransform:
             image = self.rand_augment(image, rng)
         array = np.asarray(image, dtype=np.uint8)
         if self.erasing_probability > 0:
-            array = random_erasing(array, rng, self.erasing_probability, mean=self.encoder.image_mean,
-                                   std=self.encoder.image_std)
+            array = random_erasing(
+                array, rng, self.erasing_probability, mean=self.encoder.image_mean, std=self.encoder.image_std
+            )
         pixel_values, superpixels = self.encoder(array)
         return {"pixel_values": pixel_values, "superpixels": superpixels}
 

@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -38,8 +39,11 @@ def list_checkpoints(output_dir):
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(match.group(1)), path) for path in output_dir.iterdir()
-             if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))]
+    found = [
+        (int(match.group(1)), path)
+        for path in output_dir.iterdir()
+        if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))
+    ]
     return sorted(found)
 
 
@@ -57,8 +61,10 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir):
         return latest_checkpoint(output_dir)
     path = Path(resume_from_checkpoint)
     if not (path / TRAINING_STATE_FILE).is_file():
-        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder (no "
-                         f"{TRAINING_STATE_FILE}); give a `checkpoint-STEP` folder or `latest`.")
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder (no "
+            f"{TRAINING_STATE_FILE}); give a `checkpoint-STEP` folder or `latest`."
+        )
     return path
 
 
@@ -112,8 +118,11 @@ def load_checkpoint(accelerator, checkpoint):
     data_path = checkpoint / data_state_file(accelerator.process_index)
     data_state = json.loads(data_path.read_text(encoding="utf-8")) if data_path.is_file() else None
     if data_state is None:
-        logger.warning("%s has no data position for rank %d: its data restarts at the beginning.", checkpoint,
-                       accelerator.process_index)
+        logger.warning(
+            "%s has no data position for rank %d: its data restarts at the beginning.",
+            checkpoint,
+            accelerator.process_index,
+        )
     return step, data_state
 
 

@@ -28,7 +28,9 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from ..image_datasets import UndecodableImageError, decode_image
 
+
 logger = logging.getLogger(__name__)
+
 
 def without_image_decoding(dataset, image_column):
     """Cast the image column to `Image(decode=False)`: records carry bytes / paths, decoded in `decode_image`."""
@@ -75,8 +77,21 @@ class SuperpixelBatches(torch.utils.data.IterableDataset):
     with only `stream` reports skipped records at the end of a slot.
     """
 
-    def __init__(self, dataset, transform, batch_size, image_column, label_column=None, seed=0, shuffle=True,
-                 shuffle_buffer_size=10_000, rank=0, world_size=1, drop_last=True, return_keys=False):
+    def __init__(
+        self,
+        dataset,
+        transform,
+        batch_size,
+        image_column,
+        label_column=None,
+        seed=0,
+        shuffle=True,
+        shuffle_buffer_size=10_000,
+        rank=0,
+        world_size=1,
+        drop_last=True,
+        return_keys=False,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         if not 0 <= rank < world_size:
@@ -216,8 +231,9 @@ class TrainingBatches:
         self.pin_memory = pin_memory
         self.worker_timeout = worker_timeout
         num_slots = max(1, num_workers)
-        self.position = StreamPosition(slot_positions=[0] * num_slots, num_slots=num_slots,
-                                       world_size=batches.world_size)
+        self.position = StreamPosition(
+            slot_positions=[0] * num_slots, num_slots=num_slots, world_size=batches.world_size
+        )
 
     def state_dict(self):
         return self.position.to_dict()
@@ -229,11 +245,21 @@ class TrainingBatches:
         if (saved.num_slots, saved.world_size) != (self.position.num_slots, self.position.world_size):
             logger.warning(
                 "The checkpoint's data position was saved with %d worker slot(s) x %d process(es), this run has "
-                "%d x %d: epoch %d restarts from its beginning.", saved.num_slots, saved.world_size,
-                self.position.num_slots, self.position.world_size, saved.epoch)
-            self.position = StreamPosition(epoch=saved.epoch, slot_positions=[0] * self.position.num_slots,
-                                           num_slots=self.position.num_slots, world_size=self.position.world_size,
-                                           samples_seen=saved.samples_seen, skipped_images=saved.skipped_images)
+                "%d x %d: epoch %d restarts from its beginning.",
+                saved.num_slots,
+                saved.world_size,
+                self.position.num_slots,
+                self.position.world_size,
+                saved.epoch,
+            )
+            self.position = StreamPosition(
+                epoch=saved.epoch,
+                slot_positions=[0] * self.position.num_slots,
+                num_slots=self.position.num_slots,
+                world_size=self.position.world_size,
+                samples_seen=saved.samples_seen,
+                skipped_images=saved.skipped_images,
+            )
         else:
             self.position = saved
 
@@ -261,8 +287,11 @@ class TrainingBatches:
                 position.next_slot = (stream["slot"] + 1) % position.num_slots
                 position.skipped_images += stream["skipped"]
                 if stream["skipped"]:
-                    logger.warning("%d undecodable image(s) skipped so far on rank %d.", position.skipped_images,
-                                   self.batches.rank)
+                    logger.warning(
+                        "%d undecodable image(s) skipped so far on rank %d.",
+                        position.skipped_images,
+                        self.batches.rank,
+                    )
                 if not batch:
                     continue
                 position.batches_in_epoch += 1
@@ -274,11 +303,16 @@ class TrainingBatches:
                     f"Epoch {position.epoch} gave rank {self.batches.rank} no batch: the dataset is empty, all its "
                     f"images are undecodable ({position.skipped_images} skipped), or each of the "
                     f"{position.num_slots} worker(s) gets fewer than --per_device_train_batch_size="
-                    f"{self.batches.batch_size} images. Use fewer processes / workers or a smaller batch.")
-            self.position = StreamPosition(epoch=position.epoch + 1, slot_positions=[0] * position.num_slots,
-                                           num_slots=position.num_slots, world_size=position.world_size,
-                                           samples_seen=position.samples_seen,
-                                           skipped_images=position.skipped_images)
+                    f"{self.batches.batch_size} images. Use fewer processes / workers or a smaller batch."
+                )
+            self.position = StreamPosition(
+                epoch=position.epoch + 1,
+                slot_positions=[0] * position.num_slots,
+                num_slots=position.num_slots,
+                world_size=position.world_size,
+                samples_seen=position.samples_seen,
+                skipped_images=position.skipped_images,
+            )
 
 
 def datasets_transform(transform, image_column, label_column=None):
@@ -303,8 +337,13 @@ def datasets_transform(transform, image_column, label_column=None):
 
 def evaluation_loader(batches: SuperpixelBatches, num_workers=0, worker_timeout=600.0):
     """One pass over evaluation batches (no shuffling, last batch kept); yields (batch, skipped count)."""
-    loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
-                        timeout=worker_timeout if num_workers > 0 else 0, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=num_workers,
+        timeout=worker_timeout if num_workers > 0 else 0,
+        generator=torch.Generator().manual_seed(0),
+    )
     for batch in loader:
         stream = batch.pop("stream")
         yield batch, stream["skipped"]

@@ -32,6 +32,7 @@ from .. import hub
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .optim import create_optimizer, create_scheduler
 
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -87,8 +88,9 @@ def create_accelerator(args, find_unused_parameters=False):
             raise ValueError(f"--report_to must be jsonl, tensorboard, all or none, got {args.report_to!r}.")
     return Accelerator(
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, "runs")),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")
+        ),
         # The schedule counts optimiser steps, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
@@ -96,8 +98,11 @@ def create_accelerator(args, find_unused_parameters=False):
 
 
 def setup_logging(accelerator):
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
+    )
     import datasets
     import transformers
 
@@ -144,8 +149,11 @@ def log_metrics(accelerator, step, max_steps, metrics, progress=None):
 
 def sanitized_config(args):
     """Hyper-parameters for the trackers (TensorBoard accepts only scalars and strings)."""
-    return {key: value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
-            for key, value in vars(args).items() if key != "hub_token"}
+    return {
+        key: value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+        for key, value in vars(args).items()
+        if key != "hub_token"
+    }
 
 
 def train(args, accelerator, objective, training_batches, processor=None, evaluate=None, card=None):
@@ -180,8 +188,9 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
     accelerator.init_trackers("train", config=sanitized_config(args))
 
     keys_file = output_dir / f"sample_keys_rank{accelerator.process_index}.txt" if args.log_sample_keys else None
-    progress = tqdm(total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process,
-                    desc=objective.name)
+    progress = tqdm(
+        total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc=objective.name
+    )
     batches = iter(training_batches)
     window_losses, window_metrics, window_start = [], {}, time.perf_counter()
     module.train()
@@ -217,18 +226,35 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
             if grad_norm is not None:
                 logged["grad_norm"] = float(grad_norm)
             window_seconds = time.perf_counter() - window_start
-            logged = window_metrics_summary(accelerator, training_batches.position, window_losses, window_metrics,
-                                            logged, len(window_losses) / accumulation / max(window_seconds, 1e-9))
+            logged = window_metrics_summary(
+                accelerator,
+                training_batches.position,
+                window_losses,
+                window_metrics,
+                logged,
+                len(window_losses) / accumulation / max(window_seconds, 1e-9),
+            )
             log_metrics(accelerator, completed, max_steps, logged, progress)
             progress.set_postfix(loss=f"{logged['loss']:.4f}")
             window_losses, window_metrics, window_start = [], {}, time.perf_counter()
 
         if args.checkpointing_steps and completed % args.checkpointing_steps == 0 and completed < max_steps:
-            save_checkpoint(accelerator, output_dir, completed, training_batches.state_dict(), objective.save_state,
-                            args.checkpoints_total_limit)
+            save_checkpoint(
+                accelerator,
+                output_dir,
+                completed,
+                training_batches.state_dict(),
+                objective.save_state,
+                args.checkpoints_total_limit,
+            )
         if evaluate is not None and args.eval_steps and completed % args.eval_steps == 0 and completed < max_steps:
-            log_metrics(accelerator, completed, max_steps, evaluate(objective.pretrained_model(module, accelerator),
-                                                                     accelerator), progress)
+            log_metrics(
+                accelerator,
+                completed,
+                max_steps,
+                evaluate(objective.pretrained_model(module, accelerator), accelerator),
+                progress,
+            )
     progress.close()
     average_buffers(objective.training_module(), accelerator)
 
@@ -237,8 +263,14 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
         final_metrics.update(evaluate(objective.pretrained_model(module, accelerator), accelerator))
         log_metrics(accelerator, max_steps, max_steps, final_metrics)
     if args.checkpointing_steps:
-        save_checkpoint(accelerator, output_dir, max_steps, training_batches.state_dict(), objective.save_state,
-                        args.checkpoints_total_limit)
+        save_checkpoint(
+            accelerator,
+            output_dir,
+            max_steps,
+            training_batches.state_dict(),
+            objective.save_state,
+            args.checkpoints_total_limit,
+        )
     model = objective.pretrained_model(module, accelerator)
     write_run_summary(output_dir, accelerator, training_batches, model, max_steps)
     if accelerator.is_main_process:
@@ -254,15 +286,26 @@ def window_metrics_summary(accelerator, position, losses, metrics, logged, steps
     counts = torch.tensor([position.samples_seen, position.skipped_images], device=accelerator.device)
     counts = accelerator.reduce(counts, reduction="sum")
     loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-    return {"loss": loss, "epoch": position.epoch, **logged,
-            **{key: sum(values) / len(values) for key, values in metrics.items()},
-            "samples_seen": int(counts[0]), "skipped_images": int(counts[1]), "steps_per_second": steps_per_second}
+    return {
+        "loss": loss,
+        "epoch": position.epoch,
+        **logged,
+        **{key: sum(values) / len(values) for key, values in metrics.items()},
+        "samples_seen": int(counts[0]),
+        "skipped_images": int(counts[1]),
+        "steps_per_second": steps_per_second,
+    }
 
 
 def write_run_summary(output_dir, accelerator, training_batches, model, steps):
     """`train_summary_rank{r}.json`: what each process did (steps, data position, weight fingerprint)."""
-    summary = {"rank": accelerator.process_index, "num_processes": accelerator.num_processes, "steps": steps,
-               "data_position": training_batches.state_dict(), "parameter_fingerprint": parameter_fingerprint(model)}
+    summary = {
+        "rank": accelerator.process_index,
+        "num_processes": accelerator.num_processes,
+        "steps": steps,
+        "data_position": training_batches.state_dict(),
+        "parameter_fingerprint": parameter_fingerprint(model),
+    }
     path = output_dir / f"train_summary_rank{accelerator.process_index}.json"
     path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
@@ -301,8 +344,13 @@ def save_outputs(args, output_dir, objective, model, processor, metrics, card):
         metrics={key: value for key, value in metrics.items() if isinstance(value, (int, float))},
     )
     if args.push_to_hub:
-        commit = hub.push_folder_to_hub(output_dir, repo_id, f"{objective.name}: {args.max_train_steps} steps",
-                                        private=args.hub_private_repo, token=args.hub_token)
+        commit = hub.push_folder_to_hub(
+            output_dir,
+            repo_id,
+            f"{objective.name}: {args.max_train_steps} steps",
+            private=args.hub_private_repo,
+            token=args.hub_token,
+        )
         logger.info("Pushed %s to %s", output_dir, commit.commit_url)
 
 
@@ -310,10 +358,18 @@ def steps_for_epochs(num_train_epochs, batches_per_epoch, gradient_accumulation_
     """`--num_train_epochs` in optimiser steps, from the batches per epoch of a map-style dataset."""
     steps = num_train_epochs * math.floor(batches_per_epoch / gradient_accumulation_steps)
     if steps < 1:
-        raise ValueError(f"{num_train_epochs} epoch(s) of {batches_per_epoch} batch(es) make no optimiser step; "
-                         "use a smaller batch or --max_train_steps.")
+        raise ValueError(
+            f"{num_train_epochs} epoch(s) of {batches_per_epoch} batch(es) make no optimiser step; "
+            "use a smaller batch or --max_train_steps."
+        )
     return steps
 
 
-__all__ = ["JsonLinesTracker", "create_accelerator", "parameter_fingerprint", "read_metrics", "steps_for_epochs",
-           "train"]
+__all__ = [
+    "JsonLinesTracker",
+    "create_accelerator",
+    "parameter_fingerprint",
+    "read_metrics",
+    "steps_for_epochs",
+    "train",
+]

@@ -63,8 +63,9 @@ class CastMocoV3(nn.Module):
     def forward(self, pixel_values, superpixels):
         """pixel_values [B, 2, 3, H, W], superpixels [B, 2, H, W] (two views per image)."""
         if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
-            raise ValueError(f"MoCo v3 expects two views per image: pixel_values [B, 2, 3, H, W], got "
-                             f"{tuple(pixel_values.shape)}.")
+            raise ValueError(
+                f"MoCo v3 expects two views per image: pixel_values [B, 2, 3, H, W], got {tuple(pixel_values.shape)}."
+            )
         views = [(pixel_values[:, view], superpixels[:, view]) for view in range(2)]
         predictions = tuple(self.model(*view, return_dict=True).predictions for view in views)
         with torch.no_grad():
@@ -105,7 +106,8 @@ class MocoObjective:
         keys = [accelerator.gather(key.contiguous()) for key in output.keys]
         temperature, rank = self.module.temperature, accelerator.process_index
         loss = contrastive_loss(output.predictions[0], keys[1], temperature, rank) + contrastive_loss(
-            output.predictions[1], keys[0], temperature, rank)
+            output.predictions[1], keys[0], temperature, rank
+        )
         return loss, {}
 
     def after_optimizer_step(self, module, step, total_steps, accelerator):

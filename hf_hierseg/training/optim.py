@@ -6,6 +6,7 @@ import math
 import torch
 from transformers import get_scheduler
 
+
 # Parameters without weight decay besides biases and normalisation weights (all 1-D): the CLS token and the
 # learned position embeddings.
 NO_DECAY_NAMES = ("cls_token", "position_embeddings")
@@ -38,8 +39,13 @@ class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
             raise ValueError(f"Invalid LARS settings: lr={lr}, weight_decay={weight_decay}, momentum={momentum}.")
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient,
-                        lars_exclude=False)
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            trust_coefficient=trust_coefficient,
+            lars_exclude=False,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -85,8 +91,9 @@ def create_optimizer(model, name, learning_rate, weight_decay, betas=(0.9, 0.999
 
 def create_scheduler(optimizer, name, num_warmup_steps, num_training_steps):
     """A transformers schedule stepped once per optimiser step; `cosine` is linear warm-up then half a cosine."""
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=num_warmup_steps,
-                         num_training_steps=num_training_steps)
+    return get_scheduler(
+        name, optimizer=optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps
+    )
 
 
 def cosine_momentum(step, total_steps, base_momentum=0.99, final_momentum=1.0):

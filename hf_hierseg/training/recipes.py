@@ -32,13 +32,16 @@ from .loop import create_accelerator, setup_logging, steps_for_epochs, train
 from .moco import MocoObjective
 from .supervised import SupervisedObjective, evaluate_classifier
 
+
 logger = logging.getLogger(__name__)
 
 
 def check_arguments(args):
     if args.model_name_or_path is None and args.config_name is None:
-        raise ValueError("Give --model_name_or_path (a model folder or Hub id) or --config_name (a preset such as "
-                         f"{sorted(CAST_PRESETS)}, or a config folder) to train from scratch.")
+        raise ValueError(
+            "Give --model_name_or_path (a model folder or Hub id) or --config_name (a preset such as "
+            f"{sorted(CAST_PRESETS)}, or a config folder) to train from scratch."
+        )
     if args.dataset_name is None and args.train_dir is None:
         raise ValueError("Give --dataset_name or --train_dir.")
     if args.streaming and args.max_train_steps is None:
@@ -87,8 +90,14 @@ def image_processor_and_encoder(args, config, seeds_recipe, resample=None):
         processor.num_superpixels = args.num_superpixels
     if resample is not None:
         processor.resample = resample
-    encoder = ViewEncoder(processor.superpixel_method, processor.num_superpixels, seeds_recipe, processor.image_mean,
-                          processor.image_std, processor.superpixel_reference_size)
+    encoder = ViewEncoder(
+        processor.superpixel_method,
+        processor.num_superpixels,
+        seeds_recipe,
+        processor.image_mean,
+        processor.image_std,
+        processor.superpixel_reference_size,
+    )
     return processor, encoder
 
 
@@ -109,14 +118,28 @@ def limit(dataset, max_samples):
 def training_batches(args, accelerator, dataset, transform, image_column, label_column=None):
     """This process's `TrainingBatches`; also sets `args.max_train_steps` from --num_train_epochs if needed."""
     batches = SuperpixelBatches(
-        dataset, transform, args.per_device_train_batch_size, image_column, label_column, seed=args.seed,
-        shuffle=True, shuffle_buffer_size=args.shuffle_buffer_size, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, drop_last=True, return_keys=args.log_sample_keys)
+        dataset,
+        transform,
+        args.per_device_train_batch_size,
+        image_column,
+        label_column,
+        seed=args.seed,
+        shuffle=True,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        drop_last=True,
+        return_keys=args.log_sample_keys,
+    )
     if args.max_train_steps is None:
         per_epoch = batches.batches_per_epoch(max(1, args.dataloader_num_workers))
         args.max_train_steps = steps_for_epochs(args.num_train_epochs, per_epoch, args.gradient_accumulation_steps)
-    return TrainingBatches(batches, args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
-                           worker_timeout=args.dataloader_timeout)
+    return TrainingBatches(
+        batches,
+        args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        worker_timeout=args.dataloader_timeout,
+    )
 
 
 def dataset_card_fields(args):
@@ -132,8 +155,9 @@ def train_moco(args):
     set_seed(args.seed)
     config = build_config(args)
     if args.model_name_or_path is not None:
-        model = CastForSelfSupervisedPretraining.from_pretrained(args.model_name_or_path, config=config,
-                                                                 revision=args.hub_revision)
+        model = CastForSelfSupervisedPretraining.from_pretrained(
+            args.model_name_or_path, config=config, revision=args.hub_revision
+        )
     else:
         model = CastForSelfSupervisedPretraining(config)
     accelerator = create_accelerator(args, find_unused_parameters=not config.freeze_last_pooling)
@@ -149,15 +173,31 @@ def train_moco(args):
     processor, encoder = image_processor_and_encoder(args, config, "self_supervised")
     size = args.image_size or config.image_size
     crop_scale = (args.crop_min_scale, 1.0)
-    transform = MocoTransform(encoder, size, views=(dataclasses.replace(MOCO_VIEW_1, crop_scale=crop_scale),
-                                                    dataclasses.replace(MOCO_VIEW_2, crop_scale=crop_scale)))
-    splits = load_image_datasets(args.dataset_name, args.dataset_config_name, args.train_dir, None, args.streaming,
-                                 args.cache_dir, args.hub_token)
+    transform = MocoTransform(
+        encoder,
+        size,
+        views=(
+            dataclasses.replace(MOCO_VIEW_1, crop_scale=crop_scale),
+            dataclasses.replace(MOCO_VIEW_2, crop_scale=crop_scale),
+        ),
+    )
+    splits = load_image_datasets(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_dir,
+        None,
+        args.streaming,
+        args.cache_dir,
+        args.hub_token,
+    )
     train_split = limit(select_split(splits, args.train_split_name), args.max_train_samples)
-    batches = training_batches(args, accelerator, train_split, transform, image_column_of(train_split,
-                                                                                          args.image_column_name))
-    card = {"base_model": args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
-            **dataset_card_fields(args)}
+    batches = training_batches(
+        args, accelerator, train_split, transform, image_column_of(train_split, args.image_column_name)
+    )
+    card = {
+        "base_model": args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
+        **dataset_card_fields(args),
+    }
     return train(args, accelerator, objective, batches, processor, card=card)
 
 
@@ -183,42 +223,72 @@ def train_supervised(args):
     """DeiT-style training of a `CastForImageClassification`. Returns the final metrics."""
     check_arguments(args)
     set_seed(args.seed)
-    splits = load_image_datasets(args.dataset_name, args.dataset_config_name, args.train_dir, args.validation_dir,
-                                 args.streaming, args.cache_dir, args.hub_token)
+    splits = load_image_datasets(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_dir,
+        args.validation_dir,
+        args.streaming,
+        args.cache_dir,
+        args.hub_token,
+    )
     train_split, eval_split = evaluation_split(splits, select_split(splits, args.train_split_name), args)
     train_split = limit(train_split, args.max_train_samples)
     image_column = image_column_of(train_split, args.image_column_name)
     label_column = label_column_of(train_split, args.label_column_name)
     names = label_names_of(train_split, label_column)
-    config = build_config(args, num_labels=len(names), id2label=dict(enumerate(names)),
-                          label2id={name: index for index, name in enumerate(names)})
+    config = build_config(
+        args,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: index for index, name in enumerate(names)},
+    )
     if args.model_name_or_path is not None:
         model = AutoModelForImageClassification.from_pretrained(
-            args.model_name_or_path, config=config, revision=args.hub_revision,
-            ignore_mismatched_sizes=args.ignore_mismatched_sizes)
+            args.model_name_or_path,
+            config=config,
+            revision=args.hub_revision,
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+        )
     else:
         model = CastForImageClassification(config)
     accelerator = create_accelerator(args, find_unused_parameters=not config.freeze_last_pooling)
     setup_logging(accelerator)
-    objective = SupervisedObjective(model, args.label_smoothing, args.mixup, args.cutmix, args.mixup_prob,
-                                    args.mixup_switch_prob, args.model_ema_decay if args.model_ema else None,
-                                    seed=args.seed)
+    objective = SupervisedObjective(
+        model,
+        args.label_smoothing,
+        args.mixup,
+        args.cutmix,
+        args.mixup_prob,
+        args.mixup_switch_prob,
+        args.model_ema_decay if args.model_ema else None,
+        seed=args.seed,
+    )
 
     processor, encoder = image_processor_and_encoder(args, config, "supervised", resample=PIL.Image.BICUBIC)
     size = args.image_size or config.image_size
-    rand_augment = (RandAugment(args.rand_augment_num_ops, args.rand_augment_magnitude)
-                    if args.rand_augment_num_ops > 0 else None)
-    transform = DeitTransform(encoder, size, rand_augment, crop_scale=(args.crop_min_scale, 1.0),
-                              erasing_probability=args.reprob)
+    rand_augment = (
+        RandAugment(args.rand_augment_num_ops, args.rand_augment_magnitude) if args.rand_augment_num_ops > 0 else None
+    )
+    transform = DeitTransform(
+        encoder, size, rand_augment, crop_scale=(args.crop_min_scale, 1.0), erasing_probability=args.reprob
+    )
     batches = training_batches(args, accelerator, train_split, transform, image_column, label_column)
 
     evaluate = None
     if eval_split is not None:
         eval_split = limit(eval_split, args.max_eval_samples)
         eval_batches = SuperpixelBatches(
-            eval_split, ProcessorTransform(processor), args.per_device_eval_batch_size,
-            image_column_of(eval_split, args.image_column_name), label_column_of(eval_split, args.label_column_name),
-            shuffle=False, rank=accelerator.process_index, world_size=accelerator.num_processes, drop_last=False)
+            eval_split,
+            ProcessorTransform(processor),
+            args.per_device_eval_batch_size,
+            image_column_of(eval_split, args.image_column_name),
+            label_column_of(eval_split, args.label_column_name),
+            shuffle=False,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            drop_last=False,
+        )
 
         def evaluate(model, accelerator):
             loader = evaluation_loader(eval_batches, args.dataloader_num_workers, args.dataloader_timeout)
@@ -226,12 +296,19 @@ def train_supervised(args):
             if objective.ema is not None:
                 loader = evaluation_loader(eval_batches, args.dataloader_num_workers, args.dataloader_timeout)
                 ema_metrics = evaluate_classifier(objective.ema.module, loader, accelerator)
-                metrics.update({f"{key}_ema": value for key, value in ema_metrics.items()
-                                if key in ("eval_accuracy", "eval_loss")})
+                metrics.update(
+                    {
+                        f"{key}_ema": value
+                        for key, value in ema_metrics.items()
+                        if key in ("eval_accuracy", "eval_loss")
+                    }
+                )
             return metrics
 
-    card = {"base_model": args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
-            **dataset_card_fields(args)}
+    card = {
+        "base_model": args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
+        **dataset_card_fields(args),
+    }
     return train(args, accelerator, objective, batches, processor, evaluate=evaluate, card=card)
 
 

@@ -49,6 +49,7 @@ from .recipes import (
     select_split,
 )
 
+
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------
@@ -72,8 +73,19 @@ class SegmentationTransform:
         crop_scale: area range of the random crops; flip_probability; jitter_probability: colour jitter of the image.
     """
 
-    def __init__(self, encoder, size, num_labels, ignore_index=255, palette=None, reduce_labels=False, train=True,
-                 crop_scale=(0.25, 1.0), flip_probability=0.5, jitter_probability=0.0):
+    def __init__(
+        self,
+        encoder,
+        size,
+        num_labels,
+        ignore_index=255,
+        palette=None,
+        reduce_labels=False,
+        train=True,
+        crop_scale=(0.25, 1.0),
+        flip_probability=0.5,
+        jitter_probability=0.0,
+    ):
         self.encoder = encoder
         self.size = size
         self.num_labels = num_labels
@@ -96,8 +108,10 @@ class SegmentationTransform:
         """The same crop box and flip for both: `random_resized_crop` draws its box from `rng` and the image size
         only, so a copy of the generator taken before the image's crop gives the mask the same box."""
         if not self.train:
-            return (image.resize((self.size, self.size), Image.BILINEAR),
-                    mask.resize((self.size, self.size), Image.NEAREST))
+            return (
+                image.resize((self.size, self.size), Image.BILINEAR),
+                mask.resize((self.size, self.size), Image.NEAREST),
+            )
         mask_rng = copy.deepcopy(rng)
         image = random_resized_crop(image, self.size, rng, scale=self.crop_scale, resample=Image.BILINEAR)
         mask = random_resized_crop(mask, self.size, mask_rng, scale=self.crop_scale, resample=Image.NEAREST)
@@ -108,8 +122,10 @@ class SegmentationTransform:
     def __call__(self, image, mask, rng=None):
         class_ids = self.class_ids(mask)
         if (image.height, image.width) != class_ids.shape:
-            raise ValueError(f"Mask size {class_ids.shape[1]}x{class_ids.shape[0]} (WxH) differs from the image size "
-                             f"{image.width}x{image.height}: every mask must cover its image pixel for pixel.")
+            raise ValueError(
+                f"Mask size {class_ids.shape[1]}x{class_ids.shape[0]} (WxH) differs from the image size "
+                f"{image.width}x{image.height}: every mask must cover its image pixel for pixel."
+            )
         if self.train and rng is None:
             raise ValueError("Training views need a numpy random Generator `rng`.")
         mask = Image.fromarray(class_ids.astype(np.int32), mode="I")
@@ -143,8 +159,14 @@ class SegmentationBatches(SuperpixelBatches):
             try:
                 self.current_mask = decode_mask(example[self.mask_column])
             except Exception as error:  # PIL raises many types for corrupt files
-                logger.warning("Skipping record %d of slot %d (epoch %d): its mask does not decode (%s: %s).",
-                               position, slot, self.epoch, type(error).__name__, error)
+                logger.warning(
+                    "Skipping record %d of slot %d (epoch %d): its mask does not decode (%s: %s).",
+                    position,
+                    slot,
+                    self.epoch,
+                    type(error).__name__,
+                    error,
+                )
                 continue
             yield position, example
 
@@ -190,8 +212,10 @@ class SegmentationObjective:
         pass
 
     def card_details(self):
-        return {"loss": f"pixel cross-entropy, ignore index {self.module.ignore_index}",
-                "head": getattr(self.module.config, "segmentation_head_type", "linear")}
+        return {
+            "loss": f"pixel cross-entropy, ignore index {self.module.ignore_index}",
+            "head": getattr(self.module.config, "segmentation_head_type", "linear"),
+        }
 
 
 @torch.no_grad()
@@ -206,8 +230,10 @@ def evaluate_segmentation(model, batches, accelerator):
         skipped += batch_skipped
         if "pixel_values" not in batch:
             continue
-        logits = model(pixel_values=batch["pixel_values"].to(accelerator.device),
-                       superpixels=batch["superpixels"].to(accelerator.device)).logits
+        logits = model(
+            pixel_values=batch["pixel_values"].to(accelerator.device),
+            superpixels=batch["superpixels"].to(accelerator.device),
+        ).logits
         predictions += [p.astype(np.int32) for p in logits.argmax(1).cpu().numpy()]
         references += [r.astype(np.int32) for r in batch["labels"].numpy()]
     model.train(was_training)
@@ -216,9 +242,13 @@ def evaluate_segmentation(model, batches, accelerator):
     if not references:
         return {"eval_samples": 0, "eval_skipped_images": skipped}
     scores = mean_iou(predictions, references, model.config.num_labels, ignore_index=model.ignore_index)
-    metrics = {"eval_mean_iou": float(scores["mean_iou"]), "eval_mean_accuracy": float(scores["mean_accuracy"]),
-               "eval_overall_accuracy": float(scores["overall_accuracy"]), "eval_samples": len(references),
-               "eval_skipped_images": skipped}
+    metrics = {
+        "eval_mean_iou": float(scores["mean_iou"]),
+        "eval_mean_accuracy": float(scores["mean_accuracy"]),
+        "eval_overall_accuracy": float(scores["overall_accuracy"]),
+        "eval_samples": len(references),
+        "eval_skipped_images": skipped,
+    }
     names = model.config.id2label
     for index, iou in enumerate(scores["per_category_iou"]):
         if not np.isnan(iou):
@@ -233,32 +263,60 @@ def evaluate_segmentation(model, batches, accelerator):
 
 def segmentation_parser():
     parser = common_parser("Semantic-segmentation fine-tuning of CAST on image + mask pairs (Accelerate).")
-    parser.add_argument("--label_column_name", type=str, default=None,
-                        help="Column with the masks (default: a column named mask/label/annotation/..., else the "
-                             "second Image column).")
-    parser.add_argument("--validation_split_name", type=str, default=None,
-                        help="Evaluation split (default: `validation`, else `test`, else --train_val_split of train).")
-    parser.add_argument("--train_val_split", type=float, default=0.15,
-                        help="Fraction of train held out for evaluation when there is no evaluation split.")
+    parser.add_argument(
+        "--label_column_name",
+        type=str,
+        default=None,
+        help="Column with the masks (default: a column named mask/label/annotation/..., else the "
+        "second Image column).",
+    )
+    parser.add_argument(
+        "--validation_split_name",
+        type=str,
+        default=None,
+        help="Evaluation split (default: `validation`, else `test`, else --train_val_split of train).",
+    )
+    parser.add_argument(
+        "--train_val_split",
+        type=float,
+        default=0.15,
+        help="Fraction of train held out for evaluation when there is no evaluation split.",
+    )
     parser.add_argument("--num_labels", type=positive_int, default=None, help="Number of classes.")
-    parser.add_argument("--id2label", type=str, default=None,
-                        help="JSON file {class id: name} (sets --num_labels to its length).")
+    parser.add_argument(
+        "--id2label", type=str, default=None, help="JSON file {class id: name} (sets --num_labels to its length)."
+    )
     parser.add_argument("--ignore_index", type=int, default=255, help="Mask value that is not a class.")
-    parser.add_argument("--reduce_labels", action="store_true",
-                        help="Mask 0 is background to ignore; classes start at 1 (ADE20k convention).")
-    parser.add_argument("--palette", type=str, default=None,
-                        help="JSON file: a list of [r, g, b] colours (index = class id) or {\"#rrggbb\": id}, to read "
-                             "RGB colour masks.")
+    parser.add_argument(
+        "--reduce_labels",
+        action="store_true",
+        help="Mask 0 is background to ignore; classes start at 1 (ADE20k convention).",
+    )
+    parser.add_argument(
+        "--palette",
+        type=str,
+        default=None,
+        help='JSON file: a list of [r, g, b] colours (index = class id) or {"#rrggbb": id}, to read RGB colour masks.',
+    )
     parser.add_argument("--crop_min_scale", type=float, default=0.25, help="Smallest crop area of the training views.")
     parser.add_argument("--jitter_probability", type=float, default=0.0, help="Colour jitter of training images.")
-    parser.add_argument("--segmentation_head_type", type=str, default=None, choices=("linear", "mlp_projector"),
-                        help="Head of a new model (default: the checkpoint's, else linear).")
+    parser.add_argument(
+        "--segmentation_head_type",
+        type=str,
+        default=None,
+        choices=("linear", "mlp_projector"),
+        help="Head of a new model (default: the checkpoint's, else linear).",
+    )
     parser.add_argument("--max_eval_samples", type=positive_int, default=None)
     parser.add_argument("--eval_steps", type=int, default=None, help="Evaluate (mIoU) every N steps and at the end.")
-    parser.add_argument("--ignore_mismatched_sizes", action="store_true",
-                        help="Load a checkpoint whose head has another number of classes (re-initialised).")
-    parser.set_defaults(learning_rate=1e-4, weight_decay=0.05, per_device_train_batch_size=8,
-                        per_device_eval_batch_size=8)
+    parser.add_argument(
+        "--ignore_mismatched_sizes",
+        action="store_true",
+        help="Load a checkpoint whose head has another number of classes (re-initialised).",
+    )
+    parser.set_defaults(
+        learning_rate=1e-4, weight_decay=0.05, per_device_train_batch_size=8, per_device_eval_batch_size=8
+    )
     return parser
 
 
@@ -277,8 +335,11 @@ def label_settings(args):
         raise ValueError("Give --num_labels or --id2label (a JSON file {id: name}).")
     if args.ignore_index in id2label:
         raise ValueError(f"--ignore_index {args.ignore_index} is also a class id; choose another ignore index.")
-    return {"num_labels": len(id2label), "id2label": id2label,
-            "label2id": {name: index for index, name in id2label.items()}}
+    return {
+        "num_labels": len(id2label),
+        "id2label": id2label,
+        "label2id": {name: index for index, name in id2label.items()},
+    }
 
 
 def load_palette(path):
@@ -295,8 +356,11 @@ def build_model(args, config):
     if args.model_name_or_path is None:
         return CastForSemanticSegmentation(config)
     return AutoModelForSemanticSegmentation.from_pretrained(
-        args.model_name_or_path, config=config, revision=args.hub_revision,
-        ignore_mismatched_sizes=args.ignore_mismatched_sizes)
+        args.model_name_or_path,
+        config=config,
+        revision=args.hub_revision,
+        ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+    )
 
 
 def train_segmentation(args):
@@ -311,8 +375,15 @@ def train_segmentation(args):
     config = build_config(args, **fields)
     model = build_model(args, config)
 
-    splits = load_image_datasets(args.dataset_name, args.dataset_config_name, args.train_dir, args.validation_dir,
-                                 args.streaming, args.cache_dir, args.hub_token)
+    splits = load_image_datasets(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_dir,
+        args.validation_dir,
+        args.streaming,
+        args.cache_dir,
+        args.hub_token,
+    )
     train_split, eval_split = evaluation_split(splits, select_split(splits, args.train_split_name), args)
     train_split = limit(train_split, args.max_train_samples)
     image_column = image_column_of(train_split, args.image_column_name)
@@ -326,36 +397,68 @@ def train_segmentation(args):
     # `post_process_semantic_segmentation(target_sizes=...)` maps predictions back onto the whole original image.
     processor.do_center_crop = False
     processor.size = {"height": size, "width": size}
-    mask_settings = dict(num_labels=labels["num_labels"], ignore_index=args.ignore_index, palette=palette,
-                         reduce_labels=args.reduce_labels)
-    transform = SegmentationTransform(encoder, size, train=True, crop_scale=(args.crop_min_scale, 1.0),
-                                      jitter_probability=args.jitter_probability, **mask_settings)
+    mask_settings = dict(
+        num_labels=labels["num_labels"],
+        ignore_index=args.ignore_index,
+        palette=palette,
+        reduce_labels=args.reduce_labels,
+    )
+    transform = SegmentationTransform(
+        encoder,
+        size,
+        train=True,
+        crop_scale=(args.crop_min_scale, 1.0),
+        jitter_probability=args.jitter_probability,
+        **mask_settings,
+    )
     batches = SegmentationBatches(
-        train_split, transform, args.per_device_train_batch_size, image_column, mask_column, seed=args.seed,
-        shuffle=True, shuffle_buffer_size=args.shuffle_buffer_size, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, drop_last=True, return_keys=args.log_sample_keys)
+        train_split,
+        transform,
+        args.per_device_train_batch_size,
+        image_column,
+        mask_column,
+        seed=args.seed,
+        shuffle=True,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        drop_last=True,
+        return_keys=args.log_sample_keys,
+    )
     if args.max_train_steps is None:
         per_epoch = batches.batches_per_epoch(max(1, args.dataloader_num_workers))
         args.max_train_steps = steps_for_epochs(args.num_train_epochs, per_epoch, args.gradient_accumulation_steps)
-    training = TrainingBatches(batches, args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
-                               worker_timeout=args.dataloader_timeout)
+    training = TrainingBatches(
+        batches,
+        args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        worker_timeout=args.dataloader_timeout,
+    )
 
     evaluate = None
     if eval_split is not None:
         eval_split = limit(eval_split, args.max_eval_samples)
         eval_image_column = image_column_of(eval_split, args.image_column_name)
         eval_batches = SegmentationBatches(
-            eval_split, SegmentationTransform(encoder, size, train=False, **mask_settings),
-            args.per_device_eval_batch_size, eval_image_column,
-            mask_column_of(eval_split, eval_image_column, args.label_column_name), shuffle=False,
-            rank=accelerator.process_index, world_size=accelerator.num_processes, drop_last=False)
+            eval_split,
+            SegmentationTransform(encoder, size, train=False, **mask_settings),
+            args.per_device_eval_batch_size,
+            eval_image_column,
+            mask_column_of(eval_split, eval_image_column, args.label_column_name),
+            shuffle=False,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            drop_last=False,
+        )
 
         def evaluate(model, accelerator):
             loader = evaluation_loader(eval_batches, args.dataloader_num_workers, args.dataloader_timeout)
             return evaluate_segmentation(model, loader, accelerator)
 
-    card = {"base_model": args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
-            **dataset_card_fields(args)}
+    card = {
+        "base_model": args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
+        **dataset_card_fields(args),
+    }
     return train(args, accelerator, SegmentationObjective(model), training, processor, evaluate=evaluate, card=card)
 
 

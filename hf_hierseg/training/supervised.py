@@ -33,8 +33,17 @@ def cutmix_box(height, width, lam, rng):
     return int(top), int(bottom), int(left), int(right)
 
 
-def mixup_cutmix(pixel_values, labels, num_labels, rng, mixup_alpha=0.8, cutmix_alpha=1.0, probability=1.0,
-                 switch_probability=0.5, label_smoothing=0.1):
+def mixup_cutmix(
+    pixel_values,
+    labels,
+    num_labels,
+    rng,
+    mixup_alpha=0.8,
+    cutmix_alpha=1.0,
+    probability=1.0,
+    switch_probability=0.5,
+    label_smoothing=0.1,
+):
     """DeiT's batch Mixup / CutMix. Returns (mixed pixel_values, soft targets [B, K], lam, mode).
 
     With probability `probability` the batch is mixed with its reverse: CutMix (with probability
@@ -101,8 +110,17 @@ class SupervisedObjective:
     pipeline_tag = "image-classification"
     EMA_FILE = "ema.safetensors"
 
-    def __init__(self, model, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, mix_probability=1.0,
-                 switch_probability=0.5, ema_decay=None, seed=0):
+    def __init__(
+        self,
+        model,
+        label_smoothing=0.1,
+        mixup_alpha=0.8,
+        cutmix_alpha=1.0,
+        mix_probability=1.0,
+        switch_probability=0.5,
+        ema_decay=None,
+        seed=0,
+    ):
         self.module = model
         self.num_labels = model.config.num_labels
         self.label_smoothing = label_smoothing
@@ -121,8 +139,16 @@ class SupervisedObjective:
             # One generator per (step, micro-batch, rank): a resumed run mixes exactly as the interrupted one.
             rng = np.random.default_rng([self.seed, step, micro_step, accelerator.process_index])
             pixel_values, targets, lam, _ = mixup_cutmix(
-                pixel_values, labels, self.num_labels, rng, self.mixup_alpha, self.cutmix_alpha,
-                self.mix_probability, self.switch_probability, self.label_smoothing)
+                pixel_values,
+                labels,
+                self.num_labels,
+                rng,
+                self.mixup_alpha,
+                self.cutmix_alpha,
+                self.mix_probability,
+                self.switch_probability,
+                self.label_smoothing,
+            )
             logits = module(pixel_values=pixel_values, superpixels=batch["superpixels"]).logits
             return soft_target_cross_entropy(logits, targets), {"mix_lambda": lam}
         logits = module(pixel_values=pixel_values, superpixels=batch["superpixels"]).logits
@@ -151,8 +177,13 @@ class SupervisedObjective:
     def card_details(self):
         details = {"label smoothing": self.label_smoothing}
         if self.mixing:
-            details.update({"mixup alpha": self.mixup_alpha, "cutmix alpha": self.cutmix_alpha,
-                            "mix probability": self.mix_probability})
+            details.update(
+                {
+                    "mixup alpha": self.mixup_alpha,
+                    "cutmix alpha": self.cutmix_alpha,
+                    "mix probability": self.mix_probability,
+                }
+            )
         if self.ema is not None:
             details["EMA decay"] = self.ema.decay
         return details
@@ -179,8 +210,12 @@ def evaluate_classifier(model, batches, accelerator):
     totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
     count = max(totals[1].item(), 1.0)
-    return {"eval_accuracy": totals[0].item() / count, "eval_loss": totals[2].item() / count,
-            "eval_samples": int(totals[1].item()), "eval_skipped_images": int(totals[3].item())}
+    return {
+        "eval_accuracy": totals[0].item() / count,
+        "eval_loss": totals[2].item() / count,
+        "eval_samples": int(totals[1].item()),
+        "eval_skipped_images": int(totals[3].item()),
+    }
 
 
 __all__ = [
