@@ -166,6 +166,21 @@ class CastConfig(PretrainedConfig):
         return cls(**{**CAST_PRESETS[name], **kwargs})
 
 
+def is_cast(obj):
+    """Whether `obj` (a model, a config or a pipeline's model) is CAST: compares `config.model_type`, so classes
+    loaded as remote code (which fail `isinstance` with the package's classes) count too."""
+    config = getattr(obj, "config", obj)
+    return getattr(config, "model_type", None) == CastConfig.model_type
+
+
+def check_is_cast(obj, user, error=ValueError):
+    """Raise `error` naming `user` unless `obj` is a CAST model or config (see `is_cast`)."""
+    if not is_cast(obj):
+        raise error(
+            f"{user} needs a CAST model or a CAST configuration (config.model_type 'cast'), got {type(obj).__name__}."
+        )
+
+
 LEVEL_NAMES = [f"level{level}" for level in range(1, NUM_LEVELS + 1)]
 STAGE_NAMES = ["stem"] + LEVEL_NAMES
 
@@ -195,8 +210,7 @@ def backbone_config(config, out_features=None, out_indices=None):
     """A backbone configuration for `config` (a CAST config, package or remote code): `config` itself when it already
     is one, else a [`CastBackboneConfig`] with its values. Explicit `out_features` / `out_indices` win over saved
     ones."""
-    if getattr(config, "model_type", None) != "cast":
-        raise ValueError(f"CastBackbone needs a CAST configuration (model_type 'cast'), got {type(config).__name__}.")
+    check_is_cast(config, "CastBackbone")
     if isinstance(config, BackboneConfigMixin):
         if out_features is not None or out_indices is not None:
             config.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
@@ -210,4 +224,12 @@ def backbone_config(config, out_features=None, out_indices=None):
     return CastBackboneConfig(out_features=out_features, out_indices=out_indices, **values)
 
 
-__all__ = ["CAST_PRESETS", "STAGE_NAMES", "CastBackboneConfig", "CastConfig", "backbone_config"]
+__all__ = [
+    "CAST_PRESETS",
+    "STAGE_NAMES",
+    "CastBackboneConfig",
+    "CastConfig",
+    "backbone_config",
+    "check_is_cast",
+    "is_cast",
+]

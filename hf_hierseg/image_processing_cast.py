@@ -18,6 +18,7 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs
 
 from .hierarchy import paint_hierarchy, paint_segments
+from .segment_ops import relabel_consecutive
 from .superpixels import (
     DEFAULT_NUM_SUPERPIXELS,
     REFERENCE_SIZE,
@@ -25,7 +26,6 @@ from .superpixels import (
     batch_superpixels,
     denormalize_to_uint8,
     get_seeds_recipe,
-    relabel_consecutive,
     scaled_num_superpixels,
 )
 

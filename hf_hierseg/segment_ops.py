@@ -1,5 +1,6 @@
 """Segment-wise reductions: turning a feature grid and a superpixel map into one token per segment."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,12 +50,41 @@ def masked_mean(values, mask, dim=1, keepdim=False):
     return total / count
 
 
-def relabel_consecutive(superpixels):
-    """Map the labels of each image in an int tensor [B, H, W] to 0..S_b-1, keeping their order."""
-    relabelled = torch.empty_like(superpixels, dtype=torch.long)
-    for index, labels in enumerate(superpixels):
-        relabelled[index] = torch.unique(labels, return_inverse=True)[1]
-    return relabelled
+def relabel_consecutive(labels):
+    """Map the label ids of every label map in `labels` (`[..., H, W]`, numpy array or torch tensor) to 0..S-1,
+    keeping their order: int64 of the same shape and type. Each `[H, W]` map is relabelled on its own."""
+    is_tensor = torch.is_tensor(labels)
+    array = labels.detach().cpu().numpy() if is_tensor else np.asarray(labels)
+    if array.ndim < 2:
+        raise ValueError(f"Expected label maps [..., H, W], got shape {array.shape}.")
+    maps = array.reshape(-1, *array.shape[-2:])
+    relabelled = np.stack([_relabel_map(label_map) for label_map in maps]).reshape(array.shape)
+    return torch.from_numpy(relabelled).to(labels.device) if is_tensor else relabelled
+
+
+def _relabel_map(labels):
+    if labels.size and labels.min() >= 0 and labels.max() < 4 * labels.size:
+        # Small non-negative ids (OpenCV's): a lookup table, linear time instead of np.unique's sort.
+        present = np.zeros(int(labels.max()) + 1, dtype=bool)
+        present[labels] = True
+        return (np.cumsum(present) - 1)[labels].astype(np.int64)
+    _, inverse = np.unique(labels, return_inverse=True)
+    return inverse.reshape(labels.shape).astype(np.int64)
+
+
+def resize_label_maps(label_maps, size):
+    """Nearest resize of integer label maps `[..., H, W]` (numpy array or torch tensor) to `size = (height, width)`,
+    sampling at pixel centres (as PIL's `NEAREST` and `F.interpolate(mode="nearest-exact")`). Returns int64 of the
+    same type. (`resize_labels_nearest` is the model's own grid sampling, which takes the top-left pixel.)"""
+    size = tuple(int(v) for v in size)
+    is_tensor = torch.is_tensor(label_maps)
+    tensor = label_maps if is_tensor else torch.from_numpy(np.ascontiguousarray(label_maps))
+    if tuple(tensor.shape[-2:]) == size:
+        resized = tensor.long()
+    else:
+        flat = tensor.reshape(-1, 1, *tensor.shape[-2:]).double()  # float64 holds every int32 label exactly
+        resized = F.interpolate(flat, size=size, mode="nearest-exact").reshape(*tensor.shape[:-2], *size).long()
+    return resized if is_tensor else resized.numpy()
 
 
 def present_labels(grid_labels, num_labels):
@@ -72,5 +102,6 @@ __all__ = [
     "segment_mean",
     "masked_mean",
     "relabel_consecutive",
+    "resize_label_maps",
     "present_labels",
 ]

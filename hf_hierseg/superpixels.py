@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .segment_ops import relabel_consecutive
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,18 +72,6 @@ def scaled_num_superpixels(height, width, num_superpixels=DEFAULT_NUM_SUPERPIXEL
     if reference_size is None:
         return int(num_superpixels)
     return max(1, round(num_superpixels * height * width / (reference_size * reference_size)))
-
-
-def relabel_consecutive(labels):
-    """Map the label ids present in `labels` to 0..S-1, keeping their order: int64 array of the same shape."""
-    labels = np.asarray(labels)
-    if labels.size and labels.min() >= 0 and labels.max() < 4 * labels.size:
-        # Small non-negative ids (OpenCV's): a lookup table, linear time instead of np.unique's sort.
-        present = np.zeros(int(labels.max()) + 1, dtype=bool)
-        present[labels] = True
-        return (np.cumsum(present) - 1)[labels].astype(np.int64)
-    _, inverse = np.unique(labels, return_inverse=True)
-    return inverse.reshape(labels.shape).astype(np.int64)
 
 
 def check_rgb_uint8(image):
@@ -281,7 +271,6 @@ __all__ = [
     "denormalize_to_uint8",
     "get_seeds_recipe",
     "grid_superpixels",
-    "relabel_consecutive",
     "resolve_num_workers",
     "scaled_num_superpixels",
     "seeds_block_grid",

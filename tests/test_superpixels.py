@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from hf_hierseg.segment_ops import relabel_consecutive
 from hf_hierseg.superpixels import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -14,7 +15,6 @@ from hf_hierseg.superpixels import (
     compute_superpixels,
     denormalize_to_uint8,
     grid_superpixels,
-    relabel_consecutive,
     scaled_num_superpixels,
     seeds_num_superpixels,
     seeds_superpixels,
