@@ -149,14 +149,6 @@ class CastConfig(PretrainedConfig):
                 f"`image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size})."
             )
 
-    def save_pretrained(self, save_directory, push_to_hub=False, **kwargs):
-        """Save `config.json` together with the model code (flat files, `auto_map`, `custom_pipelines`), so the
-        directory or Hub repo loads with `trust_remote_code=True` where `hf_hierseg` is not installed."""
-        from .remote_code import add_remote_code
-
-        add_remote_code(self, save_directory)
-        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-
     @classmethod
     def from_preset(cls, name, **kwargs):
         """Build the configuration of one of the authors' models: `cast-small`, `cast-small-deep`, `cast-base`,

@@ -1,13 +1,34 @@
-"""Publishing CAST checkpoints on the Hugging Face Hub: the model card and the push, shared by the converter and
-the training scripts."""
+"""Publishing CAST checkpoints on the Hugging Face Hub: the model card, the remote code of shared folders and the
+push, shared by the converter and the training scripts.
+
+Where `custom_pipelines` belongs. A `save_pretrained` folder is saved the transformers way: `register_for_auto_class`
+(in `hf_hierseg/__init__.py`) copies the core modules the saved class needs and writes its `auto_map` entry, and
+nothing else, so with `hf_hierseg` installed `pipeline(task, model=folder)` runs every task without
+`trust_remote_code` (a `custom_pipelines` entry would make transformers demand it for those tasks even then). What
+is *shared* is made self-contained instead: `push_folder_to_hub` (behind the converter's `--push-to-hub` and the
+trainers' `--push_to_hub`) uploads the folder with every core module, the `auto_map` of every CAST Auto class and
+`custom_pipelines` for `hierarchical-segmentation` and `image-segmentation` (see `shared_files`), leaving the local
+folder as it was; `add_remote_code` does the same in place, for a folder shared by copying it. There, without the
+package, `pipeline("hierarchical-segmentation", model=repo, trust_remote_code=True)` works; with the package,
+pass `trust_remote_code=True` too, or load the model and hand it to the pipeline. `strip_remote_code` turns a
+saved folder into a plain one (no code files, no `auto_map`), as the bundled default model is.
+"""
 
 import json
+import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS as HUB_IGNORE_PATTERNS
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from transformers.dynamic_module_utils import get_relative_import_files
+
+from . import AUTO_CLASSES
+from .configuration_cast import CastConfig
+from .pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline
 
 
 CITATION = """@inproceedings{ke2024cast,
@@ -28,6 +49,14 @@ TASK_OF_ARCHITECTURE = {
 }
 # Not published by `push_folder_to_hub`: training states (accelerate checkpoints) and caches.
 DEFAULT_IGNORE_PATTERNS = ("checkpoint-*", "*.tmp", "__pycache__/*", "*.pyc", ".*")
+# Task -> pipeline class named in the `custom_pipelines` of shared CAST repos.
+SHARED_PIPELINES = {
+    "hierarchical-segmentation": HierarchicalSegmentationPipeline,
+    "image-segmentation": CastImageSegmentationPipeline,
+}
+SEGMENTATION_ARCHITECTURE = "CastForSemanticSegmentation"
+CONFIG_FILES = ("config.json", "preprocessor_config.json")
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 
 
 def _check_repo_id(repo_id, argument):
@@ -118,7 +147,10 @@ for level, segment_map in enumerate(outputs.hierarchy_maps(inputs["superpixels"]
 {task}```
 
 `trust_remote_code=True` runs the modelling code stored in this repository; with the `hf_hierseg` package
-installed (`import hf_hierseg`) the same classes load from the package."""
+installed (`import hf_hierseg`) the same classes load from the package. The repository also names its pipelines:
+`pipeline("hierarchical-segmentation", model=repo_id, trust_remote_code=True)(image)` gives every level's segments
+with their parent links, `pipeline("image-segmentation", ...)` the masks of one level (or of the segmentation
+head's classes)."""
 
 
 def write_model_card(
@@ -219,23 +251,139 @@ def write_model_card(
     return readme
 
 
+# -- remote code of shared folders ---------------------------------------------------------------------------
+
+
+def class_reference(cls):
+    """`"module.Class"`, as `auto_map` and `custom_pipelines` name a class of the flat remote-code files."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+def remote_code_files():
+    """The core modules a shared CAST repo ships: those of the Auto classes and the pipelines, and every module they
+    import relatively (what transformers copies on `save_pretrained`, plus the pipelines). Returns sorted paths."""
+    modules = {sys.modules[cls.__module__].__file__ for cls in (*AUTO_CLASSES.values(), *SHARED_PIPELINES.values())}
+    files = set(modules)
+    for module in modules:
+        files.update(get_relative_import_files(module))
+    return sorted(Path(path) for path in files)
+
+
+def custom_pipelines(architectures=()):
+    """The `custom_pipelines` entry of a shared CAST repo. `pt` names the Auto class `pipeline()` loads the model
+    with: a `CastForSemanticSegmentation` checkpoint feeds `image-segmentation` through its head, others paint the
+    segments of a hierarchy level."""
+    segmentation_model = "AutoModelForSemanticSegmentation" if SEGMENTATION_ARCHITECTURE in architectures else None
+    auto_models = {"hierarchical-segmentation": "AutoModel", "image-segmentation": segmentation_model or "AutoModel"}
+    return {
+        task: {"impl": class_reference(pipeline_class), "pt": [auto_models[task]], "type": "image"}
+        for task, pipeline_class in SHARED_PIPELINES.items()
+    }
+
+
+def _read_json(path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot read {path}: {error}") from None
+
+
+def _json_text(values):
+    return json.dumps(values, indent=2, sort_keys=True) + "\n"  # as transformers writes its JSON files
+
+
+def shared_files(folder):
+    """What sharing a CAST `save_pretrained` folder adds or replaces: `{name: Path or JSON text}` with the core module
+    files (`remote_code_files`), `config.json` with the `auto_map` of every CAST Auto class and `custom_pipelines`,
+    and `preprocessor_config.json` (when present) with the image processor's `auto_map`. Empty for a folder whose
+    `config.json` is missing or not CAST (other models are shared as they are)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = _read_json(config_path) if config_path.is_file() else {}
+    if config.get("model_type") != CastConfig.model_type:
+        return {}
+    processor_class = AUTO_CLASSES["AutoImageProcessor"]
+    model_auto_map = {auto: class_reference(cls) for auto, cls in AUTO_CLASSES.items() if cls is not processor_class}
+    config["auto_map"] = {**config.get("auto_map", {}), **model_auto_map}
+    config["custom_pipelines"] = custom_pipelines(config.get("architectures") or ())
+    files = {path.name: path for path in remote_code_files()}
+    files["config.json"] = _json_text(config)
+    processor_path = folder / "preprocessor_config.json"
+    if processor_path.is_file():
+        processor = _read_json(processor_path)
+        processor["auto_map"] = {
+            **processor.get("auto_map", {}),
+            "AutoImageProcessor": class_reference(processor_class),
+        }
+        files["preprocessor_config.json"] = _json_text(processor)
+    return files
+
+
+def add_remote_code(folder):
+    """Make `folder` (a CAST `save_pretrained` folder) self-contained for sharing by copying it: write the files of
+    `shared_files` into it. Afterwards it loads with `trust_remote_code=True` where `hf_hierseg` is not installed,
+    pipelines included; note that its `custom_pipelines` then make `pipeline("hierarchical-segmentation" |
+    "image-segmentation", model=folder)` ask for `trust_remote_code=True` also where the package is installed.
+    Returns the written paths."""
+    folder = Path(folder)
+    files = shared_files(folder)
+    if not files:
+        raise ValueError(f"{folder} is not a CAST model folder (no config.json with model_type 'cast').")
+    written = []
+    for name, content in files.items():
+        destination = folder / name
+        if isinstance(content, Path):
+            shutil.copyfile(content, destination)
+        else:
+            destination.write_text(content, encoding="utf-8")
+        written.append(destination)
+    return written
+
+
+def strip_remote_code(folder):
+    """Make `folder` a plain `save_pretrained` folder: delete the shipped core module files (`remote_code_files`
+    names) and the `auto_map` / `custom_pipelines` entries of `config.json` and `preprocessor_config.json`. It then
+    loads with the `hf_hierseg` classes only (as the bundled default model). Returns the deleted file names."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"`folder` must be a model folder with a config.json, got {str(folder)!r}.")
+    deleted = []
+    for path in remote_code_files():
+        if (folder / path.name).is_file():
+            (folder / path.name).unlink()
+            deleted.append(path.name)
+    for name in CONFIG_FILES:
+        path = folder / name
+        if path.is_file():
+            values = _read_json(path)
+            if any(key in values for key in REMOTE_CODE_KEYS):
+                path.write_text(_json_text({k: v for k, v in values.items() if k not in REMOTE_CODE_KEYS}), "utf-8")
+    return deleted
+
+
+# -- push ------------------------------------------------------------------------------------------------------
+
+
 def push_folder_to_hub(
     folder, repo_id, commit_message, private=False, token=None, ignore_patterns=DEFAULT_IGNORE_PATTERNS
 ):
     """Create `repo_id` on the Hub if needed and upload `folder` (a `save_pretrained` folder with its model card)
-    in one commit; training checkpoints (`checkpoint-*`) are left out. Returns the `CommitInfo`
-    (`.oid`, `.commit_url`, `.repo_url.repo_id`)."""
+    in one commit; training checkpoints (`checkpoint-*`) are left out. A CAST folder is shared self-contained: the
+    upload adds or replaces the files of `shared_files` (core code, full `auto_map`, `custom_pipelines`), so the repo
+    loads with `trust_remote_code=True` where `hf_hierseg` is not installed; the local folder is not changed.
+    Returns the `CommitInfo` (`.oid`, `.commit_url`, `.repo_url.repo_id`)."""
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise ValueError(f"`folder` must be an existing, non-empty folder, got {str(folder)!r}.")
     _check_repo_id(repo_id, "repo_id")
     if not isinstance(commit_message, str) or not commit_message.strip():
         raise ValueError("`commit_message` must be a non-empty string.")
+    local_files = {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()}
+    kept = filter_repo_objects(list(local_files), ignore_patterns=[*(ignore_patterns or ()), *HUB_IGNORE_PATTERNS])
+    contents = {name: local_files[name] for name in kept}
+    for name, content in shared_files(folder).items():
+        contents[name] = content if isinstance(content, Path) else content.encode("utf-8")
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in contents.items()]
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_url.repo_id,
-        folder_path=folder,
-        commit_message=commit_message,
-        ignore_patterns=list(ignore_patterns or ()),
-    )
+    return api.create_commit(repo_id=repo_url.repo_id, operations=operations, commit_message=commit_message)

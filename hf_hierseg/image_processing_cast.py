@@ -18,7 +18,7 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs
 
 from .hierarchy import paint_hierarchy, paint_segments
-from .segment_ops import relabel_consecutive
+from .segment_ops import relabel_consecutive, resize_label_maps
 from .superpixels import (
     DEFAULT_NUM_SUPERPIXELS,
     REFERENCE_SIZE,
@@ -74,6 +74,11 @@ class CastImageProcessor(PilBackend):
     grayscale and CMYK images use PIL's conversion (ICC profiles are ignored); 16-bit images (PIL modes `I;16*`
     and `I`, numpy `uint16`) are scaled to 8 bit by /257; float arrays must be finite and in [0, 1] and are rounded
     to 8 bit; other integer arrays must lie in 0..255.
+
+    `do_rescale` follows transformers: `do_rescale=False` says "my pixels are already in [0, 1]". Float images in
+    [0, 1] then give the same `pixel_values` as with the default `do_rescale=True` (floats are always read as values in
+    [0, 1], never rescaled twice); 8-bit inputs (PIL images, integer arrays) with `do_rescale=False` raise a
+    `ValueError`, since their 0..255 values would reach the model unscaled.
     """
 
     valid_kwargs = CastImageProcessorKwargs
@@ -148,9 +153,13 @@ class CastImageProcessor(PilBackend):
             prepared.append(image)
         return prepared
 
-    def process_image(self, image, do_convert_rgb=None, input_data_format=None, max_image_pixels=None, **kwargs):
+    def process_image(
+        self, image, do_convert_rgb=None, input_data_format=None, max_image_pixels=None, do_rescale=None, **kwargs
+    ):
         """One input image as 8-bit RGB `uint8 [H, W, 3]` (channels last: what PIL and OpenCV work on)."""
         max_image_pixels = max_image_pixels or self.max_image_pixels
+        if not (self.do_rescale if do_rescale is None else do_rescale):
+            _check_already_rescaled(image)
         if isinstance(image, PIL.Image.Image):
             _check_image_size(image.height, image.width, max_image_pixels)
             return _pil_to_rgb(image)
@@ -237,7 +246,8 @@ class CastImageProcessor(PilBackend):
             if do_center_crop:
                 image = self.center_crop(image, crop_size)
             crops.append(image)
-            values = self.rescale(image, rescale_factor if do_rescale else 1.0)
+            # do_rescale=False: the inputs were floats in [0, 1], read as 8 bit (x 255, rounded); / 255 undoes that.
+            values = self.rescale(image, rescale_factor if do_rescale else 1 / 255)
             if do_normalize:
                 values = self.normalize(values, image_mean, image_std)
             pixel_values.append(values)
@@ -318,7 +328,7 @@ class CastImageProcessor(PilBackend):
         for index in range(superpixels.shape[0]):
             maps = [level_map[index] for level_map in level_maps]
             if target_sizes is not None:
-                maps = [_resize_labels(level_map, target_sizes[index]) for level_map in maps]
+                maps = [resize_label_maps(level_map, target_sizes[index]) for level_map in maps]
             results.append(maps)
         return results
 
@@ -378,6 +388,21 @@ def _check_superpixel_settings(method, recipe, num_superpixels):
     get_seeds_recipe(recipe)
     if int(num_superpixels) < 1:
         raise ValueError(f"num_superpixels must be >= 1, got {num_superpixels}.")
+
+
+def _check_already_rescaled(image):
+    """`do_rescale=False` means the pixels are already in [0, 1] (transformers' convention): float images only."""
+    if isinstance(image, PIL.Image.Image):
+        is_float, kind = image.mode == "F", f"a PIL image of mode {image.mode!r}"
+    elif isinstance(image, torch.Tensor):
+        is_float, kind = image.is_floating_point(), f"a tensor of dtype {image.dtype}"
+    else:
+        is_float, kind = np.issubdtype(image.dtype, np.floating), f"an array of dtype {image.dtype}"
+    if not is_float:
+        raise ValueError(
+            f"do_rescale=False says the pixels are already rescaled to [0, 1], but the image is {kind} (0..255 "
+            "values): keep do_rescale=True for 8-bit images, or pass float images in [0, 1]."
+        )
 
 
 def _pil_to_rgb(image):
@@ -516,14 +541,6 @@ def _check_target_sizes(target_sizes, batch_size):
     if len(target_sizes) != batch_size:
         raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size}.")
     return [tuple(int(v) for v in target_size) for target_size in target_sizes]
-
-
-def _resize_labels(label_map, target_size):
-    """Nearest resize of an int64 `[H, W]` label map (pixel-centre sampling, as PIL)."""
-    if tuple(label_map.shape) == tuple(target_size):
-        return label_map
-    resized = F.interpolate(label_map[None, None].double(), size=target_size, mode="nearest-exact")
-    return resized[0, 0].long()
 
 
 __all__ = ["CastImageProcessor"]

@@ -1,33 +1,48 @@
 """transformers pipelines for CAST.
 
-- `hierarchical-segmentation` ([`HierarchicalSegmentationPipeline`], registered in transformers' `PIPELINE_REGISTRY`):
-  for each level, the segments with their masks and parent links, optionally an overlay picture.
-- `image-segmentation` ([`CastImageSegmentationPipeline`]): semantic masks from the segmentation head of
-  `CastForSemanticSegmentation`, otherwise the segments of one hierarchy level.
-- `image-classification` and `image-feature-extraction` need nothing special: transformers' own pipelines run CAST
-  models, since `CastImageProcessor` returns the `superpixels` the model takes beside `pixel_values`.
+With `hf_hierseg` imported, `pipeline(task, model=folder)` needs no `trust_remote_code` for any of these:
 
-This module is shipped as remote code (`config.json` `custom_pipelines`): relative imports only. The pipelines accept
-package and remote-code models alike (they check `config.model_type`, never `isinstance`).
+- `hierarchical-segmentation` ([`HierarchicalSegmentationPipeline`], registered in transformers' `PIPELINE_REGISTRY`
+  when the package is imported): for each level, the segments with their masks and parent links, optionally an
+  overlay picture.
+- `image-classification` and `image-feature-extraction`: transformers' own pipelines, since `CastImageProcessor`
+  returns the `superpixels` that transformers passes to the model beside `pixel_values`.
+- `image-segmentation`: transformers' own `ImageSegmentationPipeline` runs a `CastForSemanticSegmentation` folder
+  (`CastImageProcessor.post_process_semantic_segmentation`; such folders are saved with a processor that does not
+  centre crop, so the masks cover the whole image). transformers logs that the class "is not supported for
+  image-segmentation" (it lists only its own models there) and runs it all the same. A folder without a
+  segmentation head (`CastModel`, a classifier) gets a randomly initialised head there, with transformers' usual
+  warning, as any transformers backbone checkpoint would. The segments of one hierarchy level come from
+  `hierarchical-segmentation`, or from [`CastImageSegmentationPipeline`] given a loaded model (given a folder,
+  `pipeline("image-segmentation", ...)` would load it with the random head first):
+
+      segment = pipeline("image-segmentation", model=CastModel.from_pretrained(folder), image_processor=folder,
+                         pipeline_class=CastImageSegmentationPipeline)
+      masks = segment(image, level=3)
+
+Where the package is not installed, a repo shared with `hf_hierseg.hub.push_folder_to_hub` (or a folder prepared
+with `hf_hierseg.hub.add_remote_code`) names these classes in `config.json`'s `custom_pipelines`, and
+`pipeline("hierarchical-segmentation" | "image-segmentation", model=repo, trust_remote_code=True)` loads them from
+the repo. Plain `save_pretrained` folders have no `custom_pipelines`: that entry makes transformers demand
+`trust_remote_code` for the task even where the package is installed.
+
+This module is shipped as remote code: relative imports only. The pipelines accept package and remote-code models
+alike (they check `config.model_type`, never `isinstance`).
 """
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers.image_utils import load_image
 from transformers.pipelines import ImageSegmentationPipeline, Pipeline
 
+from .configuration_cast import check_is_cast
+from .segment_ops import resize_label_maps
 from .visualization import overlay_labels
 
 
 NUM_LEVELS = 4
 DEFAULT_SEGMENTATION_LEVEL = 3
-
-
-def check_cast_model(model):
-    if getattr(getattr(model, "config", None), "model_type", None) != "cast":
-        raise ValueError(f"This pipeline runs CAST models (config.model_type 'cast'), got {type(model).__name__}.")
 
 
 def whole_image_size(image_processor):
@@ -54,14 +69,6 @@ def cast_preprocess(pipeline, image, timeout=None):
     model_inputs["target_size"] = [(image.height, image.width)]
     model_inputs["image"] = [image]
     return model_inputs
-
-
-def resize_label_maps(label_maps, size):
-    """Nearest resize (pixel centres, as PIL) of int label maps [..., H, W] to `size`."""
-    shape = label_maps.shape
-    flat = label_maps.reshape(-1, 1, *shape[-2:]).double()
-    resized = F.interpolate(flat, size=tuple(size), mode="nearest-exact")
-    return resized.reshape(*shape[:-2], *size).long()
 
 
 def binary_mask(label_map, label):
@@ -91,10 +98,11 @@ class HierarchicalSegmentationPipeline(Pipeline):
     _load_image_processor = True
     _load_feature_extractor = False
     _load_tokenizer = False
+    _load_video_processor = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_cast_model(self.model)
+        check_is_cast(self.model, type(self).__name__)
 
     def _sanitize_parameters(self, levels=None, overlay=None, timeout=None, **kwargs):
         preprocess_params, postprocess_params = {}, {}
@@ -148,11 +156,18 @@ class CastImageSegmentationPipeline(ImageSegmentationPipeline):
     `image-segmentation` for CAST: with `CastForSemanticSegmentation` (a segmentation head), one mask per predicted
     class (`label` from `config.id2label`); with other CAST models, one mask per segment of hierarchy `level`
     (default 3; `label` is `"level<l>-<id>"`). `score` is `None`, as for transformers' semantic segmentation.
+    The image is processed whole (resized, never centre cropped), so the masks cover the whole input image.
     """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
 
     def __init__(self, *args, **kwargs):
         Pipeline.__init__(self, *args, **kwargs)  # CAST is in none of transformers' segmentation mappings
-        check_cast_model(self.model)
+        check_is_cast(self.model, type(self).__name__)
 
     def _sanitize_parameters(self, level=None, subtask=None, timeout=None, **kwargs):
         preprocess_params, postprocess_params = {}, {}

@@ -1,10 +1,12 @@
 """The bundled default model: loads offline in a fresh process, segments a real photo into nested levels; the demo."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -39,6 +41,57 @@ def test_bundled_files_are_small_and_complete():
     assert (path / "model.safetensors").stat().st_size < 10 * 2**20
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "cast" and config["architectures"] == ["CastModel"]
+
+
+def test_bundled_folder_is_plain():
+    """No remote code in the bundled folder: the package provides the classes, so no `auto_map` (or
+    `custom_pipelines`) may point at code files, and there are none."""
+    path = default_model.default_model_path()
+    assert not list(path.glob("*.py"))
+    for name in ("config.json", "preprocessor_config.json"):
+        values = json.loads((path / name).read_text())
+        assert "auto_map" not in values and "custom_pipelines" not in values, name
+
+
+def test_load_default_from_the_package_root_without_warnings(caplog):
+    import hf_hierseg
+    from hf_hierseg import CastImageProcessor, CastModel, default_model_path, load_default
+
+    assert default_model_path() == default_model.DEFAULT_MODEL_DIRECTORY
+    assert hf_hierseg.load_default is default_model.load_default
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        model, processor = load_default()
+        _, info = CastModel.from_pretrained(default_model_path(), output_loading_info=True)
+    assert [str(warning.message) for warning in caught] == []
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    assert type(model) is CastModel and not model.training and type(processor) is CastImageProcessor
+
+
+def test_export_step_writes_a_plain_folder(tmp_path):
+    import torch
+
+    from hf_hierseg import CastConfig, CastForSelfSupervisedPretraining, CastImageProcessor, CastModel
+    from hf_hierseg.apps.default_model_recipe import export_backbone
+
+    torch.manual_seed(0)
+    config = CastConfig(
+        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64
+    )
+    pretraining = CastForSelfSupervisedPretraining(config)
+    pretraining.save_pretrained(tmp_path / "moco")
+    CastImageProcessor(num_superpixels=64).save_pretrained(tmp_path / "moco")
+    export = export_backbone(tmp_path / "moco", tmp_path / "export")
+    assert not list(export.glob("*.py"))
+    for name in ("config.json", "preprocessor_config.json"):
+        values = json.loads((export / name).read_text())
+        assert "auto_map" not in values and "custom_pipelines" not in values, name
+    exported, info = CastModel.from_pretrained(export, output_loading_info=True)
+    assert not any(info.values()), info
+    for name, tensor in pretraining.cast.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+    assert CastImageProcessor.from_pretrained(export).num_superpixels == 64
 
 
 def test_default_model_segments_a_real_photo_offline_in_a_fresh_process(tmp_path):

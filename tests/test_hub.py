@@ -11,10 +11,19 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
-from transformers import AutoModel, ViTConfig, ViTModel
+from transformers import AutoModel, ViTConfig, ViTModel, pipeline
 
-from hf_hierseg import CastConfig, CastForImageClassification, CastModel
-from hf_hierseg.hub import CITATION, DEFAULT_TAGS, push_folder_to_hub, write_model_card
+from hf_hierseg import CastConfig, CastForImageClassification, CastForSemanticSegmentation, CastModel
+from hf_hierseg.hub import (
+    CITATION,
+    DEFAULT_TAGS,
+    add_remote_code,
+    push_folder_to_hub,
+    remote_code_files,
+    strip_remote_code,
+    write_model_card,
+)
+from hf_hierseg.image_processing_cast import CastImageProcessor
 
 
 # huggingface_hub's own LFS upload passes `data=` to httpx; not ours to fix.
@@ -257,7 +266,7 @@ def test_cast_round_trip(hub_server, tmp_path, monkeypatch):
 
 def test_subprocess_uses_the_local_hub(hub_server, tmp_path):
     """The fixture's environment reaches child processes (remote-code tests load models in a fresh interpreter)."""
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "cast", "hidden_size": 24}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 24}))  # pushed as it is
     commit = push_folder_to_hub(tmp_path, "test-user/for-subprocess", "Add config")
     code = (
         "import json, huggingface_hub as hub\n"
@@ -267,5 +276,73 @@ def test_subprocess_uses_the_local_hub(hub_server, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     path, config = json.loads(result.stdout.strip().splitlines()[-1])
-    assert config == {"model_type": "cast", "hidden_size": 24}
+    assert config == {"model_type": "vit", "hidden_size": 24}
     assert path.startswith(str(tmp_path / "hf_hub_cache")) and commit.oid in path
+
+
+# -- remote code of shared folders ---------------------------------------------------------------------------
+
+
+def folder_bytes(folder):
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_push_shares_a_cast_folder_self_contained_and_leaves_it_plain(hub_server, tmp_path):
+    torch.manual_seed(0)
+    model = CastForSemanticSegmentation(tiny_cast_config(num_labels=3)).eval()
+    folder = tmp_path / "cast-seg"
+    model.save_pretrained(folder)
+    CastImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False).save_pretrained(folder)
+    before = folder_bytes(folder)
+    push_folder_to_hub(folder, "test-user/cast-seg", "Add tiny CAST segmenter")
+    assert folder_bytes(folder) == before  # the local folder stays as saved
+
+    published = hub_server.files("test-user/cast-seg")
+    code = {path.name: path.read_bytes() for path in remote_code_files()}
+    assert {name: published[name] for name in published if name.endswith(".py")} == code
+    for name, content in before.items():
+        if name not in ("config.json", "preprocessor_config.json"):
+            assert published[name] == content, name
+    config = json.loads(published["config.json"])
+    saved = json.loads(before["config.json"])
+    assert {key: value for key, value in config.items() if key not in ("auto_map", "custom_pipelines")} == {
+        key: value for key, value in saved.items() if key != "auto_map"
+    }
+    assert config["auto_map"]["AutoModel"] == "modeling_cast.CastModel"
+    assert config["auto_map"]["AutoModelForSemanticSegmentation"] == "modeling_cast.CastForSemanticSegmentation"
+    assert config["custom_pipelines"]["image-segmentation"]["pt"] == ["AutoModelForSemanticSegmentation"]
+    processor = json.loads(published["preprocessor_config.json"])
+    assert processor["auto_map"] == {"AutoImageProcessor": "image_processing_cast.CastImageProcessor"}
+
+    # The documented trade-off: a shared repo's custom_pipelines make transformers ask for trust_remote_code.
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        pipeline("hierarchical-segmentation", model="test-user/cast-seg")
+
+
+def test_add_and_strip_remote_code(tmp_path):
+    folder = tmp_path / "cast"
+    CastModel(tiny_cast_config()).save_pretrained(folder)
+    CastImageProcessor().save_pretrained(folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    add_remote_code(folder)
+    assert {path.name for path in folder.glob("*.py")} == {path.name for path in remote_code_files()}
+    assert "custom_pipelines" in json.loads((folder / "config.json").read_text())
+
+    deleted = strip_remote_code(folder)
+    assert set(deleted) == {path.name for path in remote_code_files()}
+    assert not list(folder.glob("*.py"))
+    for name in ("config.json", "preprocessor_config.json"):
+        values = json.loads((folder / name).read_text())
+        assert "auto_map" not in values and "custom_pipelines" not in values, name
+    assert (folder / "model.safetensors").read_bytes() == weights
+    loaded, info = CastModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    assert isinstance(CastImageProcessor.from_pretrained(folder), CastImageProcessor)
+
+    with pytest.raises(ValueError, match="CAST"):
+        add_remote_code(tmp_path)  # no config.json
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="CAST"):
+        add_remote_code(tmp_path / "vit")
+    with pytest.raises(ValueError, match="config.json"):
+        strip_remote_code(tmp_path / "missing")

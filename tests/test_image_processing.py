@@ -259,6 +259,54 @@ def test_nan_and_out_of_range_float_arrays():
         CastImageProcessor()(np.ones((32, 32, 3), dtype=bool))
 
 
+def normalised(image_0_1):
+    """ImageNet normalisation of a float `[H, W, 3]` image in [0, 1], channels first (float32, as torchvision)."""
+    values = torch.from_numpy(np.ascontiguousarray(image_0_1, dtype=np.float32)).permute(2, 0, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    return (values - mean[:, None, None]) / std[:, None, None]
+
+
+def test_do_rescale_false_means_the_pixels_are_already_in_0_1():
+    """transformers' convention: `do_rescale=False` says "my pixels are already in [0, 1]"; never 255 times off."""
+    settings = dict(do_resize=False, do_center_crop=False, return_tensors="pt")
+    uint8 = synthetic_image(3, 48, 64)
+    as_float = uint8.astype(np.float32) / 255  # the same picture, already rescaled
+    reference = CastImageProcessor()(uint8, **settings)
+    torch.testing.assert_close(reference["pixel_values"][0], normalised(as_float), rtol=0, atol=1e-6)
+    grey = np.repeat(uint8[:, :, :1], 3, axis=-1)
+    cases = [(as_float, uint8), (torch.from_numpy(as_float), uint8), (PIL.Image.fromarray(as_float[:, :, 0]), grey)]
+    for image, same_in_8bit in cases:
+        expected = CastImageProcessor()(same_in_8bit, **settings)
+        for do_rescale in (False, True):  # floats are read as [0, 1] either way, never rescaled twice
+            for outputs in (
+                CastImageProcessor(do_rescale=do_rescale)(image, **settings),
+                CastImageProcessor()(image, do_rescale=do_rescale, **settings),
+            ):
+                assert torch.equal(outputs["pixel_values"], expected["pixel_values"]), (type(image), do_rescale)
+                assert torch.equal(outputs["superpixels"], expected["superpixels"])
+
+    # Any float in [0, 1]: the 8-bit reading is within half a grey level of the exact normalisation.
+    floats = np.random.default_rng(0).random((40, 40, 3)).astype(np.float32)
+    outputs = CastImageProcessor(do_rescale=False)(floats, **settings)["pixel_values"][0]
+    torch.testing.assert_close(outputs, normalised(floats), rtol=0, atol=0.5 / 255 / min(IMAGENET_STD) + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [synthetic_image(4, 32, 32), PIL.Image.fromarray(synthetic_image(4, 32, 32)), torch.zeros(3, 32, 32).byte()],
+    ids=["numpy-uint8", "pil-rgb", "torch-uint8"],
+)
+def test_do_rescale_false_refuses_8bit_images(image, tmp_path):
+    with pytest.raises(ValueError, match="do_rescale=False"):
+        CastImageProcessor(do_rescale=False)(image)
+    with pytest.raises(ValueError, match="do_rescale=False"):
+        CastImageProcessor()(image, do_rescale=False)
+    CastImageProcessor(do_rescale=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="do_rescale=False"):
+        CastImageProcessor.from_pretrained(tmp_path)(image)
+    assert CastImageProcessor.from_pretrained(tmp_path)(image, do_rescale=True)["pixel_values"][0].shape[0] == 3
+
+
 def test_channels_first_or_last_ambiguity():
     image = synthetic_image(11, 3, 8)  # [3, 8, 3]: 3 rows of RGB, or RGB planes of 8x3?
     with pytest.raises(ValueError, match="input_data_format"):

@@ -1,19 +1,24 @@
 """Pipelines with the package installed: image-classification, image-feature-extraction, image-segmentation (hierarchy
-level or segmentation head) and hierarchical-segmentation; paths, PIL images, lists, batch_size."""
+level or segmentation head) and hierarchical-segmentation; paths, PIL images, lists, batch_size; `pipeline(task,
+model=folder)` on saved folders without trust_remote_code and without reading stdin."""
+
+import builtins
+import io
+import json
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from transformers import pipeline
+from transformers import ImageSegmentationPipeline, pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
 
-from hf_hierseg import CastConfig, CastForImageClassification
+from hf_hierseg import CastConfig, CastForImageClassification, CastForSemanticSegmentation, CastModel
 from hf_hierseg.hierarchy import paint_hierarchy
 from hf_hierseg.image_processing_cast import CastImageProcessor
-from hf_hierseg.pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline, register_pipelines
-
-
-register_pipelines()  # until hf_hierseg/__init__.py does it
+from hf_hierseg.pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline
 
 
 def tiny_config(**kwargs):
@@ -204,3 +209,128 @@ def test_pipelines_refuse_other_models():
             model=ViTModel(ViTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=8)),
             image_processor=tiny_processor(),
         )
+
+
+# -- pipeline(task, model=folder): no trust_remote_code, no prompt -----------------------------------------------------
+
+
+class NoStdin(io.TextIOBase):
+    def read(self, *args):
+        raise AssertionError("stdin was read")
+
+    readline = read
+
+
+@pytest.fixture
+def no_stdin(monkeypatch):
+    """Fail on any prompt: `input()` is recorded and raises, stdin raises when read."""
+    prompts = []
+
+    def refuse(prompt=""):
+        prompts.append(prompt)
+        raise AssertionError(f"input() was called: {prompt!r}")
+
+    monkeypatch.setattr(builtins, "input", refuse)
+    monkeypatch.setattr(sys, "stdin", NoStdin())
+    yield prompts
+    assert prompts == []
+
+
+@pytest.fixture(scope="module")
+def saved_folders(classifier, tmp_path_factory):
+    """A classifier folder (centre-cropping processor) and a segmentation-model folder (processor without centre
+    crop, as the segmentation trainer and the converter save it), plain `save_pretrained`."""
+    folders = tmp_path_factory.mktemp("folders")
+    classifier.save_pretrained(folders / "classifier")
+    tiny_processor().save_pretrained(folders / "classifier")
+    torch.manual_seed(1)
+    names = {0: "sky", 1: "grass", 2: "road", 3: "car"}
+    segmenter = CastForSemanticSegmentation(tiny_config(num_labels=4, id2label=names)).eval()
+    segmenter.save_pretrained(folders / "segmenter")
+    CastImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False).save_pretrained(folders / "segmenter")
+    return {"classifier": folders / "classifier", "segmenter": folders / "segmenter"}
+
+
+def test_saved_folders_have_no_custom_pipelines(saved_folders):
+    for folder in saved_folders.values():
+        assert "custom_pipelines" not in json.loads((folder / "config.json").read_text())
+
+
+def test_importing_the_package_keeps_transformers_tasks():
+    own = PIPELINE_REGISTRY.supported_tasks["image-segmentation"]["impl"]  # a class or its dotted name (lazy)
+    assert own in (ImageSegmentationPipeline, f"{ImageSegmentationPipeline.__module__}.ImageSegmentationPipeline")
+    assert PIPELINE_REGISTRY.supported_tasks["hierarchical-segmentation"]["impl"] is HierarchicalSegmentationPipeline
+
+
+def test_four_pipelines_on_a_classifier_folder(saved_folders, classifier, images, no_stdin):
+    folder = saved_folders["classifier"]
+    pictures, paths = images
+    processor = tiny_processor()
+
+    classify = pipeline("image-classification", model=str(folder))
+    assert type(classify.model) is CastForImageClassification and classify.video_processor is None
+    expected = pipeline("image-classification", model=classifier, image_processor=processor)(paths[0], top_k=3)
+    result = classify(paths[0], top_k=3)
+    assert [r["label"] for r in result] == [r["label"] for r in expected]
+    assert [r["score"] for r in result] == pytest.approx([r["score"] for r in expected], abs=1e-6)
+
+    extract = pipeline("image-feature-extraction", model=str(folder))
+    assert type(extract.model) is CastModel
+    expected_pooled = pipeline("image-feature-extraction", model=classifier.cast, image_processor=processor)(
+        paths[1], pool=True, return_tensors=True
+    )
+    assert torch.equal(extract(paths[1], pool=True, return_tensors=True), expected_pooled)
+
+    levels = pipeline("hierarchical-segmentation", model=str(folder))
+    assert isinstance(levels, HierarchicalSegmentationPipeline) and type(levels.model) is CastModel
+    expected_levels = HierarchicalSegmentationPipeline(model=classifier, image_processor=processor)(paths[2])
+    for entry, expected_entry in zip(levels(paths[2])["levels"], expected_levels["levels"], strict=True):
+        np.testing.assert_array_equal(entry["segmentation"], expected_entry["segmentation"])
+
+    # transformers' own image-segmentation: a folder without a segmentation head gets a new (random) head, as any
+    # transformers backbone checkpoint would; the segments of a level come from CastImageSegmentationPipeline.
+    segment = pipeline("image-segmentation", model=str(folder))
+    assert type(segment) is ImageSegmentationPipeline and type(segment.model) is CastForSemanticSegmentation
+    check_partition([r["mask"] for r in segment(paths[0])], (60, 80))
+    by_level = pipeline(
+        "image-segmentation",
+        model=CastModel.from_pretrained(folder),
+        image_processor=str(folder),
+        pipeline_class=CastImageSegmentationPipeline,
+    )
+    reference = expected_levels["levels"][1]
+    assert sorted(r["label"] for r in by_level(paths[2], level=2)) == sorted(
+        f"level2-{s['id']}" for s in reference["segments"]
+    )
+
+
+def test_four_pipelines_on_a_segmentation_folder(saved_folders, images, no_stdin):
+    folder = saved_folders["segmenter"]
+    pictures, paths = images
+    model = CastForSemanticSegmentation.from_pretrained(folder).eval()
+    processor = CastImageProcessor.from_pretrained(folder)
+    assert processor.do_center_crop is False
+
+    # transformers' ImageSegmentationPipeline with CastImageProcessor.post_process_semantic_segmentation: the masks
+    # cover the whole image, and are the argmax of the logits resized (bilinear) to the image.
+    segment = pipeline("image-segmentation", model=str(folder))
+    assert type(segment) is ImageSegmentationPipeline and type(segment.model) is CastForSemanticSegmentation
+    result = segment(pictures[0])
+    check_partition([r["mask"] for r in result], (60, 80))
+    with torch.no_grad():
+        logits = model(**processor(images=[pictures[0]], return_tensors="pt")).logits
+    expected = F.interpolate(logits, size=(60, 80), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+    assert {r["label"] for r in result} == {model.config.id2label[int(c)] for c in np.unique(expected)}
+    class_ids = {name: int(i) for i, name in model.config.id2label.items()}
+    for r in result:
+        class_id = class_ids[r["label"]]
+        np.testing.assert_array_equal(np.asarray(r["mask"]) > 0, expected == class_id)
+
+    levels = pipeline("hierarchical-segmentation", model=str(folder))(paths[2], levels=[1, 4])
+    for entry in levels["levels"]:
+        check_partition([s["mask"] for s in entry["segments"]], (70, 50))
+    assert len(pipeline("image-classification", model=str(folder))(paths[0], top_k=4)) == 4
+    assert pipeline("image-feature-extraction", model=str(folder))(paths[1], pool=True, return_tensors=True).shape == (
+        1,
+        24,
+    )

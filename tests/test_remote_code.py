@@ -1,12 +1,16 @@
-"""Remote code: `save_pretrained` / `push_to_hub` ship flat module files with `auto_map` and `custom_pipelines`, and
-a Python that cannot import `hf_hierseg` loads them (local folder, local Hub, Hub cache offline) with identical
-outputs."""
+"""Remote code the transformers way. `save_pretrained` ships, through `register_for_auto_class`, the core modules the
+saved class needs and its `auto_map` entry, and no `custom_pipelines`; sharing (`hub.push_folder_to_hub`,
+`hub.add_remote_code`) ships every core module, the `auto_map` of every CAST Auto class and `custom_pipelines`. A
+Python that cannot import `hf_hierseg` loads them (plain folder, shared folder, local Hub, Hub cache offline) with
+the package's outputs."""
 
 import ast
+import configparser
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,23 +19,46 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import pipeline
 
-from hf_hierseg import CastConfig, CastForImageClassification, CastModel
-from hf_hierseg.image_processing_cast import CastImageProcessor
-from hf_hierseg.remote_code import AUTO_CLASSES, remote_code_files
+import hf_hierseg
+from hf_hierseg import (
+    CastBackbone,
+    CastConfig,
+    CastForImageClassification,
+    CastForSemanticSegmentation,
+    CastImageProcessor,
+    CastModel,
+)
+from hf_hierseg.hub import add_remote_code, push_folder_to_hub, shared_files
+from hf_hierseg.pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline
 
 
-# Until hf_hierseg/__init__.py does it: the processor's save writes its auto_map to preprocessor_config.json.
-CastImageProcessor.register_for_auto_class("AutoImageProcessor")
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
-
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(hf_hierseg.__file__).resolve().parent
 # Modules the shipped files may import besides each other.
 ALLOWED_IMPORTS = {"torch", "numpy", "cv2", "PIL", "transformers"}
+
+
+def core_module_files():
+    """`<module>.py` of every core module, as the import-linter contract for the core (setup.cfg) lists them."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO_ROOT / "setup.cfg")
+    modules = parser["importlinter:contract:core-dependencies"]["source_modules"].split()
+    return {module.rsplit(".", 1)[-1] + ".py" for module in modules}
+
+
+CORE_FILES = core_module_files()
 
 
 def tiny_config(**kwargs):
     return CastConfig(
         hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
     )
+
+
+def tiny_processor():
+    return CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
 
 
 def random_superpixels(batch, size=64, seed=0):
@@ -46,10 +73,36 @@ def model_inputs():
     return {"pixel_values": torch.randn(2, 3, 64, 64, generator=generator), "superpixels": random_superpixels(2)}
 
 
-def saved_config(folder):
-    config = json.loads((folder / "config.json").read_text())
-    assert "auto_map" in config, "no auto_map: CastConfig.save_pretrained must call remote_code.add_remote_code"
-    return config
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def shipped_files(folder):
+    return {path.name for path in Path(folder).glob("*.py")}
+
+
+def check_flat_core_files(folder):
+    """The shipped files are the package's core modules, unchanged, and flat: relative imports resolve inside the
+    folder, other imports are allowed libraries."""
+    shipped = shipped_files(folder)
+    assert shipped <= CORE_FILES, shipped - CORE_FILES
+    for name in shipped:
+        path = Path(folder) / name
+        assert path.read_bytes() == (PACKAGE_DIR / name).read_bytes(), name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and f"{node.module}.py" in shipped, (name, node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+                for imported in names:
+                    top = imported.split(".")[0]
+                    assert top in ALLOWED_IMPORTS or top in sys.stdlib_module_names, (name, imported)
+
+
+def check_auto_map_entry(folder, auto_map, auto_class, cast_class):
+    module, name = auto_map[auto_class].split(".")
+    assert name == cast_class.__name__ and f"{module}.py" in shipped_files(folder)
+    assert f"class {name}(" in (Path(folder) / f"{module}.py").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -58,45 +111,56 @@ def classifier():
     return CastForImageClassification(tiny_config(num_labels=3, id2label={0: "red", 1: "green", 2: "blue"})).eval()
 
 
-def test_save_pretrained_ships_every_module_and_auto_map(tmp_path, classifier):
-    classifier.save_pretrained(tmp_path)
-    config = saved_config(tmp_path)
-    shipped = {path.name for path in tmp_path.glob("*.py")}
-    # Every Auto class whose class exists is mapped, and its module file is in the folder.
-    for auto_class in (
-        "AutoConfig",
-        "AutoModel",
-        "AutoModelForImageClassification",
-        "AutoBackbone",
-        "AutoModelForSemanticSegmentation",
-    ):
-        module, name = config["auto_map"][auto_class].split(".")
-        assert config["auto_map"][auto_class] == AUTO_CLASSES[auto_class]
-        assert f"{module}.py" in shipped
-        assert f"class {name}(" in (tmp_path / f"{module}.py").read_text()
-    pipelines = config["custom_pipelines"]
-    assert pipelines["hierarchical-segmentation"]["impl"] == "pipelines.HierarchicalSegmentationPipeline"
-    assert pipelines["image-segmentation"]["pt"] == ["AutoModel"]
-    assert shipped == {path.name for path in remote_code_files()}
+@pytest.mark.parametrize(
+    "model_class, auto_class",
+    [
+        (CastModel, "AutoModel"),
+        (CastForImageClassification, "AutoModelForImageClassification"),
+        (CastForSemanticSegmentation, "AutoModelForSemanticSegmentation"),
+        (CastBackbone, "AutoBackbone"),
+    ],
+)
+def test_save_pretrained_ships_the_core_modules_of_the_saved_class(tmp_path, model_class, auto_class):
+    torch.manual_seed(0)
+    model_class(tiny_config(num_labels=3)).save_pretrained(tmp_path)
+    tiny_processor().save_pretrained(tmp_path)
+    config = read_json(tmp_path / "config.json")
+    assert set(config["auto_map"]) == {"AutoConfig", auto_class}
+    check_auto_map_entry(tmp_path, config["auto_map"], auto_class, model_class)
+    assert config["auto_map"]["AutoConfig"].startswith("configuration_cast.")
+    assert "custom_pipelines" not in config  # it would make pipeline(task, model=folder) demand trust_remote_code
+    processor_map = read_json(tmp_path / "preprocessor_config.json")["auto_map"]
+    assert processor_map == {"AutoImageProcessor": "image_processing_cast.CastImageProcessor"}
+    assert {"configuration_cast.py", "modeling_cast.py", "image_processing_cast.py"} <= shipped_files(tmp_path)
+    assert "pipelines.py" not in shipped_files(tmp_path)  # pipelines ship only with what is shared
+    check_flat_core_files(tmp_path)
 
-    # The files are flat: relative imports resolve inside the folder, other imports are allowed libraries.
-    for path in tmp_path.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                assert node.level == 1 and f"{node.module}.py" in shipped, (path.name, node.module)
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
-                for name in names:
-                    top = name.split(".")[0]
-                    assert top in ALLOWED_IMPORTS or top in sys.stdlib_module_names, (path.name, name)
+
+def test_shared_folder_ships_every_core_module_and_custom_pipelines(tmp_path, classifier):
+    classifier.save_pretrained(tmp_path)
+    tiny_processor().save_pretrained(tmp_path)
+    add_remote_code(tmp_path)
+    assert shipped_files(tmp_path) == CORE_FILES  # exactly the core: no tool module
+    check_flat_core_files(tmp_path)
+    config = read_json(tmp_path / "config.json")
+    for auto_class, cast_class in hf_hierseg.AUTO_CLASSES.items():
+        if auto_class != "AutoImageProcessor":
+            check_auto_map_entry(tmp_path, config["auto_map"], auto_class, cast_class)
+    processor_map = read_json(tmp_path / "preprocessor_config.json")["auto_map"]
+    check_auto_map_entry(tmp_path, processor_map, "AutoImageProcessor", CastImageProcessor)
+    pipelines = config["custom_pipelines"]
+    assert set(pipelines) == {"hierarchical-segmentation", "image-segmentation"}
+    assert pipelines["hierarchical-segmentation"]["impl"] == "pipelines.HierarchicalSegmentationPipeline"
+    assert pipelines["image-segmentation"]["impl"] == "pipelines.CastImageSegmentationPipeline"
+    assert pipelines["image-segmentation"]["pt"] == ["AutoModel"]  # no head: the segments of a hierarchy level
 
 
 def test_segmentation_checkpoint_feeds_image_segmentation_through_its_head(tmp_path):
-    from hf_hierseg.modeling_cast import CastForSemanticSegmentation
-
     CastForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(tmp_path)
-    config = saved_config(tmp_path)
+    config = json.loads(shared_files(tmp_path)["config.json"])
     assert config["custom_pipelines"]["image-segmentation"]["pt"] == ["AutoModelForSemanticSegmentation"]
+    assert config["custom_pipelines"]["hierarchical-segmentation"]["pt"] == ["AutoModel"]
+    assert "custom_pipelines" not in read_json(tmp_path / "config.json")  # shared_files changes nothing
 
 
 # Runs in `python -I` with `hf_hierseg` blocked: loads every source with trust_remote_code and writes the outputs.
@@ -116,31 +180,37 @@ except ModuleNotFoundError:
     pass
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
+import transformers
+from transformers import AutoConfig, AutoImageProcessor, pipeline
 
 spec = json.loads(sys.argv[1])
 inputs = load_file(spec["inputs"])
 tensors, report = {}, {}
 for name, source in spec["sources"].items():
-    config = AutoConfig.from_pretrained(source, trust_remote_code=True)
-    classifier = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=True).eval()
-    model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
-    report[name] = {
-        "config": type(config).__module__, "classifier": type(classifier).__module__, "model": type(model).__module__,
-        "loaded_modules": sorted(m for m in sys.modules if m.startswith("transformers_modules")),
-    }
-    with torch.no_grad():
-        outputs = classifier(**inputs)
-        tensors[f"{name}/logits"] = outputs.logits
-        tensors[f"{name}/hierarchy"] = torch.stack(outputs.hierarchy, 1)
-        tensors[f"{name}/last_hidden_state"] = model(**inputs).last_hidden_state
-        if name == "hub":
-            backbone = AutoBackbone.from_pretrained(source, trust_remote_code=True, out_features=["level2"]).eval()
-            report[name]["backbone"] = type(backbone).__module__
-            tensors[f"{name}/level2"] = backbone(**inputs).feature_maps[0]
-    for task in spec["pipelines"].get(name, ()):
-        runner = pipeline(task, model=source, trust_remote_code=True)
+    path = source["path"]
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True)
+    report[name] = {"config": type(config).__module__, "processor": type(processor).__module__}
+    processed = processor(images=Image.open(spec["image"]), return_tensors="pt")
+    tensors[f"{name}/pixel_values"], tensors[f"{name}/superpixels"] = processed["pixel_values"], processed["superpixels"]
+    for auto_class in source["models"]:
+        kwargs = {"out_features": ["level2"]} if auto_class == "AutoBackbone" else {}
+        model = getattr(transformers, auto_class).from_pretrained(path, trust_remote_code=True, **kwargs).eval()
+        report[name][auto_class] = type(model).__module__
+        with torch.no_grad():
+            outputs = model(**inputs)
+        if auto_class == "AutoModelForImageClassification":
+            tensors[f"{name}/logits"] = outputs.logits
+            tensors[f"{name}/hierarchy"] = torch.stack(outputs.hierarchy, 1)
+        elif auto_class == "AutoModel":
+            tensors[f"{name}/last_hidden_state"] = outputs.last_hidden_state
+        elif auto_class == "AutoBackbone":
+            tensors[f"{name}/level2"] = outputs.feature_maps[0]
+    report[name]["loaded_modules"] = sorted(m for m in sys.modules if m.startswith("transformers_modules"))
+    for task in source["pipelines"]:
+        runner = pipeline(task, model=path, trust_remote_code=True)
         report[name][f"{task}/class"] = type(runner).__module__ + "." + type(runner).__name__
         if task == "image-classification":
             report[name][task] = runner(spec["image"], top_k=3)
@@ -168,37 +238,47 @@ def run_without_package(spec, offline=False):
         capture_output=True,
         text=True,
         env=environment,
+        stdin=subprocess.DEVNULL,  # a prompt would fail instead of waiting
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_remote_code_without_the_package_matches_the_package(tmp_path, classifier, hub_server):
-    from hf_hierseg.pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline
+FOLDER_MODELS = ["AutoModelForImageClassification", "AutoModel"]
+# transformers 5.24's AutoBackbone.from_pretrained asks the Hub whether the name is a repo: online Hub ids only.
+HUB_MODELS = [*FOLDER_MODELS, "AutoBackbone"]
+ALL_TASKS = ["image-classification", "image-feature-extraction", "image-segmentation", "hierarchical-segmentation"]
 
+
+@pytest.mark.slow
+def test_remote_code_without_the_package_matches_the_package(tmp_path, classifier, hub_server):
     inputs = model_inputs()
     save_file(inputs, tmp_path / "inputs.safetensors")
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
         (80, 60), Image.BICUBIC
     ).save(image)
-    processor = CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
-    local = tmp_path / "local"
-    classifier.save_pretrained(local)
-    processor.save_pretrained(local)
-    repo_id = "cast-test/tiny-remote"
-    classifier.push_to_hub(repo_id)
-    processor.push_to_hub(repo_id)
+    processor = tiny_processor()
+    plain, shared = tmp_path / "plain", tmp_path / "shared"
+    for folder in (plain, shared):
+        classifier.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    add_remote_code(shared)  # shared by copying the folder
+    repo_id = "test-user/tiny-remote"
+    plain_config = (plain / "config.json").read_bytes()
+    push_folder_to_hub(plain, repo_id, "Upload tiny CAST")  # shared through the Hub
+    assert (plain / "config.json").read_bytes() == plain_config  # the local folder stays plain
+    assert shipped_files(plain) < CORE_FILES
+    assert {name for name in hub_server.files(repo_id) if name.endswith(".py")} == CORE_FILES
+    assert "custom_pipelines" in json.loads(hub_server.files(repo_id)["config.json"])
 
     with torch.no_grad():
         expected = classifier(**inputs)
-        base = CastModel.from_pretrained(local).eval()
+        base = CastModel.from_pretrained(plain).eval()
         expected_tokens = base(**inputs).last_hidden_state
-        from hf_hierseg.modeling_cast import CastBackbone
-
-        expected_level2 = CastBackbone.from_pretrained(local, out_features=["level2"]).eval()(**inputs).feature_maps[0]
-
+        expected_level2 = CastBackbone.from_pretrained(plain, out_features=["level2"]).eval()(**inputs).feature_maps[0]
+        expected_processed = processor(images=Image.open(image), return_tensors="pt")
         expected_classes = pipeline("image-classification", model=classifier, image_processor=processor)(
             str(image), top_k=3
         )
@@ -211,48 +291,57 @@ def test_remote_code_without_the_package_matches_the_package(tmp_path, classifie
         )
         expected_levels = HierarchicalSegmentationPipeline(model=classifier, image_processor=processor)(str(image))
 
-    tasks = ["image-classification", "image-feature-extraction", "image-segmentation", "hierarchical-segmentation"]
     spec = {
-        "sources": {"local": str(local), "hub": repo_id},
+        "sources": {
+            # A plain save_pretrained folder: its own class, the processor and transformers' own pipelines.
+            "plain": {
+                "path": str(plain),
+                "models": ["AutoModelForImageClassification"],
+                "pipelines": ["image-classification"],
+            },
+            "local": {"path": str(shared), "models": FOLDER_MODELS, "pipelines": ALL_TASKS},
+            "hub": {"path": repo_id, "models": HUB_MODELS, "pipelines": ["hierarchical-segmentation"]},
+        },
         "inputs": str(tmp_path / "inputs.safetensors"),
         "output": str(tmp_path / "online.safetensors"),
         "image": str(image),
-        "pipelines": {"local": tasks, "hub": ["hierarchical-segmentation"]},
     }
     report = run_without_package(spec)
     hub_server.stop()  # the offline load must come from the cache alone
     offline_spec = {
         **spec,
-        "sources": {"offline": repo_id},
+        "sources": {"offline": {**spec["sources"]["hub"], "models": FOLDER_MODELS}},
         "output": str(tmp_path / "offline.safetensors"),
-        "pipelines": {"offline": ["hierarchical-segmentation"]},
     }
     report.update(run_without_package(offline_spec, offline=True))
 
     outputs = {**load_file(tmp_path / "online.safetensors"), **load_file(tmp_path / "offline.safetensors")}
-    for name in ("local", "hub", "offline"):
-        assert all(
-            module.startswith("transformers_modules.")
-            for key, module in report[name].items()
-            if key in ("config", "classifier", "model", "backbone")
-        )
+    sources = {**spec["sources"], **offline_spec["sources"]}
+    for name, source in sources.items():
+        models = source["models"]
+        for key in ("config", "processor", *models):
+            assert report[name][key].startswith("transformers_modules."), (name, key)
+        assert torch.equal(outputs[f"{name}/pixel_values"], expected_processed["pixel_values"])
+        assert torch.equal(outputs[f"{name}/superpixels"], expected_processed["superpixels"])
         assert torch.equal(outputs[f"{name}/logits"], expected.logits)
         assert torch.equal(outputs[f"{name}/hierarchy"], torch.stack(expected.hierarchy, 1))
-        assert torch.equal(outputs[f"{name}/last_hidden_state"], expected_tokens)
-    assert torch.equal(outputs["hub/level2"], expected_level2)
+        if "AutoModel" in models:
+            assert torch.equal(outputs[f"{name}/last_hidden_state"], expected_tokens)
+        if "AutoBackbone" in models:
+            assert torch.equal(outputs[f"{name}/level2"], expected_level2)
 
-    # Pipelines: the remote-code classes, the package's results.
-    for task in tasks:
-        assert report["local"][f"{task}/class"].startswith("transformers_modules.") or task in (
-            "image-classification",
-            "image-feature-extraction",
-        )  # transformers' own pipelines, remote model
-    assert report["local"]["hierarchical-segmentation/class"].endswith(".pipelines.HierarchicalSegmentationPipeline")
+    # Pipelines: transformers' own with the remote model, the shared repo's own classes, the package's results.
+    for name in ("plain", "local"):
+        assert [r["label"] for r in report[name]["image-classification"]] == [r["label"] for r in expected_classes]
+        assert [r["score"] for r in report[name]["image-classification"]] == pytest.approx(
+            [r["score"] for r in expected_classes], abs=1e-6
+        )
+    for name in ("local", "hub", "offline"):
+        pipeline_class = report[name]["hierarchical-segmentation/class"]
+        assert pipeline_class.startswith("transformers_modules.")
+        assert pipeline_class.endswith(".pipelines.HierarchicalSegmentationPipeline")
+    assert report["local"]["image-segmentation/class"].startswith("transformers_modules.")
     assert report["local"]["image-segmentation/class"].endswith(".pipelines.CastImageSegmentationPipeline")
-    assert [r["label"] for r in report["local"]["image-classification"]] == [r["label"] for r in expected_classes]
-    assert [r["score"] for r in report["local"]["image-classification"]] == pytest.approx(
-        [r["score"] for r in expected_classes], abs=1e-6
-    )
     assert torch.equal(outputs["local/image-feature-extraction"], expected_pooled)
     assert report["local"]["image-segmentation"] == expected_segments
     for name in ("local", "hub", "offline"):

@@ -21,6 +21,7 @@ from PIL import Image
 from ..default_model import DEFAULT_MODEL_DIRECTORY, TRAINING_SUMMARY_FILE
 from ..evaluation.real_photos import load_imagenet_photos
 from ..evaluation.synthetic import generate_example
+from ..hub import strip_remote_code
 from ..image_processing_cast import CastImageProcessor
 from ..modeling_cast import CastForSelfSupervisedPretraining
 from ..training.arguments import moco_parser
@@ -169,7 +170,8 @@ def source_revision():
 
 def export_backbone(training_dir, export_dir):
     """Save the backbone (`CastModel`) of a MoCo training folder, with its image processor, into `export_dir`
-    (the projector and predictor are only needed for pre-training). Returns `export_dir` as a `Path`."""
+    (the projector and predictor are only needed for pre-training). The folder is plain (no code files, no
+    `auto_map`): it ships inside the package, which provides the classes. Returns `export_dir` as a `Path`."""
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     pretraining = CastForSelfSupervisedPretraining.from_pretrained(training_dir)
@@ -177,6 +179,7 @@ def export_backbone(training_dir, export_dir):
     backbone.config.architectures = ["CastModel"]
     backbone.save_pretrained(export_dir)
     CastImageProcessor.from_pretrained(training_dir).save_pretrained(export_dir)
+    strip_remote_code(export_dir)
     return export_dir
 
 
