@@ -266,6 +266,24 @@ def run_script(name, *arguments):
     return completed
 
 
+def test_evaluate_commands_in_process(tiny_files, capsys):
+    from hf_hierseg.cli import main
+
+    output = tiny_files.root / "in_process.json"
+    common = ["--model_name_or_path", tiny_files.model_dir, "--dataset_name", tiny_files.data_dir]
+    common += ["--num_superpixels", "600", "--output_json", output]
+    assert main(["evaluate", "segmentation", *common, "--no_vit", "--max_samples", "2", "--levels", "2", "4"]) == 0
+    run = json.loads(output.read_text())
+    (evaluation,) = run["evaluations"]
+    assert evaluation["num_images"] == 2 and list(evaluation["models"]) == ["cast"]
+    assert [score["level"] for score in evaluation["models"]["cast"]] == [2, 4]
+    assert run["settings"]["superpixels"] == {"method": "seeds", "per_224x224": 600, "seeds_recipe": "self_supervised"}
+    assert main(["evaluate", "classification", *common, "--no_knn"]) == 0
+    results = json.loads(output.read_text())["results"]
+    assert results["num_eval"] == 4 and "knn_accuracy" not in results and 0.0 <= results["top1_accuracy"] <= 1.0
+    assert "| top-1 | top-5 |" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_evaluate_segmentation_script(tiny_files):
     output = tiny_files.root / "segmentation.json"
