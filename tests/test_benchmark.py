@@ -119,6 +119,7 @@ def test_flops_match_a_hand_count():
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.slow
 def test_peak_memory_in_a_fresh_process():
     from hf_hierseg.apps.benchmark_throughput import benchmark_images
 

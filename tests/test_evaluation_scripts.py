@@ -16,12 +16,12 @@ from PIL import Image
 from transformers import ViTForImageClassification, ViTModel
 
 from hf_hierseg import CastConfig, CastForImageClassification
+from hf_hierseg.errors import InvalidInputError, MissingInputError
 from hf_hierseg.evaluation import evaluate_vit_baseline, make_vit_like, write_synthetic_dataset
-from hf_hierseg.evaluation.classification_eval import evaluate_classification
+from hf_hierseg.evaluation.classification_eval import classification_processor, evaluate_classification
 from hf_hierseg.evaluation.real_photos import default_cache_dir
 from hf_hierseg.evaluation.segmentation_eval import (
     CAST_LEVELS,
-    cast_encoder,
     evaluate_cast_hierarchy,
     evaluate_segmentation,
     evaluate_vit_hierarchy,
@@ -30,10 +30,10 @@ from hf_hierseg.evaluation.segmentation_eval import (
     load_dataset_split,
     predict_cast_levels,
     read_image_mask_pairs,
+    segmentation_processor,
     vit_baseline_model,
 )
 from hf_hierseg.image_processing_cast import CastImageProcessor
-from hf_hierseg.training.augment import EvalTransform, ViewEncoder
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,14 +78,14 @@ def check_levels(scores, levels, max_segments):
 
 
 def test_cast_and_vit_hierarchies_on_synthetic_masks(tiny_files, tiny_pairs):
-    encoder = ViewEncoder("seeds", 600)
+    processor = segmentation_processor(64, superpixel_method="seeds", num_superpixels=600)
     torch.manual_seed(0)
     vit = ViTModel(make_vit_like(tiny_files.model.config), add_pooling_layer=False)
     images = [image for image, _ in tiny_pairs]
     masks = [mask for _, mask in tiny_pairs]
     references = {"object_mask": (masks, None), "fixed": ([mask * 0 for mask in masks], 3)}
     all_results = evaluate_segmentation(
-        tiny_files.model, images, references, encoder, vit, levels=(0, 1, 2, 3, 4), vit_max_fit_pixels=1024
+        tiny_files.model, images, references, processor, vit, levels=(0, 1, 2, 3, 4), vit_max_fit_pixels=1024
     )
     assert list(all_results) == ["object_mask", "fixed"] and all_results["fixed"]["num_labels"] == 3
     for levels in all_results["fixed"]["models"].values():  # one reference region: every segment is assigned to it
@@ -143,7 +143,12 @@ def red_square_pair(height, width, box):
 def test_scores_of_a_known_segmenter_are_the_hand_computed_values():
     pairs = [red_square_pair(32, 32, (4, 20, 8, 24)), red_square_pair(32, 32, (10, 26, 2, 18))]
     scores = evaluate_cast_hierarchy(
-        ColourSegmenter(32), pairs, 2, ViewEncoder("grid", 196), levels=(1, 2), batch_size=1
+        ColourSegmenter(32),
+        pairs,
+        2,
+        segmentation_processor(32, superpixel_method="grid"),
+        levels=(1, 2),
+        batch_size=1,
     )
     exact, single = scores
     assert exact["majority_mean_iou"] == 1.0 and exact["boundary_fscore"] == 1.0 and exact["num_segments"] == 2
@@ -158,7 +163,7 @@ def test_predictions_are_resized_to_each_mask():
     predictions = predict_cast_levels(
         ColourSegmenter(32),
         [image for image, _ in pairs],
-        ViewEncoder("grid", 196),
+        segmentation_processor(32, superpixel_method="grid"),
         [mask.shape for _, mask in pairs],
         levels=(1,),
         batch_size=2,
@@ -184,18 +189,54 @@ def test_reading_pairs_and_labels():
     assert infer_num_labels(masks, ignore_index=255) == 4 and infer_num_labels(masks) == 256
 
 
-def test_encoder_follows_the_saved_image_processor_unless_overridden(tiny_files, tmp_path):
+def test_processors_follow_the_saved_image_processor_unless_overridden(tiny_files, tmp_path):
     config = tiny_files.model.config
     config.save_pretrained(tmp_path)
-    processor = CastImageProcessor(superpixel_method="slic", num_superpixels=300, superpixel_recipe="supervised")
-    processor.save_pretrained(tmp_path)
+    saved = CastImageProcessor(
+        superpixel_method="slic", num_superpixels=300, superpixel_recipe="supervised", image_mean=(0.5, 0.5, 0.5)
+    )
+    saved.save_pretrained(tmp_path)
 
-    def settings(encoder):
-        return encoder.superpixel_method, encoder.num_superpixels, encoder.seeds_recipe.histogram_bins
+    def settings(processor):
+        return processor.superpixel_method, processor.num_superpixels, processor.superpixel_recipe
 
-    assert settings(cast_encoder(config, tmp_path)) == ("slic", 300, 5)
-    assert settings(cast_encoder(config, tmp_path, "seeds", 600, "self_supervised")) == ("seeds", 600, 15)
-    assert settings(cast_encoder(config)) == ("seeds", 196, 15)  # no model folder: the defaults
+    segmentation = segmentation_processor(48, tmp_path)
+    assert settings(segmentation) == ("slic", 300, "supervised") and tuple(segmentation.image_mean) == (0.5,) * 3
+    assert settings(segmentation_processor(48, tmp_path, "seeds", 600, "self_supervised")) == (
+        "seeds",
+        600,
+        "self_supervised",
+    )
+    assert settings(segmentation_processor(48)) == ("seeds", 196, "self_supervised")  # no model folder: the defaults
+    assert settings(classification_processor(48, 0.875, tmp_path)) == ("slic", 300, "supervised")
+
+    # The views: segmentation sees the whole image resized to a square, classification a central crop.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    inputs = segmentation(images=image, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 48, 48) and inputs["superpixels"].shape == (1, 48, 48)
+    expected = CastImageProcessor.from_pretrained(tmp_path, size={"height": 48, "width": 48}, do_center_crop=False)(
+        images=image, return_tensors="pt"
+    )
+    torch.testing.assert_close(inputs["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
+    assert torch.equal(inputs["superpixels"], expected["superpixels"])
+    crop = classification_processor(48, 0.75)
+    assert crop.size.shortest_edge == 64 and crop(images=image, return_tensors="pt")["pixel_values"].shape == (
+        1,
+        3,
+        48,
+        48,
+    )
+
+
+def test_missing_datasets_splits_and_models_are_named(tiny_files, tmp_path):
+    with pytest.raises(MissingInputError, match="dataset folder .*nothing does not exist"):
+        load_dataset_split(tmp_path / "nothing")
+    with pytest.raises(MissingInputError, match="Hub dataset 'someone/nothing' could not be loaded"):
+        load_dataset_split("someone/nothing")  # HF_HUB_OFFLINE=1 in the tests; unreachable otherwise
+    with pytest.raises(InvalidInputError, match="No split 'validation'.*'train', 'test'"):
+        load_dataset_split(tiny_files.data_dir, "validation")
+    with pytest.raises(MissingInputError, match="folder .*no_vit does not exist"):
+        vit_baseline_model(tiny_files.model.config, tmp_path / "no_vit")
 
 
 def test_vit_baseline_model_loads_a_classifier_or_a_backbone_else_random_weights(tiny_files, tmp_path, caplog):
@@ -225,6 +266,25 @@ def run_script(name, *arguments):
     return completed
 
 
+def test_evaluate_commands_in_process(tiny_files, capsys):
+    from hf_hierseg.cli import main
+
+    output = tiny_files.root / "in_process.json"
+    common = ["--model_name_or_path", tiny_files.model_dir, "--dataset_name", tiny_files.data_dir]
+    common += ["--num_superpixels", "600", "--output_json", output]
+    assert main(["evaluate", "segmentation", *common, "--no_vit", "--max_samples", "2", "--levels", "2", "4"]) == 0
+    run = json.loads(output.read_text())
+    (evaluation,) = run["evaluations"]
+    assert evaluation["num_images"] == 2 and list(evaluation["models"]) == ["cast"]
+    assert [score["level"] for score in evaluation["models"]["cast"]] == [2, 4]
+    assert run["settings"]["superpixels"] == {"method": "seeds", "per_224x224": 600, "seeds_recipe": "self_supervised"}
+    assert main(["evaluate", "classification", *common, "--no_knn"]) == 0
+    results = json.loads(output.read_text())["results"]
+    assert results["num_eval"] == 4 and "knn_accuracy" not in results and 0.0 <= results["top1_accuracy"] <= 1.0
+    assert "| top-1 | top-5 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_evaluate_segmentation_script(tiny_files):
     output = tiny_files.root / "segmentation.json"
     arguments = [
@@ -290,21 +350,22 @@ def coloured_examples(labels, seed):
 
 
 def test_classification_scores_of_a_known_classifier():
-    transform = EvalTransform(ViewEncoder("grid", 196), 16)
+    processor = classification_processor(16, superpixel_method="grid")
     test = coloured_examples([0, 1, 2, 2, 1, 0, 1], seed=0)
     test[3]["label"] = 0  # a blue image labelled red: wrong for top-1, right within the top 3
     train = coloured_examples([0, 1, 2] * 4, seed=1)
-    results = evaluate_classification(MeanColour(), test, transform, train, top_k=(1, 3), knn_k=5, batch_size=3)
+    results = evaluate_classification(MeanColour(), test, processor, train, top_k=(1, 3), knn_k=5, batch_size=3)
     assert results["num_eval"] == 7 and results["num_train"] == 12 and results["knn_k"] == 5
     assert results["top1_accuracy"] == pytest.approx(6 / 7) and results["top3_accuracy"] == 1.0
     assert results["knn_accuracy"] == pytest.approx(6 / 7)
-    assert set(evaluate_classification(MeanColour(), test, transform)) == {
+    assert set(evaluate_classification(MeanColour(), test, processor)) == {
         "num_eval",
         "top1_accuracy",
         "top5_accuracy",
     }
 
 
+@pytest.mark.slow
 def test_evaluate_classification_script(tiny_files):
     output = tiny_files.root / "classification.json"
     completed = run_script(

@@ -305,6 +305,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_evaluate_load_local_modules_offline(tmp_path):
     # A fresh interpreter, offline, with the Hub endpoint pointing at a closed port: nothing may be fetched.
     env = dict(

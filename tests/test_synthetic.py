@@ -121,6 +121,7 @@ def test_written_dataset_loads_offline_with_datasets(tmp_path, format, monkeypat
     assert next(iter(load_synthetic_dataset(output, split="train", streaming=True)))["label"] == 0
 
 
+@pytest.mark.slow
 def test_cli_writes_a_dataset(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     command = [

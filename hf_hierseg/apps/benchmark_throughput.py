@@ -15,6 +15,7 @@ Times are the best of `repeats` interleaved calls (the models alternate, so a lo
 both); the median is reported beside it.
 """
 
+import argparse
 import contextlib
 import copy
 import gc
@@ -36,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
 
 from ..configuration_cast import CastConfig
+from ..errors import InvalidInputError
 from ..evaluation.synthetic import generate_example
 from ..image_processing_cast import CastImageProcessor
 from ..modeling_cast import CastForImageClassification, CastForSelfSupervisedPretraining, CastModel, moco_mlp
@@ -98,10 +100,10 @@ class BenchmarkSettings:
     def __post_init__(self):
         self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
         if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"batch_sizes must be positive integers, got {self.batch_sizes}.")
+            raise InvalidInputError(f"batch_sizes must be positive integers, got {self.batch_sizes}.")
         for name in ("repeats", "threads", "train_batch_size", "train_repeats", "image_size", "num_superpixels"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
     def repeats_for(self, batch_size):
         return max(min(2, self.repeats), round(self.repeats * min(1.0, 8 / batch_size)))
@@ -710,14 +712,70 @@ def format_report(report, command=None):
     return "\n".join(lines)
 
 
-def format_command(argv):
-    return " ".join(["python", os.path.relpath(argv[0]) if argv else "scripts/benchmark_throughput.py", *argv[1:]])
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: `hf-hierseg benchmark` (also scripts/benchmark_throughput.py)
+
+
+def benchmark_parser():
+    parser = argparse.ArgumentParser(
+        description="Throughput of CAST-S against a transformers ViT-S/16 on this machine: forward and end-to-end "
+        "images/s, peak memory, the time split of CAST's forward, FLOPs and training steps. Prints a markdown report."
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="inference batch sizes")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per case (scaled down, to at least 2, for batches above 8)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--train-batch-size", type=int, default=8)
+    parser.add_argument("--train-repeats", type=int, default=2, help="timed training steps after one warm-up step")
+    parser.add_argument("--no-training", action="store_true", help="skip the training-step comparison")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument(
+        "--quick", action="store_true", help="batch sizes 1 and 8, 2 repeats, 1 training step, no memory processes"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
+    return parser
+
+
+def settings_from_arguments(args):
+    """The `BenchmarkSettings` of `benchmark_parser`'s arguments."""
+    return BenchmarkSettings(
+        batch_sizes=(1, 8) if args.quick else tuple(args.batch_sizes),
+        repeats=2 if args.quick else args.repeats,
+        threads=args.threads,
+        train_batch_size=args.train_batch_size,
+        train_repeats=1 if args.quick else args.train_repeats,
+        measure_memory=not (args.no_memory or args.quick),
+        measure_training=not args.no_training,
+    )
+
+
+def format_command(settings):
+    """The `hf-hierseg benchmark` command that measures what `settings` asks for (shown in the report)."""
+    words = ["hf-hierseg", "benchmark", "--batch-sizes", *map(str, settings.batch_sizes)]
+    words += ["--repeats", str(settings.repeats), "--threads", str(settings.threads)]
+    words += ["--train-batch-size", str(settings.train_batch_size), "--train-repeats", str(settings.train_repeats)]
+    words += [] if settings.measure_training else ["--no-training"]
+    words += [] if settings.measure_memory else ["--no-memory"]
+    return " ".join(words)
+
+
+def run_benchmark_command(args):
+    """Run `benchmark_parser`'s arguments: print the report (and write --json). Returns 0."""
+    settings = settings_from_arguments(args)
+    report = run_benchmark(settings, log=lambda line: print(f"... {line}", file=sys.stderr, flush=True))
+    print(format_report(report, format_command(settings)))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report.to_dict(), handle, indent=2, default=str)
+    return 0
 
 
 __all__ = [
     "BenchmarkReport",
     "BenchmarkSettings",
     "InferenceCase",
+    "benchmark_parser",
     "build_cases",
     "cast_time_split",
     "count_flops",
@@ -727,6 +785,8 @@ __all__ = [
     "measure_throughput",
     "measure_training",
     "run_benchmark",
+    "run_benchmark_command",
+    "settings_from_arguments",
     "split_forward",
     "vit_small_config",
 ]

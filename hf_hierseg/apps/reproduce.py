@@ -22,13 +22,18 @@ from transformers import ViTForImageClassification
 
 from ..configuration_cast import CastConfig
 from ..evaluation.baselines import make_vit_like
-from ..evaluation.classification_eval import evaluate_classification, format_classification_table
+from ..evaluation.classification_eval import (
+    classification_processor,
+    evaluate_classification,
+    format_classification_table,
+)
 from ..evaluation.segmentation_eval import (
     CAST_LEVELS,
     evaluate_segmentation,
     format_score,
     format_segmentation_table,
     read_image_mask_pairs,
+    segmentation_processor,
     to_jsonable,
 )
 from ..evaluation.synthetic import CLASS_NAMES, INFO_FILE, PART_NAMES, load_synthetic_dataset, write_synthetic_dataset
@@ -269,10 +274,12 @@ def evaluate_models(model_pairs, settings, train_examples, test_examples):
         `(classification, segmentation)`: `{name: evaluate_classification results}` and, for each mask column,
         `{"num_images", "num_labels", "models": {name: per-level scores}}`.
     """
-    from ..training.augment import EvalTransform, ViewEncoder
-
-    cast_encoder = ViewEncoder("seeds", settings.num_superpixels, "supervised")
-    vit_encoder = ViewEncoder("grid", settings.num_superpixels, "supervised")  # the ViT ignores superpixels
+    superpixels = {"num_superpixels": settings.num_superpixels, "seeds_recipe": "supervised"}
+    cast_segmentation = segmentation_processor(settings.image_size, superpixel_method="seeds", **superpixels)
+    classification_processors = {  # the ViT ignores superpixels: the cheapest method
+        "CAST": classification_processor(settings.image_size, superpixel_method="seeds", **superpixels),
+        "ViT": classification_processor(settings.image_size, superpixel_method="grid", **superpixels),
+    }
     images = [image for image, _ in read_image_mask_pairs(test_examples, "object_mask")]
     references = {
         mask: ([mask_map for _, mask_map in read_image_mask_pairs(test_examples, mask)], num_labels)
@@ -281,17 +288,20 @@ def evaluate_models(model_pairs, settings, train_examples, test_examples):
     classification = {}
     segmentation = {mask: {"num_images": len(images), "num_labels": MASKS[mask], "models": {}} for mask in MASKS}
     for suffix, (cast, vit) in model_pairs.items():
-        for name, model, encoder in ((f"CAST{suffix}", cast, cast_encoder), (f"ViT{suffix}", vit, vit_encoder)):
-            transform = EvalTransform(encoder, settings.image_size)
-            classification[name] = evaluate_classification(
-                model, test_examples, transform, train_examples, batch_size=settings.eval_batch_size
+        for family, model in (("CAST", cast), ("ViT", vit)):
+            scores = evaluate_classification(
+                model,
+                test_examples,
+                classification_processors[family],
+                train_examples,
+                batch_size=settings.eval_batch_size,
             )
-            classification[name]["parameters"] = count_parameters(model)
+            classification[f"{family}{suffix}"] = {**scores, "parameters": count_parameters(model)}
         scores = evaluate_segmentation(
             cast,
             images,
             references,
-            cast_encoder,
+            cast_segmentation,
             vit,
             vit_num_clusters=tuple(settings.num_clusters),
             vit_max_fit_pixels=settings.vit_max_fit_pixels,

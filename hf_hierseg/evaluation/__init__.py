@@ -1,5 +1,5 @@
 """Evaluation: metrics, offline `evaluate` modules, the ViT + k-means baseline, evaluation data, the segmentation and
-classification evaluations of scripts/evaluate_*.py."""
+classification evaluations run by `hf-hierseg evaluate` (`hf_hierseg.apps.evaluate`)."""
 
 from .baselines import (
     evaluate_vit_baseline,
@@ -8,7 +8,7 @@ from .baselines import (
     spherical_kmeans,
     vit_kmeans_hierarchy,
 )
-from .classification_eval import evaluate_classification, run_classification_evaluation
+from .classification_eval import classification_processor, evaluate_classification, run_classification_evaluation
 from .metrics import (
     boundary_fscore,
     evaluate_hierarchy,
@@ -25,6 +25,7 @@ from .segmentation_eval import (
     evaluate_segmentation,
     evaluate_vit_hierarchy,
     run_segmentation_evaluation,
+    segmentation_processor,
 )
 from .synthetic import CLASS_NAMES, PART_NAMES, generate_example, load_synthetic_dataset, write_synthetic_dataset
 
@@ -59,4 +60,6 @@ __all__ = [
     "run_segmentation_evaluation",
     "evaluate_classification",
     "run_classification_evaluation",
+    "classification_processor",
+    "segmentation_processor",
 ]

@@ -2,34 +2,33 @@
 (`metrics.knn_accuracy`) of image embeddings.
 
 The embedding of a CAST model is its `pooler_output`; that of a transformers ViT (the reproduction's baseline) is
-the final-norm CLS token, which its classifier reads. Images go through the evaluation view of the training code
-(`training.augment.EvalTransform`: resize the shorter side to size / 0.875, central crop), with CAST's superpixels
-computed on the view.
+the final-norm CLS token, which its classifier reads. Images go through `CastImageProcessor` with DeiT's evaluation
+view (`views.center_crop_view`: the shorter side resized to size / 0.875, central crop), CAST's superpixels computed
+on the view.
 """
 
 import numpy as np
 import torch
 
+from ..errors import InvalidInputError
+from ..loading import load_cast_model, resolve_model_source
 from .metrics import knn_accuracy, top_k_accuracy
-from .segmentation_eval import cast_encoder, encoder_settings, format_score, load_dataset_split
+from .segmentation_eval import format_score, load_dataset_split
+from .views import center_crop_view, evaluation_processor, superpixel_settings
 
 
 DEFAULT_TOP_K = (1, 5)
 
 
-def load_classification_model(model_name_or_path):
-    """A CAST model in eval mode: `AutoModelForImageClassification` for a classifier checkpoint, else `AutoModel`."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
-
-    config = AutoConfig.from_pretrained(model_name_or_path)
-    if getattr(config, "model_type", None) != "cast":
-        raise ValueError(
-            f"{model_name_or_path} holds a {getattr(config, 'model_type', None)!r} model; a CAST model "
-            "(config.model_type 'cast') is needed."
-        )
-    is_classifier = any(name.endswith("ForImageClassification") for name in config.architectures or ())
-    auto_class = AutoModelForImageClassification if is_classifier else AutoModel
-    return auto_class.from_pretrained(model_name_or_path).eval()
+def classification_processor(
+    image_size, crop_fraction=0.875, model_name_or_path=None, superpixel_method=None, num_superpixels=None,
+    seeds_recipe=None,
+):  # fmt: skip
+    """The `CastImageProcessor` of the classification evaluation: DeiT's central crop of `image_size` px
+    (`views.center_crop_view`), with the settings saved with the model unless overridden (see
+    `views.evaluation_processor`)."""
+    view = center_crop_view(image_size, crop_fraction)
+    return evaluation_processor(view, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe)
 
 
 @torch.no_grad()
@@ -46,9 +45,10 @@ def embed_batch(model, pixel_values, superpixels):
 
 
 def extract_features(
-    model, examples, transform, image_column="image", label_column="label", batch_size=64, max_samples=None
+    model, examples, processor, image_column="image", label_column="label", batch_size=64, max_samples=None
 ):
-    """Embeddings, logits and labels of a labelled dataset (or iterable of dicts with a PIL image and an int label).
+    """Embeddings, logits and labels of a labelled dataset (or iterable of dicts with a PIL image and an int label),
+    the inputs made by `processor` (see `classification_processor`).
 
     Returns:
         dict with `features` float32 `[N, C]`, `logits` float32 `[N, K]` (None for a model without a classifier)
@@ -60,9 +60,8 @@ def extract_features(
     features, logits, labels, batch = [], [], [], []
 
     def flush():
-        pixel_values = torch.stack([sample["pixel_values"] for sample, _ in batch])
-        superpixels = torch.stack([sample["superpixels"] for sample, _ in batch])
-        batch_features, batch_logits = embed_batch(model, pixel_values, superpixels)
+        inputs = processor(images=[image for image, _ in batch], return_tensors="pt")
+        batch_features, batch_logits = embed_batch(model, inputs["pixel_values"], inputs["superpixels"])
         features.append(batch_features.float())
         if batch_logits is not None:
             logits.append(batch_logits.float())
@@ -74,13 +73,13 @@ def extract_features(
             break
         image = example[image_column]
         image = image.convert("RGB") if hasattr(image, "convert") else decode_image(image)
-        batch.append((transform(image), int(example[label_column])))
+        batch.append((image, int(example[label_column])))
         if len(batch) == batch_size:
             flush()
     if batch:
         flush()
     if not labels:
-        raise ValueError("No examples to evaluate.")
+        raise InvalidInputError("No examples to evaluate.")
     return {
         "features": torch.cat(features).numpy(),
         "logits": torch.cat(logits).numpy() if logits else None,
@@ -91,7 +90,7 @@ def extract_features(
 def evaluate_classification(
     model,
     eval_examples,
-    transform,
+    processor,
     train_examples=None,
     image_column="image",
     label_column="label",
@@ -103,19 +102,19 @@ def evaluate_classification(
     max_train_samples=None,
 ):
     """Top-k accuracy of a classifier on `eval_examples` and, with `train_examples`, the weighted kNN accuracy of
-    its embeddings (neighbours among the training embeddings).
+    its embeddings (neighbours among the training embeddings); inputs by `processor` (`classification_processor`).
 
     Returns:
         dict with `num_eval`, `top{k}_accuracy` (classifiers only), and `num_train`, `knn_accuracy`, `knn_k` (when
         `train_examples` is given).
     """
     common = dict(image_column=image_column, label_column=label_column, batch_size=batch_size)
-    evaluated = extract_features(model, eval_examples, transform, max_samples=max_eval_samples, **common)
+    evaluated = extract_features(model, eval_examples, processor, max_samples=max_eval_samples, **common)
     results = {"num_eval": int(len(evaluated["labels"]))}
     if evaluated["logits"] is not None:
         results.update(top_k_accuracy(evaluated["logits"], evaluated["labels"], top_k))
     if train_examples is not None:
-        train = extract_features(model, train_examples, transform, max_samples=max_train_samples, **common)
+        train = extract_features(model, train_examples, processor, max_samples=max_train_samples, **common)
         results["num_train"] = int(len(train["labels"]))
         results["knn_k"] = int(min(knn_k, len(train["labels"])))
         results.update(
@@ -170,20 +169,21 @@ def run_classification_evaluation(
 
     Returns `{"settings": ..., "results": evaluate_classification results}`."""
     from ..image_datasets import image_column_of, label_column_of
-    from ..training.augment import EvalTransform
 
-    model = load_classification_model(model_name_or_path)
-    encoder = cast_encoder(model.config, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe)
-    image_size = image_size or model.config.image_size
-    transform = EvalTransform(encoder, image_size, crop_fraction)
+    resolve_model_source(model_name_or_path)  # a missing folder is named before the data are read
     eval_examples = load_dataset_split(dataset_name, eval_split)
     image_column = image_column or image_column_of(eval_examples)
     label_column = label_column or label_column_of(eval_examples)
     train_examples = load_dataset_split(dataset_name, train_split) if knn else None
+    model = load_cast_model(model_name_or_path, classifier=True)
+    image_size = image_size or model.config.image_size
+    processor = classification_processor(
+        image_size, crop_fraction, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe
+    )
     results = evaluate_classification(
         model,
         eval_examples,
-        transform,
+        processor,
         train_examples,
         image_column,
         label_column,
@@ -202,17 +202,17 @@ def run_classification_evaluation(
         "train_split": train_split if knn else None,
         "image_size": image_size,
         "crop_fraction": crop_fraction,
-        "superpixels": encoder_settings(encoder),
+        "superpixels": superpixel_settings(processor),
         "knn_temperature": knn_temperature,
     }
     return {"settings": settings, "results": results}
 
 
 __all__ = [
+    "classification_processor",
     "embed_batch",
     "evaluate_classification",
     "extract_features",
     "format_classification_table",
-    "load_classification_model",
     "run_classification_evaluation",
 ]

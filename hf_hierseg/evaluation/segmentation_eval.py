@@ -1,8 +1,8 @@
 """Part-whole segmentation of image + mask datasets: CAST's hierarchy beside the ViT + k-means baseline.
 
-Every image is resized to the model's square input size (bilinear, no crop). CAST gets the superpixels of the
-resized 8-bit image (computed as in training, by `hf_hierseg.training.augment.ViewEncoder`, with the settings of
-the model's image processor when it has one); the label maps of levels 1..4 (`outputs.hierarchy_maps`) are resized
+Every image is resized to the model's square input size (bilinear, no crop). CAST's inputs are made by its
+`CastImageProcessor` (superpixels of the resized 8-bit image, then normalisation, with the settings of the image
+processor saved with the model when it has one; `views`); the label maps of levels 1..4 (`outputs.hierarchy_maps`) are resized
 back to each mask (nearest), so scores are computed at mask resolution. The baseline clusters the upsampled patch
 tokens of a transformers ViT of the same width and depth (`baselines.vit_kmeans_hierarchy`) into as many groups per
 level as CAST keeps (`config.num_clusters`, 64/32/16/8 for the paper's models); its level with `num_clusters[i]`
@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..superpixels import DEFAULT_NUM_SUPERPIXELS, IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, SEEDS_RECIPES
+from ..errors import InvalidInputError, MissingInputError
+from ..loading import is_hub_id, load_cast_model, load_config, resolve_model_source
 from .baselines import images_to_pixel_values, make_vit_like, resize_label_maps, vit_kmeans_hierarchy
 from .metrics import evaluate_hierarchy
+from .views import evaluation_processor, square_view, superpixel_settings
 
 
 logger = logging.getLogger(__name__)
@@ -42,69 +44,15 @@ SCORE_COLUMNS = (
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_cast_model(model_name_or_path):
-    """The CAST backbone (`AutoModel`, so a classifier checkpoint loads without its head) in eval mode."""
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(model_name_or_path)
-    if getattr(config, "model_type", None) != "cast":
-        raise ValueError(
-            f"{model_name_or_path} holds a {getattr(config, 'model_type', None)!r} model; a CAST model "
-            "(config.model_type 'cast') is needed."
-        )
-    return AutoModel.from_pretrained(model_name_or_path).eval()
-
-
-def load_cast_image_processor(model_name_or_path):
-    """The `CastImageProcessor` saved with a model, or None (no folder, or a folder without one)."""
-    from ..image_processing_cast import CastImageProcessor
-
-    if model_name_or_path is None:
-        return None
-    try:
-        return CastImageProcessor.from_pretrained(model_name_or_path)
-    except OSError:  # no preprocessor_config.json (e.g. a converted checkpoint)
-        return None
-
-
-def cast_encoder(config, model_name_or_path=None, superpixel_method=None, num_superpixels=None, seeds_recipe=None):
-    """The `ViewEncoder` (superpixels + normalisation) of a CAST model, with the settings of the image processor
-    saved with the model (the training scripts record theirs there), unless `superpixel_method`,
-    `num_superpixels` (per 224x224 px) or `seeds_recipe` are given; defaults: SEEDS, 196, `"self_supervised"`.
-
-    `seeds_recipe` is `"supervised"` for models trained with the DeiT recipe (`train_supervised.py`) and
-    `"self_supervised"` otherwise (see `hf_hierseg.superpixels`)."""
-    from ..training.augment import ViewEncoder
-
-    processor = load_cast_image_processor(model_name_or_path)
-    return ViewEncoder(
-        superpixel_method or getattr(processor, "superpixel_method", None) or "seeds",
-        num_superpixels or getattr(processor, "num_superpixels", None) or DEFAULT_NUM_SUPERPIXELS,
-        seeds_recipe or getattr(processor, "superpixel_recipe", None) or "self_supervised",
-        getattr(processor, "image_mean", None) or IMAGENET_MEAN,
-        getattr(processor, "image_std", None) or IMAGENET_STD,
-        getattr(processor, "superpixel_reference_size", None) or REFERENCE_SIZE,
+def segmentation_processor(
+    image_size, model_name_or_path=None, superpixel_method=None, num_superpixels=None, seeds_recipe=None
+):
+    """The `CastImageProcessor` of the segmentation evaluation: the whole image resized to `image_size` x
+    `image_size` (`views.square_view`), with the settings saved with the model unless overridden (see
+    `views.evaluation_processor`)."""
+    return evaluation_processor(
+        square_view(image_size), model_name_or_path, superpixel_method, num_superpixels, seeds_recipe
     )
-
-
-def encoder_settings(encoder):
-    """The superpixel settings of a `ViewEncoder`, for reports."""
-    recipe = next(name for name, value in SEEDS_RECIPES.items() if value == encoder.seeds_recipe)
-    return {"method": encoder.superpixel_method, "per_224x224": encoder.num_superpixels, "seeds_recipe": recipe}
-
-
-def encode_images(images, image_size, encoder):
-    """Resize PIL images to `image_size` x `image_size` (bilinear) and encode them: `(pixel_values [B, 3, S, S],
-    superpixels [B, S, S])`."""
-    pixel_values, superpixels = [], []
-    for image in images:
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"Expected PIL images, got {type(image).__name__}.")
-        resized = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-        values, labels = encoder(np.asarray(resized, dtype=np.uint8))
-        pixel_values.append(values)
-        superpixels.append(labels)
-    return torch.stack(pixel_values), torch.stack(superpixels)
 
 
 @torch.no_grad()
@@ -122,15 +70,33 @@ def cast_hierarchy(model, pixel_values, superpixels, levels=CAST_LEVELS):
 
 def load_dataset_split(dataset_name, split="test"):
     """One split of a dataset: a folder written by `synthetic.write_synthetic_dataset` (its `label` as a
-    `ClassLabel`), any local imagefolder / parquet folder, or a Hub id (anything `datasets.load_dataset` reads)."""
+    `ClassLabel`), any local imagefolder / parquet folder, or a Hub id (anything `datasets.load_dataset` reads).
+
+    Raises:
+        MissingInputError: no such folder, or a Hub dataset that cannot be found (offline: in the cache).
+        InvalidInputError: the dataset has no split `split`.
+    """
     import datasets
 
     from .synthetic import INFO_FILE, load_synthetic_dataset
 
     path = Path(dataset_name)
-    splits = load_synthetic_dataset(path) if (path / INFO_FILE).is_file() else datasets.load_dataset(dataset_name)
+    if (path / INFO_FILE).is_file():
+        splits = load_synthetic_dataset(path)
+    elif path.exists():
+        splits = datasets.load_dataset(str(path))
+    elif not is_hub_id(str(dataset_name)):
+        raise MissingInputError(f"The dataset folder {path} does not exist.")
+    else:
+        try:
+            splits = datasets.load_dataset(str(dataset_name))
+        except (FileNotFoundError, ConnectionError) as error:
+            raise MissingInputError(
+                f"There is no dataset folder {path}, and the Hub dataset {str(dataset_name)!r} could not be loaded: "
+                f"{str(error).splitlines()[0]}"
+            ) from error
     if split not in splits:
-        raise ValueError(f"No split {split!r} in {dataset_name}; splits: {list(splits)}.")
+        raise InvalidInputError(f"No split {split!r} in {dataset_name}; splits: {list(splits)}.")
     return splits[split]
 
 
@@ -138,7 +104,7 @@ def read_image_mask_pairs(examples, mask_column, image_column=None, max_samples=
     """Decode `(RGB PIL image, int64 [H, W] mask)` pairs from a dataset or an iterable of dicts.
 
     The image column defaults to the dataset's first `datasets.Image` column (else `"image"`); masks go through
-    `training.segmentation.mask_to_class_ids` (palette indices, grayscale values or grayscale stored as RGB)."""
+    `image_datasets.mask_to_class_ids` (palette indices, grayscale values or grayscale stored as RGB)."""
     from ..image_datasets import decode_image, decode_mask, image_column_of, mask_to_class_ids
 
     if image_column is None:
@@ -149,15 +115,15 @@ def read_image_mask_pairs(examples, mask_column, image_column=None, max_samples=
             break
         for column in (image_column, mask_column):
             if column not in example:
-                raise ValueError(f"Column {column!r} is missing; the examples have {sorted(example)}.")
+                raise InvalidInputError(f"Column {column!r} is missing; the examples have {sorted(example)}.")
         image = example[image_column]
         image = image.convert("RGB") if isinstance(image, Image.Image) else decode_image(image)
         mask = mask_to_class_ids(decode_mask(example[mask_column]))
         if mask.shape != (image.height, image.width):
-            raise ValueError(f"Mask {len(pairs)} is {mask.shape[::-1]} (W x H) but its image is {image.size}.")
+            raise InvalidInputError(f"Mask {len(pairs)} is {mask.shape[::-1]} (W x H) but its image is {image.size}.")
         pairs.append((image, mask))
     if not pairs:
-        raise ValueError("No examples to evaluate.")
+        raise InvalidInputError("No examples to evaluate.")
     return pairs
 
 
@@ -187,16 +153,17 @@ def predict_level_maps(images, output_sizes, num_levels, predict_batch, batch_si
     return predictions
 
 
-def predict_cast_levels(model, images, encoder, output_sizes, levels=CAST_LEVELS, batch_size=16, image_size=None):
-    """CAST's label maps of `images` at each of `levels`, at `output_sizes`.
+def predict_cast_levels(model, images, processor, output_sizes, levels=CAST_LEVELS, batch_size=16):
+    """CAST's label maps of `images` (inputs by `processor`, see `segmentation_processor`) at each of `levels`, at
+    `output_sizes`.
 
     Batches are padded to their largest superpixel count; with `config.mask_padding_tokens=False` (the original),
     an image's result then depends slightly on its batch partners (`batch_size=1` avoids it)."""
     model.eval()
-    image_size = image_size or model.config.image_size
 
     def predict_batch(batch):
-        return cast_hierarchy(model, *encode_images(batch, image_size, encoder), levels)
+        inputs = processor(images=batch, return_tensors="pt")
+        return cast_hierarchy(model, inputs["pixel_values"], inputs["superpixels"], levels)
 
     return predict_level_maps(images, output_sizes, len(levels), predict_batch, batch_size)
 
@@ -229,7 +196,7 @@ def evaluate_cast_hierarchy(
     model,
     pairs,
     num_labels,
-    encoder,
+    processor,
     levels=CAST_LEVELS,
     batch_size=16,
     ignore_index=None,
@@ -238,7 +205,7 @@ def evaluate_cast_hierarchy(
 ):
     """Per-level scores of CAST's hierarchy on `(image, mask)` pairs (see `predict_cast_levels`)."""
     images, masks = [image for image, _ in pairs], [mask for _, mask in pairs]
-    predictions = predict_cast_levels(model, images, encoder, [mask.shape for mask in masks], levels, batch_size)
+    predictions = predict_cast_levels(model, images, processor, [mask.shape for mask in masks], levels, batch_size)
     return score_levels(predictions, levels, masks, num_labels, ignore_index, tolerance, exclude_labels)
 
 
@@ -265,10 +232,11 @@ def vit_baseline_model(cast_config, vit_model=None, patch_size=VIT_BASELINE_PATC
     """`(ViT, random_weights)`: the ViT at `vit_model` (a folder or Hub id of a `ViTModel` or a
     `ViTForImageClassification`), else a randomly initialised `ViTModel` of CAST's width and depth (`make_vit_like`),
     with a loud warning."""
-    from transformers import AutoConfig, ViTForImageClassification, ViTModel
+    from transformers import ViTForImageClassification, ViTModel
 
     if vit_model is not None:
-        architectures = AutoConfig.from_pretrained(vit_model).architectures or ()
+        vit_model = resolve_model_source(vit_model)
+        architectures = load_config(vit_model).architectures or ()
         if "ViTForImageClassification" in architectures:
             return ViTForImageClassification.from_pretrained(vit_model).eval(), False
         return ViTModel.from_pretrained(vit_model, add_pooling_layer=False).eval(), False
@@ -287,7 +255,7 @@ def evaluate_segmentation(
     cast_model,
     images,
     references,
-    encoder,
+    processor,
     vit_model=None,
     levels=CAST_LEVELS,
     vit_num_clusters=None,
@@ -306,7 +274,7 @@ def evaluate_segmentation(
         images: PIL images.
         references: `{name: (masks, num_labels)}`: one int `[H, W]` mask per image (the masks of an image share
             its size) and the number of classes (None: inferred from the masks).
-        encoder: the CAST `ViewEncoder` (see `cast_encoder`).
+        processor: the `CastImageProcessor` of CAST's inputs (see `segmentation_processor`).
         vit_model: a `ViTModel` (or classifier) for the baseline, or None to skip it.
         levels: CAST levels to score (0 = superpixels, 1..4 = the hierarchy); the baseline has levels 1..4 only.
         vit_num_clusters: clusters of the baseline at levels 1..4 (default: `cast_model.config.num_clusters`).
@@ -320,7 +288,7 @@ def evaluate_segmentation(
     for name, (masks, _) in references.items():
         if [mask.shape for mask in masks] != sizes:
             raise ValueError(f"The {name!r} masks do not have one mask per image of the sizes of the other masks.")
-    predictions = {"cast": (predict_cast_levels(cast_model, images, encoder, sizes, levels, batch_size), levels)}
+    predictions = {"cast": (predict_cast_levels(cast_model, images, processor, sizes, levels, batch_size), levels)}
     vit_levels = tuple(level for level in levels if level >= 1)
     if vit_model is not None and vit_levels:
         clusters = tuple(vit_num_clusters or cast_model.config.num_clusters)
@@ -436,24 +404,8 @@ def run_segmentation_evaluation(
     `skip_vit`. Returns `{"settings": ..., "random_vit_weights": ..., "evaluations": [{"data": description,
     "num_images", "num_labels", "models"}]}`."""
     if dataset_name is None and not real_photos:
-        raise ValueError("Give a dataset (--dataset_name) and/or real photos (--real_photos voc).")
-    cast_model = load_cast_model(model_name_or_path)
-    encoder = cast_encoder(cast_model.config, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe)
-    vit, random_vit = (
-        (None, False) if skip_vit else vit_baseline_model(cast_model.config, vit_model, vit_patch_size, seed)
-    )
-    settings = {
-        "model": str(model_name_or_path),
-        "image_size": cast_model.config.image_size,
-        "superpixels": encoder_settings(encoder),
-        "vit_model": None if vit is None else (str(vit_model) if vit_model else "random weights"),
-        "vit_patch_size": None if vit is None else vit.config.patch_size,
-        "vit_num_clusters": list(cast_model.config.num_clusters),
-        "vit_max_fit_pixels": vit_max_fit_pixels,
-        "tolerance": tolerance,
-        "ignore_index": ignore_index,
-        "exclude_labels": list(exclude_labels),
-    }
+        raise InvalidInputError("Give a dataset (--dataset_name) and/or real photos (--real_photos voc).")
+    resolve_model_source(model_name_or_path)  # a missing folder is named before the data are read
     image_sets = []  # (description of the images, images, references)
     if dataset_name is not None:
         pairs = read_image_mask_pairs(load_dataset_split(dataset_name, split), mask_column, image_column, max_samples)
@@ -462,13 +414,32 @@ def run_segmentation_evaluation(
     for name in real_photos:
         image, masks = real_photo_references(name)
         image_sets.append((f"{name} photo", [image], {key: ([mask], count) for key, (mask, count) in masks.items()}))
+    cast_model = load_cast_model(model_name_or_path)
+    processor = segmentation_processor(
+        cast_model.config.image_size, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe
+    )
+    vit, random_vit = (
+        (None, False) if skip_vit else vit_baseline_model(cast_model.config, vit_model, vit_patch_size, seed)
+    )
+    settings = {
+        "model": str(model_name_or_path),
+        "image_size": cast_model.config.image_size,
+        "superpixels": superpixel_settings(processor),
+        "vit_model": None if vit is None else (str(vit_model) if vit_model else "random weights"),
+        "vit_patch_size": None if vit is None else vit.config.patch_size,
+        "vit_num_clusters": list(cast_model.config.num_clusters),
+        "vit_max_fit_pixels": vit_max_fit_pixels,
+        "tolerance": tolerance,
+        "ignore_index": ignore_index,
+        "exclude_labels": list(exclude_labels),
+    }
     evaluations = []
     for description, images, references in image_sets:
         results = evaluate_segmentation(
             cast_model,
             images,
             references,
-            encoder,
+            processor,
             vit,
             levels,
             vit_max_fit_pixels=vit_max_fit_pixels,
@@ -498,10 +469,7 @@ def format_segmentation_report(run):
 
 __all__ = [
     "CAST_LEVELS",
-    "cast_encoder",
     "cast_hierarchy",
-    "encode_images",
-    "encoder_settings",
     "evaluate_cast_hierarchy",
     "evaluate_segmentation",
     "evaluate_vit_hierarchy",
@@ -512,8 +480,7 @@ __all__ = [
     "predict_level_maps",
     "predict_vit_levels",
     "score_levels",
-    "load_cast_image_processor",
-    "load_cast_model",
+    "segmentation_processor",
     "load_dataset_split",
     "read_image_mask_pairs",
     "real_photo_references",

