@@ -463,6 +463,17 @@ def test_heads_return_tuples_and_pass_recording_on(tester):
     assert len(moco_out.hidden_states) == 5 and moco_out.predictions.shape == (2, 8)
 
 
+def test_encoder_is_the_levels_module_list(tester):
+    from hf_hierseg.modeling_cast import CastEncoder, CastLevel
+
+    model = CastModel(tester.get_config())
+    assert isinstance(model.levels, CastEncoder) and len(model.levels) == 4
+    assert all(isinstance(level, CastLevel) for level in model.levels)
+    first_two = model.levels[:2]
+    assert list(first_two) == [model.levels[0], model.levels[1]]
+    assert all(name.startswith(("embeddings.", "levels.", "layernorm.")) for name in model.state_dict())
+
+
 def test_input_embeddings_are_the_conv_stem(tester):
     from hf_hierseg.modeling_cast import CastBackbone, CastConvStem
 
@@ -582,14 +593,16 @@ def test_conv_stem_training_runs_the_sequential(tester):
     hidden = pixel_values
     with torch.no_grad():
         for layer in layers[:-1]:
-            hidden = layer(hidden) if not isinstance(layer, torch.nn.BatchNorm2d) else F_batch_norm(layer, hidden)
+            hidden = (
+                layer(hidden) if not isinstance(layer, torch.nn.BatchNorm2d) else batch_statistics_norm(layer, hidden)
+            )
         expected = torch.nn.functional.linear(
             hidden.permute(0, 2, 3, 1), layers[-1].weight.flatten(1), layers[-1].bias
         )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def F_batch_norm(norm, hidden):
+def batch_statistics_norm(norm, hidden):
     """Training-mode batch norm with batch statistics, without touching the module's running statistics."""
     return torch.nn.functional.batch_norm(hidden, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
 
