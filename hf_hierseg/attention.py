@@ -46,13 +46,17 @@ class CastSelfAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        """hidden_states [B, N, C]; attention_mask additive [B, 1, 1, N] or None. Returns the output [B, N, C] and the
+        attention weights [B, heads, N, N] (None unless computed eagerly). `output_attentions=True` among `kwargs`
+        selects the eager implementation, so the weights exist to be recorded (transformers' sdpa function would
+        return None and only warn)."""
         batch, length, channels = hidden_states.shape
         # [3, B, heads, N, head_dim]
         qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
 
-        implementation = "eager" if output_attentions else self.config._attn_implementation
+        implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
@@ -63,6 +67,7 @@ class CastSelfAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             is_causal=False,
+            **kwargs,
         )
         attn_output = self.proj_dropout(self.proj(attn_output.reshape(batch, length, channels)))
         return attn_output, attn_weights

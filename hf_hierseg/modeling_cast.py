@@ -1,7 +1,13 @@
-"""PyTorch CAST: a ViT over superpixel segments with graph pooling between levels (Ke, Mo & Yu, ICLR 2024)."""
+"""PyTorch CAST: a ViT over superpixel segments with graph pooling between levels (Ke, Mo & Yu, ICLR 2024).
+
+Read top to bottom: the outputs (one shared base for the hierarchy), the embeddings (ConvStem, segment pooling), the
+levels (ViT blocks, then graph pooling) and the encoder over them, then the models built from these modules by
+constructor switches: `CastModel`, the classification, self-supervised and segmentation heads, and `CastBackbone`.
+"""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -9,63 +15,130 @@ from torch import nn
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput, SemanticSegmenterOutput
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    SemanticSegmenterOutput,
+)
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import CastSelfAttention, padding_attention_mask
 from .configuration_cast import LEVEL_NAMES, NUM_LEVELS, STAGE_NAMES, CastConfig, backbone_config
 from .graph_pooling import GraphPooling
 from .hierarchy import compose_hierarchy, paint_hierarchy, paint_segments, parents_from_logits
-from .segment_ops import resize_labels_nearest, segment_mean
+from .segment_ops import resize_labels_nearest, segment_mean, unused_label_counts
 from .superpixels import grid_superpixels, scaled_num_superpixels
 
 
+logger = logging.get_logger(__name__)
+
+# Dropout between the fused BatchNorm and the projection (hard-coded in the original BlockFusion).
+FUSION_DROPOUT = 0.2
+SEGMENTATION_HEAD_TYPES = ("linear", "mlp_projector")
+
+
+# --- outputs ------------------------------------------------------------------------------------------------------
+
+
 @dataclass
-class CastModelOutput(ModelOutput):
+class CastHierarchyOutput(ModelOutput):
     """
-    Outputs of [`CastModel`]. N_l is the number of tokens entering level l (N_1 = superpixel label count, then
-    N_{l+1} = K_l); C the width.
+    The part-to-whole hierarchy every CAST model returns. N_l is the number of tokens entering level l (N_1 = the
+    superpixel label count, at least `num_clusters[0]`, then N_{l+1} = K_l); C the width.
 
     Args:
-        last_hidden_state (`[B, 1 + N_4, C]`): final-normed tokens of the last level (CLS first).
-        pooler_output (`[B, C]`): final-normed CLS token, the image embedding (the original `out4`).
         level_hidden_states (4 x `[B, 1 + N_l, C]`): tokens after each level's blocks, CLS first.
         pooled_hidden_states (4 x `[B, 1 + K_l, C]`): pooled CLS and cluster tokens after each graph pooling.
         assignment_logits (4 x `[B, N_l, K_l]`): token-to-cluster logits of each graph pooling.
         sampled_indices (4 x int64 `[B, K_l]`): the tokens farthest point sampling picked as cluster seeds.
         padding_masks (4 x bool `[B, N_l]`): True where a level-1 token is a label absent from that image.
         hierarchy (4 x int64 `[B, N_1]`): the group, at levels 1..4, of every level-1 segment (superpixel id).
-        hidden_states, attentions: per block, on request, as in transformers.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
     level_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pooled_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     assignment_logits: tuple[torch.FloatTensor, ...] | None = None
     sampled_indices: tuple[torch.LongTensor, ...] | None = None
     padding_masks: tuple[torch.BoolTensor, ...] | None = None
     hierarchy: tuple[torch.LongTensor, ...] | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
-    def hierarchy_maps(self, superpixels, patch_size=8):
-        """Pixel label maps [B, H, W] for levels 0 (superpixels) to 4; see `hierarchy.paint_hierarchy`."""
-        return paint_hierarchy(self.hierarchy, superpixels, patch_size=patch_size)
+    # Stride at which the model sampled the superpixel map into level-1 tokens: the ConvStem's 8, or 1 where the
+    # segments are pooled at full resolution (the segmentation stage). Not a field: it never enters `to_tuple()`.
+    segment_stride: ClassVar[int] = 8
+
+    def hierarchy_maps(self, superpixels, patch_size=None):
+        """Pixel label maps [B, H, W] for levels 0 (superpixels, as the model saw them) to 4; see
+        `hierarchy.paint_hierarchy`. `patch_size` defaults to the stride the model sampled the superpixels at (8, or
+        1 for segments pooled at full resolution, where level 0 is the superpixel map itself)."""
+        stride = self.segment_stride if patch_size is None else patch_size
+        return paint_hierarchy(self.hierarchy, superpixels, patch_size=stride)
+
+    def hierarchy_fields(self):
+        """The fields declared here, by name: what every head copies from its backbone's output."""
+        return {field.name: getattr(self, field.name) for field in fields(CastHierarchyOutput)}
 
 
 @dataclass
-class CastImageClassifierOutput(ImageClassifierOutput):
-    """[`ImageClassifierOutput`] plus the hierarchy fields of [`CastModelOutput`]."""
+class CastModelOutput(CastHierarchyOutput, BaseModelOutputWithPooling):
+    """
+    Outputs of [`CastModel`]: [`BaseModelOutputWithPooling`] plus the hierarchy of [`CastHierarchyOutput`].
+
+    Args:
+        last_hidden_state (`[B, 1 + N_4, C]`): final-normed tokens of the last level (CLS first); without the final
+            norm (segmentation stage) the last level's tokens as they are.
+        pooler_output (`[B, C]`): the CLS token of `last_hidden_state`, the image embedding (the original `out4`).
+        hidden_states, attentions: per ViT block, on request, as in transformers (`hidden_states[0]` is the
+            embedding output; graph pooling's centroid attention is not among `attentions`).
+    """
+
+
+@dataclass
+class CastImageClassifierOutput(CastHierarchyOutput, ImageClassifierOutput):
+    """[`ImageClassifierOutput`] plus the backbone's `pooler_output` and hierarchy ([`CastHierarchyOutput`])."""
 
     pooler_output: torch.FloatTensor | None = None
-    assignment_logits: tuple[torch.FloatTensor, ...] | None = None
-    padding_masks: tuple[torch.BoolTensor, ...] | None = None
-    hierarchy: tuple[torch.LongTensor, ...] | None = None
 
-    def hierarchy_maps(self, superpixels, patch_size=8):
-        return paint_hierarchy(self.hierarchy, superpixels, patch_size=patch_size)
+
+@dataclass
+class CastSelfSupervisedOutput(CastHierarchyOutput):
+    """Outputs of [`CastForSelfSupervisedPretraining`]: projector output `projections` [B, D], predictor output
+    `predictions` [B, D], the backbone's `pooler_output`, hierarchy ([`CastHierarchyOutput`]) and, on request,
+    `hidden_states` / `attentions`."""
+
+    loss: torch.FloatTensor | None = None
+    projections: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CastSemanticSegmenterOutput(CastHierarchyOutput, SemanticSegmenterOutput):
+    """
+    Outputs of [`CastForSemanticSegmentation`]. N_1 is the number of superpixel tokens (max label + 1, at least
+    `num_clusters[0]`); segments are pooled at full resolution, so every superpixel has its own token.
+
+    Args:
+        loss (`[]`, *optional*): pixel-wise cross-entropy (`ignore_index` pixels left out) when `labels` are given.
+        logits (`[B, num_labels, H, W]`): `segment_logits` painted to the pixels of each superpixel.
+        segment_logits (`[B, N_1, num_labels]`): one prediction per superpixel (the original per-token `head`).
+        fused_hidden_states (`[B, 1 + N_1, C]`): BlockFusion output, fused CLS first; its tokens feed the head.
+        level_hidden_states, pooled_hidden_states, assignment_logits, sampled_indices, padding_masks, hierarchy:
+            as in [`CastHierarchyOutput`].
+    """
+
+    segment_logits: torch.FloatTensor | None = None
+    fused_hidden_states: torch.FloatTensor | None = None
+
+    segment_stride: ClassVar[int] = 1
+
+
+# --- embeddings ---------------------------------------------------------------------------------------------------
 
 
 def sincos_position_grid(height, width, channels):
@@ -83,9 +156,31 @@ def sincos_position_grid(height, width, channels):
     return table[None]
 
 
+@dataclass
+class FoldedConvolutions:
+    """Conv weights with their eval-mode BatchNorm folded in, and what they were computed from."""
+
+    signature: tuple  # (data_ptr, _version, dtype, device) of every source tensor
+    sources: tuple  # aliases of the source tensors: they keep the storage alive, so no data_ptr is reused
+    weights: tuple  # per 3x3 conv: [out, in, 3, 3]
+    biases: tuple  # per 3x3 conv: [out]
+
+
 class CastConvStem(nn.Module):
     """4 x (3x3 conv without bias, BatchNorm, ReLU) with strides 2, 2, 2, 1 and widths C/8..C, then a 1x1 conv.
-    Output channels-last [B, H/8, W/8, C]."""
+    Output channels-last [B, H/8, W/8, C].
+
+    Two paths compute `self.proj`, both on channels-last activations with the final 1x1 convolution as a Linear over
+    channels (1.5x faster on CPU at batch 32):
+    - while any BatchNorm is in training mode, the Sequential's conv, BatchNorm and ReLU modules run as they are;
+    - in eval mode each BatchNorm is folded into its convolution. Without gradients the folded weights are computed
+      once and cached; the cache is dropped by `train()` / `eval()` and rebuilt whenever a weight or BatchNorm
+      statistic changed (in-place updates such as optimizer steps and `load_state_dict` bump the tensors'
+      `_version`, `.to()` / `load_state_dict(assign=True)` change their storage). With gradients (or while
+      compiling / tracing) the folding is computed in the graph each call, so gradients reach the conv and BatchNorm
+      parameters. Writes through `.data` are invisible to autograd's version counters: call `train()` / `eval()`
+      after them.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -99,29 +194,73 @@ class CastConvStem(nn.Module):
             in_channels, out_channels = out_channels, out_channels * 2
         layers.append(nn.Conv2d(in_channels, config.hidden_size, kernel_size=1))
         self.proj = nn.Sequential(*layers)
+        self._folded = None
+
+    def conv_norm_activations(self):
+        """The (conv, BatchNorm, ReLU) triples of `self.proj`, without the final 1x1 conv."""
+        layers = list(self.proj)
+        return list(zip(layers[0:-1:3], layers[1:-1:3], layers[2:-1:3]))
+
+    def train(self, mode=True):
+        self._folded = None
+        return super().train(mode)
+
+    def fold_batch_norms(self):
+        """Per 3x3 conv: weight and bias with the eval-mode BatchNorm folded in (differentiable)."""
+        weights, biases = [], []
+        for conv, norm, _ in self.conv_norm_activations():
+            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+            weights.append(conv.weight * scale.view(-1, 1, 1, 1))
+            biases.append(norm.bias - norm.running_mean * scale)
+        return tuple(weights), tuple(biases)
+
+    def folding_sources(self):
+        tensors = []
+        for conv, norm, _ in self.conv_norm_activations():
+            tensors += [conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var]
+        return tensors
+
+    def folded_batch_norms(self):
+        """`fold_batch_norms()`, from the cache when it is still valid and no gradient or graph capture needs it."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self.fold_batch_norms()
+        sources = self.folding_sources()
+        if any(torch.is_inference(tensor) for tensor in sources):  # no version counter to check against
+            return self.fold_batch_norms()
+        signature = tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in sources)
+        if self._folded is None or self._folded.signature != signature:
+            weights, biases = self.fold_batch_norms()
+            self._folded = FoldedConvolutions(signature, tuple(t.detach() for t in sources), weights, biases)
+        return self._folded.weights, self._folded.biases
 
     def forward(self, pixel_values):
-        """`self.proj` computed faster (1.5x on CPU at batch 32): channels-last activations, each eval-mode
-        BatchNorm folded into its convolution, and the final 1x1 convolution as a Linear over channels."""
-        layers = list(self.proj)
         hidden = pixel_values.contiguous(memory_format=torch.channels_last)
-        for conv, norm, activation in zip(layers[0:-1:3], layers[1:-1:3], layers[2:-1:3]):
-            if norm.training:
+        layers = self.conv_norm_activations()
+        if any(norm.training for _, norm, _ in layers):
+            for conv, norm, activation in layers:
                 hidden = activation(norm(conv(hidden)))
-                continue
-            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-            weight, bias = conv.weight * scale.view(-1, 1, 1, 1), norm.bias - norm.running_mean * scale
-            hidden = activation(F.conv2d(hidden, weight, bias, conv.stride, conv.padding))
-        final = layers[-1]
-        return F.linear(hidden.permute(0, 2, 3, 1), final.weight.flatten(1), final.bias)
+        else:
+            weights, biases = self.folded_batch_norms()
+            for (conv, _, activation), weight, bias in zip(layers, weights, biases):
+                hidden = activation(F.conv2d(hidden, weight, bias, conv.stride, conv.padding))
+        final = self.proj[-1]
+        return F.linear(hidden.permute(0, 2, 3, 1), final.weight.flatten(1), final.bias)  # [B, h, w, C]
 
 
 class CastEmbeddings(nn.Module):
-    """ConvStem features and position embeddings averaged per superpixel, plus a CLS token."""
+    """ConvStem features and position embeddings averaged per superpixel, plus a CLS token.
 
-    def __init__(self, config):
+    By default (CAST's pre-training and classification models) the superpixel map is sampled on the ConvStem's
+    stride-8 grid (the top-left pixel of each 8x8 cell), so a superpixel that no cell samples becomes a padding token.
+    With `pool_at_full_resolution=True` (the segmentation stage of the original `cast_seg.py`) the map is not
+    downsampled: the ConvStem features are upsampled to its size (bilinear) and the position grid too (bicubic),
+    and both are averaged per superpixel at full resolution, so no superpixel is lost.
+    """
+
+    def __init__(self, config, pool_at_full_resolution=False):
         super().__init__()
         self.config = config
+        self.pool_at_full_resolution = pool_at_full_resolution
         self.grid_size = config.image_size // config.patch_size
         num_cells = self.grid_size**2
         self.patch_embeddings = CastConvStem(config)
@@ -153,6 +292,17 @@ class CastEmbeddings(nn.Module):
             return self.position_embeddings[:, :1]
         return torch.zeros_like(self.cls_token)
 
+    def pooling_grid(self, stem, superpixels):
+        """The label map the segments are pooled over and the features on its grid: int64 [B, h, w] and
+        [B, h, w, C], with (h, w) the ConvStem grid, or the image size when pooling at full resolution."""
+        if not self.pool_at_full_resolution:
+            return resize_labels_nearest(superpixels, stem.shape[1:3]), stem
+        labels = superpixels.long()
+        features = F.interpolate(
+            stem.permute(0, 3, 1, 2), size=labels.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return labels, features.permute(0, 2, 3, 1)
+
     def segment_tokens(self, features, positions, labels, num_segments):
         """Average features [B, h, w, C] and positions [1, h, w, C] over the cells of each label in [B, h, w].
 
@@ -164,15 +314,19 @@ class CastEmbeddings(nn.Module):
         return tokens, counts <= 0.5
 
     def forward(self, pixel_values, superpixels):
-        """Returns embeddings [B, 1 + S, C] (CLS first), the padding mask [B, S] and the ConvStem grid."""
-        stem = self.patch_embeddings(pixel_values)  # [B, h, w, C]
-        batch, height, width, _ = stem.shape
-        grid_labels = resize_labels_nearest(superpixels, (height, width))
-        num_segments = max(int(grid_labels.max()) + 1, self.config.num_clusters[0])
-        tokens, padding_mask = self.segment_tokens(stem, self.position_grid(height, width), grid_labels, num_segments)
-        cls_token = (self.cls_token + self.cls_position()).expand(batch, -1, -1)
+        """Returns embeddings [B, 1 + S, C] (CLS first), the padding mask [B, S] and the ConvStem grid [B, h, w, C].
+        S = (largest label over the batch) + 1, at least `num_clusters[0]`: token k is superpixel id k."""
+        stem = self.patch_embeddings(pixel_values)  # [B, H / 8, W / 8, C]
+        labels, features = self.pooling_grid(stem, superpixels)
+        num_segments = max(int(labels.max()) + 1, self.config.num_clusters[0])
+        positions = self.position_grid(*labels.shape[-2:])
+        tokens, padding_mask = self.segment_tokens(features, positions, labels, num_segments)
+        cls_token = (self.cls_token + self.cls_position()).expand(stem.shape[0], -1, -1)
         embeddings = self.dropout(torch.cat([cls_token, tokens], dim=1))
         return embeddings, padding_mask, stem
+
+
+# --- levels -------------------------------------------------------------------------------------------------------
 
 
 class CastDropPath(nn.Module):
@@ -214,11 +368,10 @@ class CastLayer(GradientCheckpointingLayer):
         self.mlp = CastMLP(config)
         self.drop_path = CastDropPath(drop_path)
 
-    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
-        attn_output, attn_weights = self.attn(self.norm1(hidden_states), attention_mask, output_attentions)
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        attn_output, _ = self.attn(self.norm1(hidden_states), attention_mask, **kwargs)
         hidden_states = hidden_states + self.drop_path(attn_output)
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
-        return hidden_states, attn_weights
+        return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
 
 
 class CastLevel(nn.Module):
@@ -226,8 +379,63 @@ class CastLevel(nn.Module):
 
     def __init__(self, config, level, drop_path_rates):
         super().__init__()
+        self.mask_padding = config.mask_padding_tokens
         self.blocks = nn.ModuleList([CastLayer(config, rate) for rate in drop_path_rates])
         self.pooling = GraphPooling(config, config.num_clusters[level])
+
+    def forward(self, hidden_states, padding_mask, **kwargs):
+        """hidden_states [B, 1 + N, C] (CLS first), padding_mask bool [B, N]. Returns the tokens after the blocks
+        [B, 1 + N, C] and the `GraphPoolingOutput` (K clusters)."""
+        attention_mask = padding_attention_mask(padding_mask, hidden_states.dtype, 1) if self.mask_padding else None
+        for block in self.blocks:
+            hidden_states = block(hidden_states, attention_mask, **kwargs)
+        return hidden_states, self.pooling(hidden_states[:, :1], hidden_states[:, 1:], padding_mask)
+
+
+class CastEncoder(nn.ModuleList):
+    """The 4 levels (a ModuleList, so weights stay `levels.<l>.*`) and their forward: each level's pooled CLS and
+    cluster tokens are the next level's input. With `config.freeze_last_pooling` the 4th graph pooling is frozen
+    (as in the original cast.py / cast_deit.py; it does not affect the embedding)."""
+
+    def __init__(self, config):
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        bounds = [sum(config.depths[:level]) for level in range(NUM_LEVELS + 1)]
+        super().__init__(
+            [CastLevel(config, level, rates[bounds[level] : bounds[level + 1]]) for level in range(NUM_LEVELS)]
+        )
+        if config.freeze_last_pooling:
+            self[-1].pooling.requires_grad_(False)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # nn.ModuleList would rebuild the class from a list of levels
+            return nn.ModuleList(list(self._modules.values())[index])
+        return super().__getitem__(index)
+
+    def forward(self, hidden_states, padding_mask, **kwargs) -> CastHierarchyOutput:
+        """hidden_states [B, 1 + N_1, C] (CLS first), padding_mask bool [B, N_1]."""
+        level_hidden_states, pooled_hidden_states, logits, sampled, masks = [], [], [], [], []
+        for level in self:
+            masks.append(padding_mask)
+            hidden_states, pooled = level(hidden_states, padding_mask, **kwargs)
+            level_hidden_states.append(hidden_states)
+            logits.append(pooled.assignment_logits)
+            sampled.append(pooled.sampled_indices)
+            hidden_states = torch.cat([pooled.cls_token, pooled.pooled_tokens], dim=1)  # [B, 1 + K, C]
+            pooled_hidden_states.append(hidden_states)
+            padding_mask = torch.zeros(
+                hidden_states.shape[0], hidden_states.shape[1] - 1, dtype=torch.bool, device=hidden_states.device
+            )
+        return CastHierarchyOutput(
+            level_hidden_states=tuple(level_hidden_states),
+            pooled_hidden_states=tuple(pooled_hidden_states),
+            assignment_logits=tuple(logits),
+            sampled_indices=tuple(sampled),
+            padding_masks=tuple(masks),
+            hierarchy=compose_hierarchy(parents_from_logits(logits)),
+        )
+
+
+# --- models -------------------------------------------------------------------------------------------------------
 
 
 class CastPreTrainedModel(PreTrainedModel):
@@ -242,6 +450,16 @@ class CastPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = True
+    _input_embed_layer = "patch_embeddings"
+    # hidden_states: the embedding output, then every ViT block's output. attentions: the ViT blocks' only; graph
+    # pooling's centroid attention is a `CastSelfAttention` too, outside `blocks` (`layer_name` tells them apart).
+    _can_record_outputs = {
+        "hidden_states": [
+            OutputRecorder(CastEmbeddings, index=0, capture_initial_hidden_state=False),
+            OutputRecorder(CastLayer, index=0, capture_initial_hidden_state=False),
+        ],
+        "attentions": OutputRecorder(CastSelfAttention, index=1, layer_name="blocks"),
+    }
 
     def _init_weights(self, module):
         """The original MoCo-v3 / CAST initialisation (xavier-uniform Linear, Q/K/V treated separately)."""
@@ -304,88 +522,69 @@ class CastPreTrainedModel(PreTrainedModel):
                 f"`superpixels` has label {int(superpixels.max())} but only {height * width} pixels: label ids are "
                 "token indices; make them consecutive with `hf_hierseg.segment_ops.relabel_consecutive`."
             )
+        if superpixels.numel() and bool(unused_label_counts(superpixels).any()):
+            logger.warning_once(
+                "`superpixels` ids are not consecutive: an image leaves ids below its largest id unused. CAST makes "
+                "one token per id up to the largest id in the batch, so every unused id is a padding token: more "
+                "tokens and compute, and (unless `mask_padding_tokens=True`) other tokens attend to them. Relabel "
+                "each map with `hf_hierseg.segment_ops.relabel_consecutive` (CastImageProcessor does) so the token "
+                "count follows the segment count."
+            )
 
 
 class CastModel(CastPreTrainedModel):
-    # Heads saved beside the backbone (classifier, MoCo projector / predictor) are not part of it.
+    """
+    CAST: ConvStem -> segment tokens (one per superpixel id) -> 4 x [ViT blocks -> graph pooling] -> final LayerNorm.
+
+    Superpixel ids are token indices: the model makes (largest id in the batch) + 1 tokens (at least
+    `num_clusters[0]`), and ids absent from an image become padding tokens, as in the original. Ids with gaps (e.g.
+    100 segments numbered up to 696) are not compacted, so that `hierarchy[l][b, s]` stays the group of superpixel
+    id `s`; the model warns about them once. Make them consecutive with `hf_hierseg.segment_ops.relabel_consecutive`
+    (`CastImageProcessor` does).
+
+    Args:
+        config ([`CastConfig`]): the architecture.
+        add_final_norm (`bool`, defaults to `True`): the final LayerNorm on the last level's tokens (`norm` of the
+            original); the segmentation stage (`cast_seg.py`) has none.
+        pool_segments_at_full_resolution (`bool`, defaults to `False`): average the ConvStem features per superpixel
+            at the image size instead of on the stride-8 grid (the segmentation stage); see [`CastEmbeddings`].
+    """
+
+    # Heads saved beside the backbone (classifier, MoCo projector / predictor, segmentation fusion) are not part of it.
     _keys_to_ignore_on_load_unexpected = [r"^classifier\.", r"^projector\.", r"^predictor\.", r"^fusion\."]
 
-    def __init__(self, config: CastConfig, add_final_norm: bool = True):
+    def __init__(
+        self, config: CastConfig, add_final_norm: bool = True, pool_segments_at_full_resolution: bool = False
+    ):
         super().__init__(config)
         self.config = config
-        self.embeddings = CastEmbeddings(config)
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
-        bounds = [sum(config.depths[:level]) for level in range(len(config.depths) + 1)]
-        self.levels = nn.ModuleList(
-            [CastLevel(config, level, rates[bounds[level] : bounds[level + 1]]) for level in range(len(config.depths))]
-        )
+        self.embeddings = CastEmbeddings(config, pool_at_full_resolution=pool_segments_at_full_resolution)
+        self.levels = CastEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if add_final_norm else None
         self.post_init()
-        if config.freeze_last_pooling:
-            self.levels[-1].pooling.requires_grad_(False)
 
-    def get_input_embeddings(self):
-        return self.embeddings.patch_embeddings
-
+    # `hidden_states` / `attentions` are recorded by hooks (`_can_record_outputs`) when requested; the last hidden
+    # state stays the last block's output (not the final-normed `last_hidden_state`), as in ViT. The hierarchy is not
+    # recorded: it is the encoder's result, which the heads always need.
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        superpixels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ):
+        self, pixel_values: torch.Tensor | None = None, superpixels: torch.Tensor | None = None, **kwargs
+    ) -> CastModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `[B, C, H, W]`): normalised images, H and W multiples of 8.
+        superpixels (`torch.LongTensor` of shape `[B, H, W]`): superpixel id per pixel (consecutive from 0).
+        """
         self._validate_inputs(pixel_values, superpixels)
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-
-        hidden_states, padding_mask, _ = self.embeddings(pixel_values, superpixels)
-        encoded = self.encode(hidden_states, padding_mask, output_attentions, output_hidden_states)
-
-        final = encoded["level_hidden_states"][-1]
+        embeddings, padding_mask, _ = self.embeddings(pixel_values, superpixels)
+        encoded = self.levels(embeddings, padding_mask, **kwargs)
+        final = encoded.level_hidden_states[-1]
         if self.layernorm is not None:
             final = self.layernorm(final)
-        output = CastModelOutput(last_hidden_state=final, pooler_output=final[:, 0], **encoded)
-        return output if return_dict else output.to_tuple()
-
-    def encode(self, hidden_states, padding_mask, output_attentions=False, output_hidden_states=False):
-        """Run the 4 levels on embeddings [B, 1 + N_1, C]; returns the CastModelOutput fields as a dict."""
-        mask_padding = self.config.mask_padding_tokens
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        level_hidden_states, pooled_hidden_states, logits, sampled, masks = [], [], [], [], []
-        for level in self.levels:
-            attention_mask = padding_attention_mask(padding_mask, hidden_states.dtype, 1) if mask_padding else None
-            for block in level.blocks:
-                hidden_states, attn_weights = block(hidden_states, attention_mask, output_attentions)
-                if output_hidden_states:
-                    all_hidden_states += (hidden_states,)
-                if output_attentions:
-                    all_attentions += (attn_weights,)
-            pooled = level.pooling(hidden_states[:, :1], hidden_states[:, 1:], padding_mask)
-            level_hidden_states.append(hidden_states)
-            masks.append(padding_mask)
-            logits.append(pooled.assignment_logits)
-            sampled.append(pooled.sampled_indices)
-            hidden_states = torch.cat([pooled.cls_token, pooled.pooled_tokens], dim=1)
-            pooled_hidden_states.append(hidden_states)
-            padding_mask = torch.zeros(
-                hidden_states.shape[0], hidden_states.shape[1] - 1, dtype=torch.bool, device=hidden_states.device
-            )
-        return dict(
-            level_hidden_states=tuple(level_hidden_states),
-            pooled_hidden_states=tuple(pooled_hidden_states),
-            assignment_logits=tuple(logits),
-            sampled_indices=tuple(sampled),
-            padding_masks=tuple(masks),
-            hierarchy=compose_hierarchy(parents_from_logits(logits)),
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        output = CastModelOutput(last_hidden_state=final, pooler_output=final[:, 0], **encoded.hierarchy_fields())
+        if self.embeddings.pool_at_full_resolution:
+            output.segment_stride = 1  # an instance attribute: `hierarchy_maps` paints full-resolution segments
+        return output
 
 
 class CastForImageClassification(CastPreTrainedModel):
@@ -396,39 +595,30 @@ class CastForImageClassification(CastPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         superpixels: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ):
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.cast(
-            pixel_values,
-            superpixels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+    ) -> CastImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `[B]`, *optional*): class ids (or targets, per `config.problem_type`).
+        """
+        outputs = self.cast(pixel_values, superpixels, return_dict=True, **kwargs)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)
-        output = CastImageClassifierOutput(
+        return CastImageClassifierOutput(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             pooler_output=outputs.pooler_output,
-            assignment_logits=outputs.assignment_logits,
-            padding_masks=outputs.padding_masks,
-            hierarchy=outputs.hierarchy,
+            **outputs.hierarchy_fields(),
         )
-        return output if return_dict else output.to_tuple()
 
 
 def moco_mlp(num_layers, input_dim, hidden_dim, output_dim):
@@ -445,19 +635,6 @@ def moco_mlp(num_layers, input_dim, hidden_dim, output_dim):
     return nn.Sequential(*layers)
 
 
-@dataclass
-class CastSelfSupervisedOutput(ModelOutput):
-    """Outputs of [`CastForSelfSupervisedPretraining`]: projector output `projections` [B, D], predictor output
-    `predictions` [B, D] and the backbone's `pooler_output` and hierarchy."""
-
-    loss: torch.FloatTensor | None = None
-    projections: torch.FloatTensor | None = None
-    predictions: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
-    assignment_logits: tuple[torch.FloatTensor, ...] | None = None
-    hierarchy: tuple[torch.LongTensor, ...] | None = None
-
-
 class CastForSelfSupervisedPretraining(CastPreTrainedModel):
     """CAST backbone with the MoCo-v3 projector (3-layer MLP) and predictor (2-layer MLP) of the base branch.
 
@@ -471,72 +648,21 @@ class CastForSelfSupervisedPretraining(CastPreTrainedModel):
         self.predictor = moco_mlp(2, dim, hidden, dim)
         self.post_init()
 
-    def forward(self, pixel_values=None, superpixels=None, return_dict=None, **kwargs):
-        outputs = self.cast(pixel_values, superpixels, return_dict=True)
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, superpixels: torch.Tensor | None = None, **kwargs
+    ) -> CastSelfSupervisedOutput:
+        outputs = self.cast(pixel_values, superpixels, return_dict=True, **kwargs)
         projections = self.projector(outputs.pooler_output)
         predictions = self.predictor(projections)
-        output = CastSelfSupervisedOutput(
+        return CastSelfSupervisedOutput(
             projections=projections,
             predictions=predictions,
             pooler_output=outputs.pooler_output,
-            assignment_logits=outputs.assignment_logits,
-            hierarchy=outputs.hierarchy,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **outputs.hierarchy_fields(),
         )
-        return output if return_dict is not False else output.to_tuple()
-
-
-# Dropout between the fused BatchNorm and the projection (hard-coded in the original BlockFusion).
-FUSION_DROPOUT = 0.2
-SEGMENTATION_HEAD_TYPES = ("linear", "mlp_projector")
-
-
-@dataclass
-class CastSemanticSegmenterOutput(SemanticSegmenterOutput):
-    """
-    Outputs of [`CastForSemanticSegmentation`]. N_1 is the number of superpixel tokens (max label + 1, at least
-    `num_clusters[0]`).
-
-    Args:
-        loss (`[]`, *optional*): pixel-wise cross-entropy (`ignore_index` pixels left out) when `labels` are given.
-        logits (`[B, num_labels, H, W]`): `segment_logits` painted to the pixels of each superpixel.
-        segment_logits (`[B, N_1, num_labels]`): one prediction per superpixel (the original per-token `head`).
-        fused_hidden_states (`[B, 1 + N_1, C]`): BlockFusion output, fused CLS first; its tokens feed the head.
-        level_hidden_states, pooled_hidden_states, assignment_logits, sampled_indices, padding_masks, hierarchy:
-            as in [`CastModelOutput`].
-    """
-
-    segment_logits: torch.FloatTensor | None = None
-    fused_hidden_states: torch.FloatTensor | None = None
-    level_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    pooled_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    assignment_logits: tuple[torch.FloatTensor, ...] | None = None
-    sampled_indices: tuple[torch.LongTensor, ...] | None = None
-    padding_masks: tuple[torch.BoolTensor, ...] | None = None
-    hierarchy: tuple[torch.LongTensor, ...] | None = None
-
-    def hierarchy_maps(self, superpixels):
-        """Pixel label maps [B, H, W] for levels 0 (superpixels) to 4. Segments are pooled at full resolution, so
-        every superpixel has its own token and level 0 is the superpixel map itself."""
-        return paint_hierarchy(self.hierarchy, superpixels, patch_size=None)
-
-
-class CastSegmentationEmbeddings(CastEmbeddings):
-    """Segment tokens of the original's segmentation stage: the superpixel map is *not* downsampled; the ConvStem
-    features are upsampled to its size (bilinear) and the position grid too (bicubic), and both are averaged per
-    superpixel at full resolution, so no superpixel is lost."""
-
-    def forward(self, pixel_values, superpixels):
-        """Returns embeddings [B, 1 + S, C] (CLS first), the padding mask [B, S] and the ConvStem grid."""
-        stem = self.patch_embeddings(pixel_values)  # [B, h, w, C]
-        labels = superpixels.long()
-        batch, height, width = labels.shape
-        features = F.interpolate(stem.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", align_corners=False)
-        features = features.permute(0, 2, 3, 1)  # [B, H, W, C]
-        num_segments = max(int(labels.max()) + 1, self.config.num_clusters[0])
-        tokens, padding_mask = self.segment_tokens(features, self.position_grid(height, width), labels, num_segments)
-        cls_token = (self.cls_token + self.cls_position()).expand(batch, -1, -1)
-        embeddings = self.dropout(torch.cat([cls_token, tokens], dim=1))
-        return embeddings, padding_mask, stem
 
 
 def gather_to_segments(level_tokens, groups):
@@ -607,8 +733,9 @@ def segment_cross_entropy(segment_logits, superpixels, labels, ignore_index):
 
 
 class CastForSemanticSegmentation(CastPreTrainedModel):
-    """CAST with the segmentation-stage encoder of `cast_seg.py` (no final LayerNorm, full-resolution segment
-    pooling, trainable 4th pooling when `freeze_last_pooling=False`), BlockFusion and a per-segment head.
+    """CAST with the segmentation-stage encoder of `cast_seg.py` (a [`CastModel`] with no final LayerNorm and
+    full-resolution segment pooling; the 4th pooling trainable when `freeze_last_pooling=False`), BlockFusion and a
+    per-segment head.
 
     Extra config attributes (read with defaults): `segmentation_head_type` (`"linear"` or `"mlp_projector"`),
     `semantic_loss_ignore_index` (255).
@@ -617,8 +744,7 @@ class CastForSemanticSegmentation(CastPreTrainedModel):
     def __init__(self, config: CastConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.cast = CastModel(config, add_final_norm=False)
-        self.cast.embeddings = CastSegmentationEmbeddings(config)
+        self.cast = CastModel(config, add_final_norm=False, pool_segments_at_full_resolution=True)
         self.fusion = CastBlockFusion(config)
         self.classifier = segmentation_head(config)
         self.post_init()
@@ -648,31 +774,22 @@ class CastForSemanticSegmentation(CastPreTrainedModel):
                 f"{self.num_labels} labels (0..{self.num_labels - 1}) and ignores only {self.ignore_index}."
             )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         superpixels: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ):
+    ) -> CastSemanticSegmenterOutput:
         r"""
         labels (`torch.LongTensor` of shape `[B, H, W]`, *optional*): class id per pixel (`ignore_index` for
             pixels that do not count), at the size of `pixel_values`.
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
             self._validate_inputs(pixel_values, superpixels)
             self.validate_labels(labels, superpixels)
-        outputs = self.cast(
-            pixel_values,
-            superpixels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        outputs = self.cast(pixel_values, superpixels, return_dict=True, **kwargs)
         level_tokens = [hidden[:, 1:] for hidden in outputs.level_hidden_states]
         cls_tokens = [pooled[:, :1] for pooled in outputs.pooled_hidden_states]
         fused = self.fusion(level_tokens, cls_tokens, outputs.hierarchy[: NUM_LEVELS - 1])
@@ -682,21 +799,15 @@ class CastForSemanticSegmentation(CastPreTrainedModel):
         loss = None
         if labels is not None:
             loss = segment_cross_entropy(segment_logits, superpixels.long(), labels.long(), self.ignore_index)
-        output = CastSemanticSegmenterOutput(
+        return CastSemanticSegmenterOutput(
             loss=loss,
             logits=logits,
             segment_logits=segment_logits,
             fused_hidden_states=fused,
-            level_hidden_states=outputs.level_hidden_states,
-            pooled_hidden_states=outputs.pooled_hidden_states,
-            assignment_logits=outputs.assignment_logits,
-            sampled_indices=outputs.sampled_indices,
-            padding_masks=outputs.padding_masks,
-            hierarchy=outputs.hierarchy,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **outputs.hierarchy_fields(),
         )
-        return output if return_dict else output.to_tuple()
 
     def classifier_per_segment(self, tokens):
         """The head on every token [B, N_1, C] independently (BatchNorm in an MLP head sees B * N_1 rows)."""
@@ -717,69 +828,61 @@ class CastBackbone(BackboneMixin, CastPreTrainedModel):
     superpixels it groups (level 1: one token per superpixel; level l > 1: the clusters of level l - 1), after the
     final LayerNorm. Superpixels are sampled on the stride-8 grid exactly as the model's tokens are.
 
+    The backbone holds the modules of [`CastModel`] under the same names (`embeddings`, `levels`, `layernorm`), so it
+    loads `CastModel` checkpoints as they are and head checkpoints (classifier, MoCo) without their `cast.` prefix.
+
     Dense heads that pass only `pixel_values` (UperNet, DPT, ...) get a regular grid of superpixels (196 per
     224x224 pixels); pass `superpixels` (e.g. SEEDS from `CastImageProcessor`) for CAST's own segments.
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"^classifier\.", r"^projector\.", r"^predictor\."]
+    _keys_to_ignore_on_load_unexpected = [r"^classifier\.", r"^projector\.", r"^predictor\.", r"^fusion\."]
 
     def __init__(self, config, out_features=None, out_indices=None):
         super().__init__(backbone_config(config, out_features, out_indices))
         self.num_features = [self.config.hidden_size] * len(STAGE_NAMES)
-        self.cast = CastModel(self.config)
+        self.embeddings = CastEmbeddings(self.config)
+        self.levels = CastEncoder(self.config)
+        self.layernorm = nn.LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_eps)
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        superpixels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ):
+        self, pixel_values: torch.Tensor | None = None, superpixels: torch.Tensor | None = None, **kwargs
+    ) -> BackboneOutput:
         if superpixels is None and torch.is_tensor(pixel_values) and pixel_values.dim() == 4:
             superpixels = default_superpixels(pixel_values)
-        self.cast._validate_inputs(pixel_values, superpixels)
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-
-        embeddings, padding_mask, stem = self.cast.embeddings(pixel_values, superpixels)
-        encoded = self.cast.encode(embeddings, padding_mask, output_attentions, output_hidden_states)
+        self._validate_inputs(pixel_values, superpixels)
+        embeddings, padding_mask, stem = self.embeddings(pixel_values, superpixels)
+        encoded = self.levels(embeddings, padding_mask, **kwargs)
         grid_labels = resize_labels_nearest(superpixels, stem.shape[1:3])  # [B, h, w], level-1 token of each cell
-
-        stage_maps = {"stem": stem}
+        stage_maps = {"stem": stem}  # [B, h, w, C] each
         cell_token = grid_labels.flatten(1)  # [B, h * w]
-        for level, (name, tokens) in enumerate(zip(LEVEL_NAMES, encoded["level_hidden_states"])):
+        for level, (name, tokens) in enumerate(zip(LEVEL_NAMES, encoded.level_hidden_states)):
             if level > 0:  # level-l tokens are the groups of level l - 1
-                cell_token = torch.gather(encoded["hierarchy"][level - 1], 1, grid_labels.flatten(1))
+                cell_token = torch.gather(encoded.hierarchy[level - 1], 1, grid_labels.flatten(1))
             if name in self.out_features:
-                tokens = self.cast.layernorm(tokens[:, 1:]) if self.cast.layernorm is not None else tokens[:, 1:]
+                tokens = self.layernorm(tokens[:, 1:])
                 index = cell_token.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
                 stage_maps[name] = torch.gather(tokens, 1, index).reshape(stem.shape)
         feature_maps = tuple(stage_maps[name].permute(0, 3, 1, 2).contiguous() for name in self.out_features)
-
-        output = BackboneOutput(
-            feature_maps=feature_maps,
-            hidden_states=encoded["hidden_states"],
-            attentions=encoded["attentions"],
-        )
-        return output if return_dict else output.to_tuple()
+        return BackboneOutput(feature_maps=feature_maps)
 
 
 __all__ = [
     "CastBackbone",
     "CastBlockFusion",
+    "CastEmbeddings",
+    "CastEncoder",
     "CastForImageClassification",
     "CastForSelfSupervisedPretraining",
     "CastForSemanticSegmentation",
+    "CastHierarchyOutput",
+    "CastImageClassifierOutput",
     "CastModel",
     "CastModelOutput",
     "CastPreTrainedModel",
-    "CastSegmentationEmbeddings",
+    "CastSelfSupervisedOutput",
     "CastSemanticSegmenterOutput",
     "default_superpixels",
 ]

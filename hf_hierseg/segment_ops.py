@@ -96,6 +96,15 @@ def present_labels(grid_labels, num_labels):
     return present[:, :num_labels]
 
 
+def unused_label_counts(label_maps):
+    """Per image, how many ids below its largest one its int label map [B, ..., H, W] does not use (int64 [B]); all
+    zeros when every map is numbered consecutively from 0 (see `relabel_consecutive`)."""
+    flat = label_maps.reshape(label_maps.shape[0], -1).long()  # [B, P]
+    largest = flat.amax(dim=1)  # [B]
+    present = present_labels(flat, int(largest.max()) + 1)  # [B, max + 1]
+    return largest + 1 - present.sum(dim=1)
+
+
 __all__ = [
     "resize_labels_nearest",
     "segment_sum_and_count",
@@ -104,4 +113,5 @@ __all__ = [
     "relabel_consecutive",
     "resize_label_maps",
     "present_labels",
+    "unused_label_counts",
 ]

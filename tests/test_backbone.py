@@ -48,20 +48,22 @@ def test_default_out_features_are_the_four_levels(backbone, inputs):
 
 
 def test_feature_maps_paint_each_level_token_on_its_grid_cells(backbone, inputs):
-    """Reference computed cell by cell from CastModel's outputs: the cell (i, j) samples the superpixel at pixel
-    (8i, 8j), which is its level-1 token; the level-(l+1) token is the argmax of the level-l token's assignment
-    logits; the feature is the final LayerNorm of that token."""
+    """Reference computed cell by cell from the outputs of a CastModel with the backbone's weights: the cell (i, j)
+    samples the superpixel at pixel (8i, 8j), which is its level-1 token; the level-(l+1) token is the argmax of the
+    level-l token's assignment logits; the feature is the final LayerNorm of that token."""
     pixel_values, superpixels = inputs
+    model = CastModel(tiny_config()).eval()
+    model.load_state_dict(backbone.state_dict())  # strict: the backbone's modules have CastModel's names
     with torch.no_grad():
         maps = backbone(pixel_values, superpixels).feature_maps
-        outputs = backbone.cast(pixel_values, superpixels)
+        outputs = model(pixel_values, superpixels)
     for b in range(2):
         for i in range(8):
             for j in range(8):
                 token = int(superpixels[b, 8 * i, 8 * j])
                 for level in range(4):
                     tokens = outputs.level_hidden_states[level][b, 1:]
-                    expected = backbone.cast.layernorm(tokens[token])
+                    expected = model.layernorm(tokens[token])
                     torch.testing.assert_close(maps[level][b, :, i, j], expected)
                     token = int(
                         outputs.assignment_logits[level][b, token].argmax()
@@ -83,7 +85,7 @@ def test_out_features_selection_and_stem(inputs):
     pixel_values, superpixels = inputs
     with torch.no_grad():
         stem_map, level3 = backbone(pixel_values, superpixels).feature_maps
-        stem = backbone.cast.embeddings.patch_embeddings(pixel_values)
+        stem = backbone.embeddings.patch_embeddings(pixel_values)
     torch.testing.assert_close(stem_map, stem.permute(0, 3, 1, 2))
     assert level3.shape == (2, 24, 8, 8)
     with pytest.raises(ValueError, match="stage_names"):
@@ -135,4 +137,63 @@ def test_dense_head_uses_the_backbone_with_pixel_values_only():
     outputs = model(pixel_values, labels=labels)
     assert outputs.logits.shape == (2, 5, 64, 64) and torch.isfinite(outputs.loss)
     outputs.loss.backward()
-    assert model.backbone.cast.levels[0].blocks[0].attn.qkv.weight.grad is not None
+    assert model.backbone.levels[0].blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_backbone_owns_the_modules_of_a_cast_model():
+    """Like Dinov2Backbone: its own embeddings, levels and final norm, under CastModel's names (no wrapped model)."""
+    from hf_hierseg.modeling_cast import CastEmbeddings, CastEncoder
+
+    backbone = CastBackbone(tiny_config())
+    assert not hasattr(backbone, "cast")
+    assert isinstance(backbone.embeddings, CastEmbeddings) and not backbone.embeddings.pool_at_full_resolution
+    assert isinstance(backbone.levels, CastEncoder) and isinstance(backbone.layernorm, torch.nn.LayerNorm)
+    assert list(backbone.state_dict()) == list(CastModel(tiny_config()).state_dict())
+    assert not any(p.requires_grad for p in backbone.levels[3].pooling.parameters())  # frozen as in CastModel
+
+
+@pytest.mark.parametrize("head", ["CastForImageClassification", "CastForSelfSupervisedPretraining"])
+def test_backbone_loads_head_checkpoints_without_their_prefix(tmp_path, inputs, head):
+    """Head checkpoints store the backbone under `cast.`; the backbone has no `cast` attribute, so transformers
+    strips the base_model_prefix, and the heads' own weights are ignored."""
+    import hf_hierseg.modeling_cast as modeling
+
+    torch.manual_seed(5)
+    model = getattr(modeling, head)(tiny_config(num_labels=3, projection_dim=8, projection_hidden_dim=16)).eval()
+    model.save_pretrained(tmp_path / "head")
+    backbone, info = CastBackbone.from_pretrained(tmp_path / "head", out_features=["level4"], output_loading_info=True)
+    assert not any(info.values()), info
+    for name, tensor in model.cast.state_dict().items():
+        assert torch.equal(backbone.state_dict()[name], tensor), name
+    with torch.no_grad():
+        (level4,) = backbone.eval()(*inputs).feature_maps
+        expected = model.cast(*inputs).last_hidden_state[0, 1:]
+    shown = torch.unique(level4[0].flatten(1).T, dim=0)
+    assert all(torch.isclose(expected, row, atol=1e-6).all(-1).any() for row in shown)
+
+
+def test_heads_load_a_saved_backbone_with_the_prefix_added(tmp_path, inputs):
+    from hf_hierseg import CastForImageClassification
+
+    torch.manual_seed(6)
+    backbone = CastBackbone(tiny_config()).eval()
+    backbone.save_pretrained(tmp_path / "backbone")
+    classifier, info = CastForImageClassification.from_pretrained(tmp_path / "backbone", output_loading_info=True)
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"} and not info["unexpected_keys"]
+    for name, tensor in backbone.state_dict().items():
+        assert torch.equal(classifier.cast.state_dict()[name], tensor), name
+
+
+def test_backbone_records_hidden_states_and_block_attentions(backbone, inputs):
+    model = CastModel(tiny_config()).eval()
+    model.load_state_dict(backbone.state_dict())
+    with torch.no_grad():
+        out = backbone(*inputs, output_hidden_states=True, output_attentions=True)
+        reference = model(*inputs, output_hidden_states=True, output_attentions=True)
+        plain = backbone(*inputs)
+    assert plain.hidden_states is None and plain.attentions is None
+    assert len(out.hidden_states) == 5 and len(out.attentions) == 4
+    for got, expected in zip(out.hidden_states + out.attentions, reference.hidden_states + reference.attentions):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    as_tuple = backbone(*inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple[0]) == 4

@@ -316,3 +316,43 @@ def test_converted_directory_loads_with_its_processor(shared_dir, tmp_path):
     inputs = load_file(fixture / "inputs.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).segment_logits, model(**inputs).segment_logits)
+
+
+def test_segmentation_encoder_is_a_cast_model_built_by_switches():
+    """No module is replaced after construction: the encoder is a CastModel built without the final norm and with
+    full-resolution segment pooling; the same CastModel on its own computes the same tokens and hierarchy."""
+    from hf_hierseg import CastModel
+    from hf_hierseg.modeling_cast import CastEmbeddings
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = CastForSemanticSegmentation(config).eval()
+    assert type(model.cast) is CastModel and type(model.cast.embeddings) is CastEmbeddings
+    assert model.cast.embeddings.pool_at_full_resolution and model.cast.layernorm is None
+    encoder = CastModel(config, add_final_norm=False, pool_segments_at_full_resolution=True).eval()
+    encoder.load_state_dict(model.cast.state_dict())  # strict: the same modules
+    pixel_values, superpixels = torch.randn(2, 3, 64, 64), grid_superpixels()
+    with torch.no_grad():
+        out = model(pixel_values, superpixels)
+        alone = encoder(pixel_values, superpixels)
+    for got, expected in zip(out.level_hidden_states, alone.level_hidden_states):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    torch.testing.assert_close(alone.last_hidden_state, alone.level_hidden_states[-1], atol=0, rtol=0)  # no norm
+    assert alone.hierarchy[0].shape == (2, 49)  # one token per superpixel
+
+
+def test_full_resolution_hierarchy_maps_keep_every_superpixel():
+    """On the stride-8 grid the superpixels of the last 4 pixel rows/columns (row and column 6 of the 10 px cells)
+    are never sampled; pooled at full resolution they keep their tokens, and hierarchy_maps knows it."""
+    from hf_hierseg import CastModel
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    pixel_values, superpixels = torch.randn(2, 3, 64, 64), grid_superpixels()
+    with torch.no_grad():
+        full = CastModel(config, pool_segments_at_full_resolution=True).eval()(pixel_values, superpixels)
+        grid = CastModel(config).eval()(pixel_values, superpixels)
+    assert torch.equal(full.hierarchy_maps(superpixels)[0], superpixels)
+    assert not torch.equal(grid.hierarchy_maps(superpixels)[0], superpixels)
+    assert torch.equal(full.hierarchy_maps(superpixels, patch_size=8)[0], grid.hierarchy_maps(superpixels)[0])
+    assert not full.padding_masks[0][:, :49].any() and grid.padding_masks[0][:, 42:49].all()
