@@ -156,7 +156,8 @@ for level, segment_map in enumerate(outputs.hierarchy_maps(inputs["superpixels"]
 installed (`import hf_hierseg`) the same classes load from the package. The repository also names its pipelines:
 `pipeline("hierarchical-segmentation", model=repo_id, trust_remote_code=True)(image)` gives every level's segments
 with their parent links, `pipeline("image-segmentation", ...)` the masks of one level (or of the segmentation
-head's classes)."""
+head's classes), `pipeline("zero-shot-hierarchical-segmentation", ..., clip_model="openai/clip-vit-base-patch16")`
+objects and parts named from your vocabulary (`candidate_labels=`, `part_labels=`)."""
 
 
 def write_model_card(
