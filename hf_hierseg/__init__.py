@@ -8,8 +8,8 @@ Importing the package registers CAST with transformers:
 - `register_for_auto_class` on each class, the transformers way of shipping remote code: `save_pretrained` copies
   the class's module and every module it imports relatively (the flat core files) into the folder and writes its
   `auto_map` entry, so the folder also loads with `trust_remote_code=True` where `hf_hierseg` is not installed;
-- the `hierarchical-segmentation` task in transformers' `PIPELINE_REGISTRY` (transformers' own tasks are left as
-  they are: `image-classification`, `image-feature-extraction` and `image-segmentation` run CAST models as any).
+- the `hierarchical-segmentation` and `zero-shot-hierarchical-segmentation` tasks in transformers'
+  `PIPELINE_REGISTRY` (transformers' own tasks are left as they are: `image-classification`, `image-feature-extraction` and `image-segmentation` run CAST models as any).
 
 Saved folders carry no `custom_pipelines`: that entry makes `pipeline(task, model=folder)` demand
 `trust_remote_code` even with the package installed. It is added only to what is shared (see `hf_hierseg.hub`).
@@ -39,7 +39,12 @@ from .modeling_cast import (
     CastModelOutput,
     CastPreTrainedModel,
 )
-from .pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline, register_pipelines
+from .pipelines import (
+    CastImageSegmentationPipeline,
+    HierarchicalSegmentationPipeline,
+    ZeroShotHierarchicalSegmentationPipeline,
+    register_pipelines,
+)
 
 
 # Auto class -> the package's class for it; one `register_for_auto_class` each, so a saved folder names its class.
@@ -70,7 +75,7 @@ AutoImageProcessor.register(CastConfig, image_processor_classes={"pil": CastImag
 AutoVideoProcessor.register(CastConfig, video_processor_classes={}, exist_ok=True)
 for auto_class, cast_class in AUTO_CLASSES.items():
     cast_class.register_for_auto_class(auto_class)
-register_pipelines()  # "hierarchical-segmentation" in transformers' PIPELINE_REGISTRY
+register_pipelines()  # "hierarchical-segmentation", "zero-shot-hierarchical-segmentation" in PIPELINE_REGISTRY
 
 __version__ = "0.1.0"
 
@@ -89,6 +94,7 @@ __all__ = [
     "CastModelOutput",
     "CastPreTrainedModel",
     "HierarchicalSegmentationPipeline",
+    "ZeroShotHierarchicalSegmentationPipeline",
     "default_model_path",
     "load_default",
 ]
