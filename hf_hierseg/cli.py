@@ -144,7 +144,7 @@ DELEGATED_COMMANDS = {
         "hf_hierseg.training.lora:finetune_lora",
     ),
     "evaluate": CommandGroup(
-        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F)",
+        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F), `evaluate open-vocabulary ...`",
         {
             "classification": DelegatedCommand(
                 "top-1 / top-5 accuracy and kNN accuracy on a labelled dataset",
@@ -155,6 +155,11 @@ DELEGATED_COMMANDS = {
                 "part-whole segmentation against masks, beside the ViT + k-means baseline",
                 "hf_hierseg.apps.evaluate:segmentation_parser",
                 "hf_hierseg.apps.evaluate:run_segmentation",
+            ),
+            "open-vocabulary": DelegatedCommand(
+                "objects and parts named by CLIP (the paper's PartImageNet protocol)",
+                "hf_hierseg.apps.evaluate:open_vocabulary_parser",
+                "hf_hierseg.apps.evaluate:run_open_vocabulary",
             ),
         },
     ),

@@ -5,8 +5,8 @@ beside the ViT + k-means and SAM baselines: `hf_hierseg.apps.evaluate.open_vocab
 
 import sys
 
-from hf_hierseg.apps.evaluate import main
+from hf_hierseg.cli import main
 
 
 if __name__ == "__main__":
-    sys.exit(main("open_vocabulary", sys.argv[1:]))
+    sys.exit(main(["evaluate", "open-vocabulary", *sys.argv[1:]]))
