@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from ..errors import InvalidInputError
 from ..image_datasets import UndecodableImageError, decode_image
+from .interruption import ignore_stop_signals
 
 
 logger = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ class TrainingBatches:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             timeout=self.worker_timeout if self.num_workers > 0 else 0,
+            worker_init_fn=ignore_stop_signals,  # SIGTERM / SIGUSR1 are the training process's to handle
             # Its own generator, so creating an iterator does not consume the global RNG (restored on resume).
             generator=torch.Generator().manual_seed(0),
         )
@@ -343,6 +345,7 @@ def evaluation_loader(batches: SuperpixelBatches, num_workers=0, worker_timeout=
         batch_size=None,
         num_workers=num_workers,
         timeout=worker_timeout if num_workers > 0 else 0,
+        worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(0),
     )
     for batch in loader:
