@@ -153,7 +153,20 @@ class SuperpixelBatches(torch.utils.data.IterableDataset):
                 every = num_slots
         stream.set_epoch(self.epoch)
         # `iter(batch_size=1)` rather than `__iter__`: inside a worker, `__iter__` would split the shards again.
-        for index, rows in enumerate(stream.iter(batch_size=1)):
+        records, index = stream.iter(batch_size=1), -1
+        while True:
+            try:
+                rows = next(records)
+            except StopIteration:
+                return
+            except Exception as error:  # a shard that fails to read half-way (pyarrow, tarfile, ... errors)
+                raise InvalidInputError(
+                    f"Reading the streamed data failed on rank {self.rank} (worker slot {slot}, epoch {self.epoch}) "
+                    f"after {index + 1} records: {type(error).__name__}: {' '.join(str(error).split())}. "
+                    "A shard is unreadable: fix or remove it (local shards are checked, and skipped, when the "
+                    "dataset is loaded), then resume with --resume_from_checkpoint latest."
+                ) from error
+            index += 1
             if index % every != slot % every:
                 continue
             position = index // every
