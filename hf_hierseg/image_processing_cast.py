@@ -32,6 +32,10 @@ from .superpixels import (
 
 # PIL's decompression-bomb threshold: larger inputs (or resize targets) are refused before any allocation.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Most superpixels (one model token each) the processor computes for an image: 84x the 196 of a 224x224 view, an
+# image of about 2000x2000 pixels at the default density. More would make the model's attention allocate tens of
+# GiB. (To merge with the cost guard of issue 19.)
+MAX_SUPERPIXELS = 16_384
 
 
 class CastImageProcessorKwargs(ImagesKwargs, total=False):
@@ -239,6 +243,10 @@ class CastImageProcessor(PilBackend):
         **kwargs,
     ) -> BatchFeature:
         _check_superpixel_settings(superpixel_method, superpixel_recipe, num_superpixels)
+        if superpixels is None:  # before resizing anything
+            for image in images:
+                height, width = _output_size(*image.shape[:2], do_resize, size, do_center_crop, crop_size)
+                _check_superpixel_budget(height, width, num_superpixels, superpixel_reference_size)
         crops, pixel_values = [], []
         for image in images:
             if do_resize:
@@ -379,6 +387,28 @@ def _check_image_size(height, width, max_image_pixels, what="image"):
         raise ValueError(
             f"The {what} has {height}x{width} = {height * width} pixels, more than max_image_pixels="
             f"{max_image_pixels}: downscale it first or raise max_image_pixels."
+        )
+
+
+def _output_size(height, width, do_resize, size, do_center_crop, crop_size):
+    """`(height, width)` of an input image after the resize and the centre crop."""
+    if do_resize:
+        height, width = _resize_output_size(height, width, size)
+    if do_center_crop and crop_size is not None and crop_size.height and crop_size.width:
+        height, width = crop_size.height, crop_size.width
+    return height, width
+
+
+def _check_superpixel_budget(height, width, num_superpixels, reference_size):
+    """Refuse an image that would get more than `MAX_SUPERPIXELS` superpixels (model tokens), before any of it is
+    resized or segmented."""
+    count = scaled_num_superpixels(height, width, num_superpixels, reference_size)
+    if count > MAX_SUPERPIXELS:
+        raise ValueError(
+            f"A {height}x{width} image would get about {count} superpixels (one model token each: the attention "
+            f"would need tens of GiB), more than the {MAX_SUPERPIXELS} the processor computes. Resize it "
+            "(do_resize=True, the default, or a smaller `size`), centre-crop it, or request fewer superpixels "
+            "(num_superpixels)."
         )
 
 
