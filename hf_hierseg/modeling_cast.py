@@ -802,7 +802,8 @@ class CastForSemanticSegmentation(CastPreTrainedModel):
                 f"`labels` shape {tuple(labels.shape)} does not match the images and superpixels "
                 f"{tuple(superpixels.shape)}: give one [H, W] class map per image at the image's size."
             )
-        valid = labels[labels != self.ignore_index]
+        ids = labels.long()  # an int8 -1 would compare equal to the ignore index 255, a uint8 156 to -100
+        valid = ids[ids != self.ignore_index]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.num_labels):
             raise ValueError(
                 f"`labels` holds class ids in [{int(valid.min())}, {int(valid.max())}], but the model has "
