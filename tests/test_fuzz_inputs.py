@@ -164,17 +164,21 @@ def arrays(draw):
     else:
         dtype = numpy_dtype = np.dtype(draw(st.sampled_from(NUMPY_DTYPES)))
     size = int(np.prod(shape))
+    # The pixels come from a drawn seed (up to 7^5 of them: too many to draw one by one), an edge value from
+    # hypothesis.
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     if np.issubdtype(numpy_dtype, np.floating) or np.issubdtype(numpy_dtype, np.complexfloating):
         low, high = (0.0, 1.0) if kind == "in range" else (-2.0, 300.0)
-        values = np.asarray(draw(st.lists(st.floats(low, high), min_size=size, max_size=size)), dtype=np.float64)
-        if kind == "special" and size:
-            values[draw(st.integers(0, size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        values = rng.uniform(low, high, size)
+        edges = [low, high] if kind != "special" else [np.nan, np.inf, -np.inf]
     elif numpy_dtype == np.bool_:
-        values = np.asarray(draw(st.lists(st.booleans(), min_size=size, max_size=size)))
+        values, edges = rng.integers(0, 2, size).astype(bool), [True, False]
     else:
         info = np.iinfo(numpy_dtype)
-        low, high = (0, min(255, info.max)) if kind == "in range" else (info.min, info.max)
-        values = np.asarray(draw(st.lists(st.integers(low, high), min_size=size, max_size=size)), dtype=np.int64)
+        low, high = (0, min(255, info.max)) if kind == "in range" else (int(info.min), int(info.max))
+        values, edges = rng.integers(low, high, size, endpoint=True, dtype=np.int64), [low, high]
+    if size:
+        values[draw(st.integers(0, size - 1))] = draw(st.sampled_from(edges))
     values = values.reshape(shape)
     if isinstance(dtype, torch.dtype):
         return torch.from_numpy(np.asarray(values, dtype=numpy_dtype)).to(dtype)
