@@ -144,7 +144,8 @@ DELEGATED_COMMANDS = {
         "hf_hierseg.training.lora:finetune_lora",
     ),
     "evaluate": CommandGroup(
-        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F)",
+        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F), "
+        "`evaluate hierarchical ...` (H-CAST)",
         {
             "classification": DelegatedCommand(
                 "top-1 / top-5 accuracy and kNN accuracy on a labelled dataset",
@@ -155,6 +156,11 @@ DELEGATED_COMMANDS = {
                 "part-whole segmentation against masks, beside the ViT + k-means baseline",
                 "hf_hierseg.apps.evaluate:segmentation_parser",
                 "hf_hierseg.apps.evaluate:run_segmentation",
+            ),
+            "hierarchical": DelegatedCommand(
+                "H-CAST: per-level top-1, full-path accuracy and tree consistency along a taxonomy",
+                "hf_hierseg.apps.evaluate_hierarchical:hierarchical_parser",
+                "hf_hierseg.apps.evaluate_hierarchical:run_hierarchical",
             ),
         },
     ),
@@ -251,7 +257,12 @@ def command_convert(args):
     from .convert import convert_checkpoint, parse_overrides, publish_converted
 
     _, report = convert_checkpoint(
-        args.checkpoint, args.output, args.preset, parse_overrides(args.set), args.allow_argparse_namespace
+        args.checkpoint,
+        args.output,
+        args.preset,
+        parse_overrides(args.set),
+        args.allow_argparse_namespace,
+        taxonomy=args.taxonomy,
     )
     for line in report.lines():
         print(line)
@@ -304,9 +315,19 @@ def build_parser():
     convert = subcommands.add_parser(
         "convert",
         help="convert an original CAST checkpoint to a Hugging Face model folder",
-        description="Convert an original CAST checkpoint (MoCo-v3, DeiT, segmentation or a state dict).",
+        description="Convert an original CAST checkpoint (MoCo-v3, DeiT, segmentation, H-CAST or a state dict).",
     )
-    convert.add_argument("--checkpoint", required=True, help="checkpoint_XXXX.pth.tar, checkpoint.pth or a state dict")
+    convert.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint_XXXX.pth.tar, checkpoint.pth or a state dict; a path or hf://<owner>/<repo>[@rev]/<file>",
+    )
+    convert.add_argument(
+        "--taxonomy",
+        default=None,
+        help="H-CAST checkpoints: taxonomy.json (levels, finest first) or H-CAST's data/*_tree.json rows "
+        "[fine, coarse(, coarser)]; a path or hf://...",
+    )
     convert.add_argument("--output", required=True, help="output folder")
     convert.add_argument(
         "--preset", choices=sorted(CAST_PRESETS), help="the architecture, when the tensors leave it open"
