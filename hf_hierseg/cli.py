@@ -135,12 +135,12 @@ DELEGATED_COMMANDS = {
     ),
     "train-segmentation": DelegatedCommand(
         "semantic segmentation fine-tuning on image + mask pairs (Accelerate)",
-        "hf_hierseg.training.segmentation:segmentation_parser",
+        "hf_hierseg.training.arguments:segmentation_parser",
         "hf_hierseg.training.segmentation:train_segmentation",
     ),
     "finetune-lora": DelegatedCommand(
         "LoRA fine-tuning of a classifier with peft (Accelerate)",
-        "hf_hierseg.training.lora:lora_parser",
+        "hf_hierseg.training.arguments:lora_parser",
         "hf_hierseg.training.lora:finetune_lora",
     ),
     "evaluate": CommandGroup(
