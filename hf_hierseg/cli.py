@@ -4,8 +4,9 @@
     hf-hierseg segment photo.jpg --out results/      overlay PNGs and the hierarchy as JSON, per image
     hf-hierseg embed *.jpg --out embeddings.npy       image embeddings (or --per-token)
     hf-hierseg convert --checkpoint ckpt.pth.tar --output cast-small
-    hf-hierseg train-moco ...                         also train-supervised, train-segmentation, finetune-lora
-    hf-hierseg evaluate classification ... | evaluate segmentation ...
+    hf-hierseg train-moco ...                         also train-supervised, train-segmentation, train-hierarchical,
+                                                      finetune-lora
+    hf-hierseg evaluate classification ... | evaluate segmentation ... | evaluate hierarchical ...
     hf-hierseg benchmark --quick                      throughput against a ViT on this machine
 
 Every subcommand has `--help`. The user's own mistakes (wrong arguments; a missing file, folder, model or dataset; a
@@ -137,6 +138,11 @@ DELEGATED_COMMANDS = {
         "semantic segmentation fine-tuning on image + mask pairs (Accelerate)",
         "hf_hierseg.training.arguments:segmentation_parser",
         "hf_hierseg.training.segmentation:train_segmentation",
+    ),
+    "train-hierarchical": DelegatedCommand(
+        "H-CAST hierarchical classification along a taxonomy (Accelerate)",
+        "hf_hierseg.training.hierarchical:hierarchical_parser",
+        "hf_hierseg.training.hierarchical:train_hierarchical",
     ),
     "finetune-lora": DelegatedCommand(
         "LoRA fine-tuning of a classifier with peft (Accelerate)",

@@ -142,7 +142,6 @@ class CastConfig(PretrainedConfig):
         if self.architectures is None:
             self.architectures = []
         self.validate_cast()
-        self.validate_taxonomy()
 
     @property
     def num_hidden_layers(self):
@@ -190,10 +189,13 @@ class CastConfig(PretrainedConfig):
     def set_taxonomy(
         self, num_labels, parents=(), id2label=None, level_names=None, cast_levels=None, finest_id2label=None
     ):
-        """Store a taxonomy (see the class docstring for the arguments) with its defaults filled in: class names
-        `LABEL_<i>` (the finest level's from `finest_id2label` when it has the right size), level names
-        `rank<k>`, the authors' CAST levels. `id2label` / `label2id` become the finest level's. Lists become tuples
-        and JSON's string keys ints; `validate_taxonomy` checks the result."""
+        """Store a taxonomy (the `hierarchy_*` fields of the class docstring, in that order) with its defaults filled
+        in: class names `LABEL_<i>` (the finest level's from `finest_id2label` when it has the right size), level
+        names `rank<k>`, the authors' CAST levels. `id2label` / `label2id` become the finest level's. Lists become
+        tuples and JSON's string keys ints; `validate_taxonomy` checks the result.
+
+        Use it to give a loaded config a taxonomy: `from_pretrained(..., hierarchy_num_labels=...)` sets keyword
+        arguments as plain attributes after `__init__`, without defaults or checks."""
         for name, value in (("hierarchy_num_labels", num_labels), ("hierarchy_parents", parents)):
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"`{name}` must be a list (one entry per level), got {type(value).__name__}.")
@@ -228,9 +230,9 @@ class CastConfig(PretrainedConfig):
         if cast_levels is None:
             cast_levels = range(NUM_LEVELS - num_levels + 1, NUM_LEVELS + 1)
         self.hierarchy_cast_levels = tuple(int(level) for level in cast_levels)
-        if self.hierarchy_id2label and len(self.hierarchy_id2label[0]) == self.hierarchy_num_labels[0]:
-            self.id2label = dict(self.hierarchy_id2label[0])
-            self.label2id = {name: index for index, name in self.id2label.items()}
+        self.validate_taxonomy()
+        self.id2label = dict(self.hierarchy_id2label[0])
+        self.label2id = {name: index for index, name in self.id2label.items()}
 
     def validate_taxonomy(self):
         """Raise a `ValueError` naming the problem when the taxonomy fields (`hierarchy_*`) are not a tree."""
@@ -294,15 +296,9 @@ class CastConfig(PretrainedConfig):
             raise ValueError(f"`tree_path_kl_weight` must be non-negative, got {self.tree_path_kl_weight}.")
 
     def hierarchy_paths(self):
-        """The taxonomy's root-to-leaf paths, one per finest class, finest first: `paths[i] = (i, parent of i, ...)`
-        (the rows of H-CAST's `data/*_tree.json`). Empty without a taxonomy."""
-        paths = []
-        for leaf in range(self.hierarchy_num_labels[0] if self.hierarchy_num_labels else 0):
-            path = [leaf]
-            for parents in self.hierarchy_parents:
-                path.append(parents[path[-1]])
-            paths.append(tuple(path))
-        return tuple(paths)
+        """The taxonomy's root-to-leaf paths (`hierarchy_paths(self)`): one row `(i, parent of i, ...)` per finest
+        class, the rows of H-CAST's `data/*_tree.json`. Empty without a taxonomy."""
+        return hierarchy_paths(self)
 
     @classmethod
     def from_preset(cls, name, **kwargs):
@@ -311,6 +307,19 @@ class CastConfig(PretrainedConfig):
         if name not in CAST_PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(CAST_PRESETS)}.")
         return cls(**{**CAST_PRESETS[name], **kwargs})
+
+
+def hierarchy_paths(config):
+    """The root-to-leaf paths of the taxonomy of `config` (any config with `hierarchy_num_labels` and
+    `hierarchy_parents`), finest first: `paths[i] = (i, parent of i, grandparent of i, ...)`; empty without one."""
+    num_labels = getattr(config, "hierarchy_num_labels", None) or ()
+    paths = []
+    for leaf in range(num_labels[0] if num_labels else 0):
+        path = [leaf]
+        for parents in config.hierarchy_parents:
+            path.append(parents[path[-1]])
+        paths.append(tuple(path))
+    return tuple(paths)
 
 
 def is_cast(obj):
@@ -378,5 +387,6 @@ __all__ = [
     "CastConfig",
     "backbone_config",
     "check_is_cast",
+    "hierarchy_paths",
     "is_cast",
 ]

@@ -970,8 +970,9 @@ class CastForHierarchicalImageClassification(CastPreTrainedModel):
         if not config.hierarchy_num_labels:
             raise ValueError(
                 "CastForHierarchicalImageClassification needs a taxonomy: set `hierarchy_num_labels` (classes per "
-                "level, finest first) and `hierarchy_parents` in the CastConfig."
+                "level, finest first) and `hierarchy_parents` in the CastConfig (`config.set_taxonomy(...)`)."
             )
+        config.validate_taxonomy()  # also when the fields were set as attributes (e.g. from_pretrained kwargs)
         self.cast = CastModel(config)
         # One Linear per label level, finest first (`classifier.<k>`).
         self.classifier = nn.ModuleList(nn.Linear(config.hidden_size, count) for count in config.hierarchy_num_labels)
