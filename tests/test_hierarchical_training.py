@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hf_hierseg import CastConfig, CastForHierarchicalImageClassification, CastForImageClassification
 from hf_hierseg.cli import main
@@ -108,7 +109,7 @@ def test_labels_from_the_finest_label_or_from_columns(shapes):
 
     records = datasets.Dataset.from_dict(
         {
-            "image": [np.zeros((8, 8, 3), dtype=np.uint8)] * 3,
+            "image": [Image.new("RGB", (8, 8))] * 3,
             "label": [0, 4, 2],
             "fine": [0, 4, 2],
             "coarse": [2, 2, 0],  # the first disagrees with the taxonomy (house is pointed, 1)
