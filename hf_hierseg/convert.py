@@ -419,7 +419,7 @@ def read_taxonomy(source):
                 "A taxonomy is an object with `levels` (finest first) or a list of rows [fine, coarse(, coarser)]."
             )
         CastConfig(**settings)  # the config's own checks: one parent per class, a child per parent
-    except (InvalidInputError, ValueError) as error:
+    except ValueError as error:  # InvalidInputError too
         raise InvalidInputError(f"Taxonomy {source}: {error}") from error
     return settings
 
