@@ -8,8 +8,8 @@ Importing the package registers CAST with transformers:
 - `register_for_auto_class` on each class, the transformers way of shipping remote code: `save_pretrained` copies
   the class's module and every module it imports relatively (the flat core files) into the folder and writes its
   `auto_map` entry, so the folder also loads with `trust_remote_code=True` where `hf_hierseg` is not installed;
-- the `hierarchical-segmentation` and `hierarchical-image-classification` tasks in transformers'
-  `PIPELINE_REGISTRY` (transformers' own tasks are left as they are: `image-classification`,
+- the `hierarchical-segmentation`, `zero-shot-hierarchical-segmentation` and `hierarchical-image-classification`
+  tasks in transformers' `PIPELINE_REGISTRY` (transformers' own tasks are left as they are: `image-classification`,
   `image-feature-extraction` and `image-segmentation` run CAST models as any).
 
 `CastForHierarchicalImageClassification` (H-CAST) shares `AutoModelForImageClassification` with
@@ -52,6 +52,7 @@ from .pipelines import (
     CastImageSegmentationPipeline,
     HierarchicalImageClassificationPipeline,
     HierarchicalSegmentationPipeline,
+    ZeroShotHierarchicalSegmentationPipeline,
     register_pipelines,
 )
 
@@ -87,7 +88,7 @@ AutoVideoProcessor.register(CastConfig, video_processor_classes={}, exist_ok=Tru
 for auto_class, cast_class in AUTO_CLASSES.items():
     cast_class.register_for_auto_class(auto_class)
 CastForHierarchicalImageClassification.register_for_auto_class(HIERARCHICAL_AUTO_CLASS)
-register_pipelines()  # "hierarchical-segmentation", "hierarchical-image-classification" in the PIPELINE_REGISTRY
+register_pipelines()  # hierarchical-segmentation, zero-shot-hierarchical-segmentation, hierarchical-image-classification
 
 __version__ = "0.1.0"
 
@@ -109,6 +110,7 @@ __all__ = [
     "HIERARCHICAL_AUTO_CLASS",
     "HierarchicalImageClassificationPipeline",
     "HierarchicalSegmentationPipeline",
+    "ZeroShotHierarchicalSegmentationPipeline",
     "default_model_path",
     "load_default",
 ]

@@ -151,7 +151,7 @@ DELEGATED_COMMANDS = {
     ),
     "evaluate": CommandGroup(
         "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F), "
-        "`evaluate hierarchical ...` (H-CAST)",
+        "`evaluate open-vocabulary ...`, `evaluate hierarchical ...` (H-CAST)",
         {
             "classification": DelegatedCommand(
                 "top-1 / top-5 accuracy and kNN accuracy on a labelled dataset",
@@ -162,6 +162,11 @@ DELEGATED_COMMANDS = {
                 "part-whole segmentation against masks, beside the ViT + k-means baseline",
                 "hf_hierseg.apps.evaluate:segmentation_parser",
                 "hf_hierseg.apps.evaluate:run_segmentation",
+            ),
+            "open-vocabulary": DelegatedCommand(
+                "objects and parts named by CLIP (the paper's PartImageNet protocol)",
+                "hf_hierseg.apps.evaluate:open_vocabulary_parser",
+                "hf_hierseg.apps.evaluate:run_open_vocabulary",
             ),
             "hierarchical": DelegatedCommand(
                 "H-CAST: per-level top-1, full-path accuracy and tree consistency along a taxonomy",

@@ -7,9 +7,9 @@ nothing else, so with `hf_hierseg` installed `pipeline(task, model=folder)` runs
 `trust_remote_code` (a `custom_pipelines` entry would make transformers demand it for those tasks even then). What
 is *shared* is made self-contained instead: `push_folder_to_hub` (behind the converter's `--push-to-hub` and the
 trainers' `--push_to_hub`) uploads the folder with every core module, the `auto_map` of every CAST Auto class and
-`custom_pipelines` for `hierarchical-segmentation` and `image-segmentation` (H-CAST checkpoints also
-`hierarchical-image-classification`; see `shared_files`), leaving the local folder as it was; `add_remote_code` does the same in place, for a folder shared by copying it. There, without the
-package, `pipeline("hierarchical-segmentation", model=repo, trust_remote_code=True)` works; with the package,
+`custom_pipelines` for `hierarchical-segmentation`, `zero-shot-hierarchical-segmentation` and `image-segmentation`
+(H-CAST checkpoints also `hierarchical-image-classification`; see `shared_files`), leaving the local folder as it
+was; `add_remote_code` does the same in place, for a folder shared by copying it. There, without the package, `pipeline("hierarchical-segmentation", model=repo, trust_remote_code=True)` works; with the package,
 pass `trust_remote_code=True` too, or load the model and hand it to the pipeline. `strip_remote_code` turns a
 saved folder into a plain one (no code files, no `auto_map`), as the bundled default model is.
 """
@@ -33,6 +33,7 @@ from .pipelines import (
     CastImageSegmentationPipeline,
     HierarchicalImageClassificationPipeline,
     HierarchicalSegmentationPipeline,
+    ZeroShotHierarchicalSegmentationPipeline,
 )
 
 
@@ -58,6 +59,7 @@ DEFAULT_IGNORE_PATTERNS = ("checkpoint-*", "*.tmp", "__pycache__/*", "*.pyc", ".
 # Task -> pipeline class named in the `custom_pipelines` of shared CAST repos.
 SHARED_PIPELINES = {
     "hierarchical-segmentation": HierarchicalSegmentationPipeline,
+    "zero-shot-hierarchical-segmentation": ZeroShotHierarchicalSegmentationPipeline,
     "image-segmentation": CastImageSegmentationPipeline,
 }
 SEGMENTATION_ARCHITECTURE = "CastForSemanticSegmentation"
@@ -159,7 +161,8 @@ for level, segment_map in enumerate(outputs.hierarchy_maps(inputs["superpixels"]
 installed (`import hf_hierseg`) the same classes load from the package. The repository also names its pipelines:
 `pipeline("hierarchical-segmentation", model=repo_id, trust_remote_code=True)(image)` gives every level's segments
 with their parent links, `pipeline("image-segmentation", ...)` the masks of one level (or of the segmentation
-head's classes)."""
+head's classes), `pipeline("zero-shot-hierarchical-segmentation", ..., clip_model="openai/clip-vit-base-patch16")`
+objects and parts named from your vocabulary (`candidate_labels=`, `part_labels=`)."""
 
 
 def write_model_card(
@@ -286,6 +289,7 @@ def custom_pipelines(architectures=()):
     segmentation_model = "AutoModelForSemanticSegmentation" if SEGMENTATION_ARCHITECTURE in architectures else None
     auto_models = {
         "hierarchical-segmentation": "AutoModel",
+        "zero-shot-hierarchical-segmentation": "AutoModel",
         "image-segmentation": segmentation_model or "AutoModel",
         **dict.fromkeys(HIERARCHICAL_PIPELINES, HIERARCHICAL_AUTO_CLASS),
     }

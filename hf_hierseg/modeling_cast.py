@@ -760,7 +760,7 @@ class CastForSemanticSegmentation(CastPreTrainedModel):
         if labels.dim() == 4 and labels.shape[-1] in (3, 4):
             raise ValueError(
                 f"`labels` has shape {tuple(labels.shape)}: an RGB(A) colour mask. Convert palette colours to class "
-                "ids first (`hf_hierseg.training.segmentation.mask_to_class_ids` with a `palette`)."
+                "ids first (`hf_hierseg.image_datasets.mask_to_class_ids` with a `palette`)."
             )
         if labels.shape != superpixels.shape:
             raise ValueError(
