@@ -5,6 +5,8 @@ With `hf_hierseg` imported, `pipeline(task, model=folder)` needs no `trust_remot
 - `hierarchical-segmentation` ([`HierarchicalSegmentationPipeline`], registered in transformers' `PIPELINE_REGISTRY`
   when the package is imported): for each level, the segments with their masks and parent links, optionally an
   overlay picture.
+- `hierarchical-image-classification` ([`HierarchicalImageClassificationPipeline`], registered likewise): the label
+  path an H-CAST model predicts through its taxonomy, a score per level and the segments each level is read from.
 - `image-classification` and `image-feature-extraction`: transformers' own pipelines, since `CastImageProcessor`
   returns the `superpixels` that transformers passes to the model beside `pixel_values`.
 - `zero-shot-hierarchical-segmentation` ([`ZeroShotHierarchicalSegmentationPipeline`], registered as well): objects
@@ -26,7 +28,7 @@ With `hf_hierseg` imported, `pipeline(task, model=folder)` needs no `trust_remot
 Where the package is not installed, a repo shared with `hf_hierseg.hub.push_folder_to_hub` (or a folder prepared
 with `hf_hierseg.hub.add_remote_code`) names these classes in `config.json`'s `custom_pipelines`, and
 `pipeline("hierarchical-segmentation" | "zero-shot-hierarchical-segmentation" | "image-segmentation", model=repo,
-trust_remote_code=True)` loads them from the repo. Plain `save_pretrained` folders have no `custom_pipelines`: that
+trust_remote_code=True)` loads them from the repo (an H-CAST repo also `hierarchical-image-classification`). Plain `save_pretrained` folders have no `custom_pipelines`: that
 entry makes transformers demand `trust_remote_code` for the task even where the package is installed.
 
 This module is shipped as remote code: relative imports only. The pipelines accept package and remote-code models
@@ -472,27 +474,135 @@ class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
         return result
 
 
+class HierarchicalImageClassificationPipeline(Pipeline):
+    """
+    Hierarchical classification with an H-CAST model (`CastForHierarchicalImageClassification`, package or remote
+    code): per image, the predicted label path through the taxonomy, finest level first, with a score per level and,
+    per level, the segments its prediction is read from.
+
+    Label level k reads the CLS token of CAST level `l = config.hierarchy_cast_levels[k]`, which attended to the
+    tokens entering that level: the superpixels for l = 1, else the segments of graph pooling l - 1. Those segments
+    (hierarchy level l - 1, painted on the image) are returned with the level's prediction. The image is processed
+    whole (resized, never centre cropped), so the masks cover the whole input image.
+
+    Call with an image (path, URL or PIL image) or a list of them; options `top_k` (classes listed per level,
+    default 1) and `timeout` (for URLs). Returns, per image:
+
+        {"size": (height, width), "labels": [finest label, ..., coarsest label], "consistent": bool,
+         "levels": [{"level": k, "name": level name, "label": str, "id": int, "score": float,
+                     "top_k": [{"label", "id", "score"}, ...], "cast_level": l, "segmentation": int64 [H, W],
+                     "segments": [{"id", "area", "mask"}, ...]}, ...]}
+
+    `consistent` says whether the predicted labels form a path of the taxonomy (each level's class is the parent of
+    the finer level's). Scores are the softmax of each level's logits.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_is_cast(self.model, type(self).__name__)
+        if not getattr(self.model.config, "hierarchy_num_labels", None):
+            raise ValueError(
+                f"{type(self).__name__} needs a hierarchical classifier (CastForHierarchicalImageClassification, "
+                "a config with `hierarchy_num_labels`), got a model without a taxonomy."
+            )
+
+    def _sanitize_parameters(self, top_k=None, timeout=None, **kwargs):
+        preprocess_params, postprocess_params = {}, {}
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        if top_k is not None:
+            if not isinstance(top_k, int) or top_k < 1:
+                raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
+            postprocess_params["top_k"] = top_k
+        if kwargs:
+            raise ValueError(f"Unknown arguments for hierarchical-image-classification: {sorted(kwargs)}.")
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, image, timeout=None):
+        return cast_preprocess(self, image, timeout)
+
+    def _forward(self, model_inputs):
+        target_size = model_inputs.pop("target_size")
+        model_inputs.pop("image")
+        outputs = self.model(**model_inputs, return_dict=True)
+        # [B, sum(n_k)]: every level's probabilities side by side (finest first), one tensor so batches split.
+        probabilities = torch.cat([logits.float().softmax(dim=-1) for logits in outputs.logits_per_level], dim=-1)
+        label_maps = torch.stack(outputs.hierarchy_maps(model_inputs["superpixels"]), dim=1)  # [B, 5, H, W]
+        return {"probabilities": probabilities, "label_maps": label_maps, "target_size": target_size}
+
+    def postprocess(self, model_outputs, top_k=1):
+        config = self.model.config
+        size = model_outputs["target_size"][0]
+        per_level = model_outputs["probabilities"][0].split(tuple(config.hierarchy_num_labels))
+        levels = []
+        for level, (probabilities, cast_level) in enumerate(zip(per_level, config.hierarchy_cast_levels)):
+            names = config.hierarchy_id2label[level]
+            scores, ids = probabilities.topk(min(top_k, probabilities.numel()))
+            ranked = [{"label": names[int(i)], "id": int(i), "score": float(score)} for score, i in zip(scores, ids)]
+            segmentation = resize_label_maps(model_outputs["label_maps"][0, cast_level - 1], size).numpy()
+            segment_ids, areas = np.unique(segmentation, return_counts=True)
+            segments = [
+                {"id": int(i), "area": int(area), "mask": binary_mask(segmentation, i)}
+                for i, area in zip(segment_ids, areas)
+            ]
+            levels.append(
+                {
+                    "level": level,
+                    "name": config.hierarchy_level_names[level],
+                    **ranked[0],
+                    "top_k": ranked,
+                    "cast_level": cast_level,
+                    "segmentation": segmentation,
+                    "segments": segments,
+                }
+            )
+        predicted = [entry["id"] for entry in levels]
+        consistent = all(
+            parents[child] == parent
+            for parents, child, parent in zip(config.hierarchy_parents, predicted, predicted[1:])
+        )
+        return {
+            "size": size,
+            "labels": [entry["label"] for entry in levels],
+            "consistent": consistent,
+            "levels": levels,
+        }
+
+
 REGISTERED_PIPELINES = {
     "hierarchical-segmentation": HierarchicalSegmentationPipeline,
     "zero-shot-hierarchical-segmentation": ZeroShotHierarchicalSegmentationPipeline,
+    "hierarchical-image-classification": HierarchicalImageClassificationPipeline,
 }
+# The Auto class a registered task loads a folder with, when not AutoModel. CastForHierarchicalImageClassification
+# shares AutoModelForImageClassification with the flat classifier; transformers picks the class of the folder's
+# `config.architectures`.
+REGISTERED_AUTO_MODELS = {"hierarchical-image-classification": "AutoModelForImageClassification"}
 
 
 def register_pipelines():
-    """Register `hierarchical-segmentation` and `zero-shot-hierarchical-segmentation` in transformers' pipeline
-    registry (idempotent)."""
-    from transformers import AutoModel
+    """Register `hierarchical-segmentation`, `zero-shot-hierarchical-segmentation` and
+    `hierarchical-image-classification` in transformers' pipeline registry (idempotent)."""
+    import transformers
     from transformers.pipelines import PIPELINE_REGISTRY
 
     for task, pipeline_class in REGISTERED_PIPELINES.items():
         if PIPELINE_REGISTRY.supported_tasks.get(task, {}).get("impl") is not pipeline_class:
-            PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=AutoModel, type="image")
+            auto_model = getattr(transformers, REGISTERED_AUTO_MODELS.get(task, "AutoModel"))
+            PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=auto_model, type="image")
 
 
 __all__ = [
     "HierarchicalSegmentationPipeline",
     "ZeroShotHierarchicalSegmentationPipeline",
     "CastImageSegmentationPipeline",
+    "HierarchicalImageClassificationPipeline",
     "load_clip",
     "register_pipelines",
 ]

@@ -12,6 +12,7 @@ from .classification_eval import classification_processor, evaluate_classificati
 from .metrics import (
     boundary_fscore,
     evaluate_hierarchy,
+    hierarchical_accuracy,
     knn_accuracy,
     majority_mean_iou,
     mean_iou,
@@ -41,6 +42,7 @@ from .synthetic import CLASS_NAMES, PART_NAMES, generate_example, load_synthetic
 __all__ = [
     "boundary_fscore",
     "evaluate_hierarchy",
+    "hierarchical_accuracy",
     "knn_accuracy",
     "majority_mean_iou",
     "mean_iou",
