@@ -5,7 +5,8 @@
     hf-hierseg embed *.jpg --out embeddings.npy       image embeddings (or --per-token)
     hf-hierseg convert --checkpoint ckpt.pth.tar --output cast-small
     hf-hierseg train-moco ...                         also train-supervised, train-segmentation, finetune-lora
-    hf-hierseg evaluate classification ... | evaluate segmentation ...
+    hf-hierseg evaluate classification ... | evaluate segmentation ... | evaluate segment-retrieval ...
+                                                      (also open-vocabulary)
     hf-hierseg benchmark --quick                      throughput against a ViT on this machine
 
 Every subcommand has `--help`. The user's own mistakes (wrong arguments; a missing file, folder, model or dataset; a
@@ -144,7 +145,7 @@ DELEGATED_COMMANDS = {
         "hf_hierseg.training.lora:finetune_lora",
     ),
     "evaluate": CommandGroup(
-        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F), `evaluate open-vocabulary ...`",
+        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F), `evaluate open-vocabulary ...`, `evaluate segment-retrieval ...`",
         {
             "classification": DelegatedCommand(
                 "top-1 / top-5 accuracy and kNN accuracy on a labelled dataset",
@@ -160,6 +161,11 @@ DELEGATED_COMMANDS = {
                 "objects and parts named by CLIP (the paper's PartImageNet protocol)",
                 "hf_hierseg.apps.evaluate:open_vocabulary_parser",
                 "hf_hierseg.apps.evaluate:run_open_vocabulary",
+            ),
+            "segment-retrieval": DelegatedCommand(
+                "segments labelled by nearest training segments (the paper's VOC protocol)",
+                "hf_hierseg.apps.evaluate:segment_retrieval_parser",
+                "hf_hierseg.apps.evaluate:run_segment_retrieval",
             ),
         },
     ),
