@@ -7,6 +7,7 @@
     hf-hierseg train-moco ...                         also train-supervised, train-segmentation, train-hierarchical,
                                                       finetune-lora
     hf-hierseg evaluate classification ... | evaluate segmentation ... | evaluate hierarchical ...
+                                                      (also open-vocabulary, segment-retrieval)
     hf-hierseg benchmark --quick                      throughput against a ViT on this machine
 
 Every subcommand has `--help`. The user's own mistakes (wrong arguments; a missing file, folder, model or dataset; a
@@ -151,7 +152,7 @@ DELEGATED_COMMANDS = {
     ),
     "evaluate": CommandGroup(
         "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F), "
-        "`evaluate open-vocabulary ...`, `evaluate hierarchical ...` (H-CAST)",
+        "`evaluate open-vocabulary ...`, `evaluate hierarchical ...` (H-CAST), `evaluate segment-retrieval ...`",
         {
             "classification": DelegatedCommand(
                 "top-1 / top-5 accuracy and kNN accuracy on a labelled dataset",
@@ -172,6 +173,11 @@ DELEGATED_COMMANDS = {
                 "H-CAST: per-level top-1, full-path accuracy and tree consistency along a taxonomy",
                 "hf_hierseg.apps.evaluate_hierarchical:hierarchical_parser",
                 "hf_hierseg.apps.evaluate_hierarchical:run_hierarchical",
+            ),
+            "segment-retrieval": DelegatedCommand(
+                "segments labelled by nearest training segments (the paper's VOC protocol)",
+                "hf_hierseg.apps.evaluate:segment_retrieval_parser",
+                "hf_hierseg.apps.evaluate:run_segment_retrieval",
             ),
         },
     ),
