@@ -440,32 +440,31 @@ def segment_statistics(label_maps, target_sizes=None, with_parents=True):
     labels_of_parts.scatter_(2, level0.unsqueeze(1).expand(-1, num_levels, -1), label_maps.flatten(2))
 
     # Level-0 segments at the target size: areas and the target rows / columns their pixels are copied to.
-    row_counts, column_counts, row_spans, column_spans = [], [], [], []
-    for size in target_sizes:
-        rows, columns = nearest_sampling_indices((height, width), size)
-        row_counts.append(torch.bincount(rows, minlength=height))
-        column_counts.append(torch.bincount(columns, minlength=width))
-        row_spans.append(_output_spans(rows, height))
-        column_spans.append(_output_spans(columns, width))
-    row_counts, column_counts = torch.stack(row_counts).to(device), torch.stack(column_counts).to(device)  # [B, H|W]
-    copies = (row_counts[:, :, None] * column_counts[:, None, :]).reshape(batch, height * width)  # [B, P]
+    samplings = {size: _sampling_of((height, width), size) for size in set(target_sizes)}  # counts, first, end
+    row_counts, row_first, row_end = (torch.stack([samplings[s][0][i] for s in target_sizes]) for i in range(3))
+    column_counts, column_first, column_end = (
+        torch.stack([samplings[s][1][i] for s in target_sizes]) for i in range(3)
+    )  # [B, H] and [B, W] each
+    copies = (row_counts[:, :, None] * column_counts[:, None, :]).to(device).reshape(-1)  # [B * P]
     part_index = (level0 + num_parts * torch.arange(batch, device=device).unsqueeze(1)).reshape(-1)  # [B * P]
-    part_areas = torch.bincount(part_index, weights=copies.reshape(-1).double(), minlength=batch * num_parts)
+    part_areas = torch.bincount(part_index, weights=copies.double(), minlength=batch * num_parts)
     part_areas = part_areas.long().reshape(batch, num_parts)
-    kept = copies.reshape(-1) > 0
-    pixel_rows = torch.arange(height, device=device).repeat_interleave(width).repeat(batch)  # [B * P]
-    pixel_columns = torch.arange(width, device=device).repeat(batch * height)
-    part_boxes = []  # x0, y0, x1, y1 of each level-0 segment: [B, S0] each
-    for positions, length, spans in ((pixel_columns, width, column_spans), (pixel_rows, height, row_spans)):
-        hits = torch.bincount(part_index[kept] * length + positions[kept], minlength=batch * num_parts * length)
-        hits = hits.reshape(batch, num_parts, length) > 0
-        first = hits.int().argmax(dim=2)  # [B, S0] first source row / column with a copied pixel
-        last = length - 1 - hits.flip(2).int().argmax(dim=2)
-        starts = torch.stack([span[0] for span in spans]).to(device)  # [B, length] first target index
-        ends = torch.stack([span[1] for span in spans]).to(device)
-        part_boxes.append((torch.gather(starts, 1, first), torch.gather(ends, 1, last)))
-    (x0, x1), (y0, y1) = part_boxes
-    part_boxes = torch.stack([x0, y0, x1, y1], dim=-1)  # [B, S0, 4]
+    # x0, y0 (amin) and x1, y1 (amax) of every level-0 segment over the pixels the resize copies: [B * S0, 4].
+    dropped = copies == 0
+    part_boxes = []
+    for values, reduce in (
+        (column_first[:, None, :], "amin"),
+        (row_first[:, :, None], "amin"),
+        (column_end[:, None, :], "amax"),
+        (row_end[:, :, None], "amax"),
+    ):
+        values = values.to(device).expand(batch, height, width).reshape(-1)
+        unused = torch.iinfo(torch.long).max if reduce == "amin" else -1
+        values = values.masked_fill(dropped, unused)
+        part_boxes.append(
+            torch.full((batch * num_parts,), unused, device=device).scatter_reduce_(0, part_index, values, reduce)
+        )
+    part_boxes = torch.stack(part_boxes, dim=-1).reshape(batch, num_parts, 4)
 
     # Every level: reductions over its level-0 segments (those the resize keeps).
     present = (part_areas > 0).unsqueeze(1).expand(-1, num_levels, -1)  # [B, L, S0]
@@ -491,14 +490,17 @@ def segment_statistics(label_maps, target_sizes=None, with_parents=True):
     return result
 
 
-def _output_spans(sampled, source_length):
-    """For a non-decreasing sampling `sampled` (target index -> source index), the first target index that samples
-    each source index and the one after the last (`[source_length]` each; equal where none samples it)."""
-    positions = torch.arange(source_length)
-    return (
-        torch.searchsorted(sampled, positions, right=False),
-        torch.searchsorted(sampled, positions, right=True),
-    )
+def _sampling_of(source_size, target_size):
+    """How `resize_label_maps` from `source_size` to `target_size` copies rows and columns: for each axis, int64
+    `[source length]` tensors of copy counts, first target index and end (one past the last; = first if none)."""
+    sampled = nearest_sampling_indices(source_size, target_size)
+    axes = []
+    for indices, length in zip(sampled, source_size):
+        positions = torch.arange(length)
+        first = torch.searchsorted(indices, positions, right=False)
+        end = torch.searchsorted(indices, positions, right=True)
+        axes.append((end - first, first, end))
+    return axes
 
 
 def check_superpixel_count(count, max_superpixels, what, estimated=True):
