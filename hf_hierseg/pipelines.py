@@ -31,6 +31,7 @@ alike (they check `config.model_type`, never `isinstance`).
 """
 
 import collections
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,8 +45,7 @@ from transformers.pipelines.base import no_collate_fn, pad_collate_fn
 from transformers.pipelines.pt_utils import PipelineIterator
 
 from .configuration_cast import check_is_cast
-from .image_processing_cast import hierarchy_level_maps, segment_statistics
-from .segment_ops import resize_label_maps
+from .image_processing_cast import hierarchy_level_maps, nearest_sampling_indices, segment_statistics
 from .visualization import overlay_labels
 
 
@@ -86,11 +86,15 @@ class LazyMask(Image.Image):
     copied, until the mask is computed); any use of the pixels (`np.asarray`, `save`, `resize`, `getpixel`, ...)
     computes them once."""
 
+    # Where PIL keeps the mode and size: read-only properties over `_mode` / `_size` since Pillow 10.1.
+    _MODE, _SIZE = (f"_{name}" if isinstance(getattr(Image.Image, name, None), property) else name
+                    for name in ("mode", "size"))  # fmt: skip
+
     def __init__(self, segmentation, segment_id):
         super().__init__()
         height, width = segmentation.shape
-        for name, value in (("mode", "L"), ("size", (width, height))):  # read-only properties since Pillow 10.1
-            setattr(self, f"_{name}" if isinstance(getattr(Image.Image, name, None), property) else name, value)
+        setattr(self, self._MODE, "L")
+        setattr(self, self._SIZE, (width, height))
         self._segmentation = segmentation
         self._segment_id = segment_id
 
@@ -123,30 +127,45 @@ def segment_masks(segmentation, ids):
     return [LazyMask(segmentation, segment_id) for segment_id in ids]
 
 
-class PreprocessedInputs(IterableDataset):
-    """`preprocess(item, **params)` of every input, in input order, computed by a pool of threads a bounded number of
-    items ahead of the consumer: superpixels (OpenCV releases the GIL) and image decoding of the next batch run
-    while the model works on the current one."""
+def resized_label_maps(label_maps, size):
+    """Label maps int64 `[..., H, W]` (a tensor) resized to `size` as `segment_ops.resize_label_maps` resizes them
+    (nearest at pixel centres; its sampled rows and columns): int64 numpy `[..., height, width]`, one gather."""
+    rows, columns = (index.numpy() for index in nearest_sampling_indices(label_maps.shape[-2:], size))
+    maps = label_maps.numpy()
+    flat = maps.reshape(*maps.shape[:-2], -1)
+    return np.take(flat, (rows[:, None] * maps.shape[-1] + columns).reshape(-1), axis=-1).reshape(
+        *maps.shape[:-2], len(rows), len(columns)
+    )
 
-    def __init__(self, inputs, preprocess, params, num_threads, lookahead):
+
+class PreprocessedInputs(IterableDataset):
+    """`preprocess(item, **params)` of every input, in input order, computed by a pool of threads: with `overlap`,
+    always `lookahead` items ahead of the consumer (image loading and superpixels of the next batches run while the
+    model works on the current one); without, `lookahead` items at a time, submitted when the consumer has taken
+    all the previous ones (the items of a batch in parallel, nothing while the model runs)."""
+
+    def __init__(self, inputs, preprocess, params, num_threads, lookahead, overlap=True):
         self.inputs = inputs
         self.preprocess = preprocess
         self.params = params
         self.num_threads = num_threads
         self.lookahead = lookahead
+        self.overlap = overlap
 
     def __len__(self):
         return len(self.inputs)  # a TypeError (no length) for generators, as `len` of any iterable
 
     def __iter__(self):
+        items = iter(self.inputs)
         with ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="cast-preprocess") as pool:
             pending = collections.deque()
             try:
-                for item in self.inputs:
-                    pending.append(pool.submit(self.preprocess, item, **self.params))
-                    if len(pending) >= self.lookahead:
-                        yield pending.popleft().result()
-                while pending:
+                while True:
+                    if self.overlap or not pending:
+                        for item in itertools.islice(items, self.lookahead - len(pending)):
+                            pending.append(pool.submit(self.preprocess, item, **self.params))
+                    if not pending:
+                        return
                     yield pending.popleft().result()
             finally:
                 for future in pending:  # stopped early: drop the work not started yet
@@ -155,9 +174,19 @@ class PreprocessedInputs(IterableDataset):
 
 def threaded_iterator(pipeline, inputs, batch_size, preprocess_params, forward_params, postprocess_params):
     """What `Pipeline.get_iterator` builds (batches collated as transformers does, the forward, the
-    post-processing), with the preprocessing in threads (`PreprocessedInputs`) instead of DataLoader processes."""
+    post-processing), with the preprocessing in threads (`PreprocessedInputs`) instead of DataLoader processes.
+
+    The next batches are preprocessed while the model runs when the model is not on the CPU (or runs one CPU thread);
+    a multi-threaded CPU forward would compete with them for the same cores (and OpenMP's waiting threads spin), so
+    there whole batches, about one image per thread, are preprocessed in parallel between forwards."""
     workers = getattr(pipeline.image_processor, "num_workers", None) or os.cpu_count() or 1
-    dataset = PreprocessedInputs(inputs, pipeline.preprocess, preprocess_params, workers, 2 * max(batch_size, workers))
+    if pipeline.device.type != "cpu" or torch.get_num_threads() == 1:
+        dataset = PreprocessedInputs(
+            inputs, pipeline.preprocess, preprocess_params, workers, 2 * max(batch_size, workers)
+        )
+    else:
+        chunk = batch_size * max(1, workers // batch_size)
+        dataset = PreprocessedInputs(inputs, pipeline.preprocess, preprocess_params, workers, chunk, overlap=False)
     collate = no_collate_fn if batch_size == 1 else pad_collate_fn(pipeline.tokenizer, pipeline.image_processor)
     loader = DataLoader(dataset, num_workers=0, batch_size=batch_size, collate_fn=collate)
     model_iterator = PipelineIterator(loader, pipeline.forward, forward_params, loader_batch_size=batch_size)
@@ -174,8 +203,8 @@ class HierarchicalSegmentationPipeline(Pipeline):
     `(1, 2, 3, 4)`; 0 adds the superpixels as the model saw them), `overlay` (add each level's segments drawn over
     the image), `return_masks` (default `True`; `False` leaves the masks out, for bulk work that needs the label
     maps only), `timeout` (for URLs). Images are loaded and processed by a pool of threads (`image_processor.
-    num_workers`, default all cores) while the model runs on the previous batch, unless `num_workers` asks for
-    DataLoader processes.
+    num_workers`, default all cores; the next batches while the model runs, except for a multi-threaded CPU forward,
+    see `threaded_iterator`), unless `num_workers` asks for DataLoader processes.
 
     Returns, per image, `{"size": (height, width), "levels": [...]}` with, for each level, `"level"`,
     `"segmentation"` (int64 numpy `[height, width]` of segment ids), `"segments"` (a list of `{"id", "parent",
@@ -236,7 +265,7 @@ class HierarchicalSegmentationPipeline(Pipeline):
 
     def postprocess(self, model_outputs, levels=(1, 2, 3, 4), overlay=False, return_masks=True):
         (height, width), image = model_outputs["target_size"][0].tolist(), model_outputs["image"][0]
-        maps = resize_label_maps(model_outputs["label_maps"][0, list(levels)], (height, width)).numpy()  # [n, h, w]
+        maps = resized_label_maps(model_outputs["label_maps"][0, list(levels)], (height, width))  # [n, h, w]
         result = []
         for segmentation, level in zip(maps, levels):
             present = torch.nonzero(model_outputs["areas"][0, level] > 0)[:, 0]
@@ -318,7 +347,7 @@ class CastImageSegmentationPipeline(ImageSegmentationPipeline):
         size = model_outputs["target_size"][0].tolist()
         semantic = bool(model_outputs["semantic"][0])
         index = 0 if semantic else level
-        segmentation = resize_label_maps(model_outputs["label_maps"][0, index], size).numpy()
+        segmentation = resized_label_maps(model_outputs["label_maps"][0, index], size)
         ids = torch.nonzero(model_outputs["areas"][0, index] > 0)[:, 0].tolist()
         if semantic:
             names = {int(k): v for k, v in self.model.config.id2label.items()}

@@ -29,6 +29,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from ..errors import InvalidInputError, MissingInputError
 from ..image_datasets import UndecodableImageError, decode_image
 from .segment_images import (
@@ -219,6 +221,9 @@ def segment_collection(
     out.mkdir(parents=True, exist_ok=True)
     outputs, levels = tuple(outputs), tuple(levels)
     workers = num_workers or os.cpu_count() or 1
+    # Batches prepared ahead while the model runs, unless a multi-threaded CPU forward would compete for the cores
+    # (as the pipeline decides: `pipelines.threaded_iterator`).
+    lookahead = 2 if segmenter.device.type != "cpu" or torch.get_num_threads() == 1 else 0
     summary = SegmentationSummary()
     part = open(index_part, "w", encoding="utf-8") if index_part is not None else None  # noqa: SIM115
     bar = _progress_bar(total, progress)
@@ -248,9 +253,8 @@ def segment_collection(
             ThreadPoolExecutor(workers, thread_name_prefix="segment-write") as writing,
         ):
             written = deque()  # (future row) in record order, at most a few batches in flight
-            for batch, prepared in _prefetched(
-                _batches(records, batch_size), preparing, prepare, out, outputs, levels
-            ):
+            batches = _prefetched(_batches(records, batch_size), preparing, prepare, out, outputs, levels, lookahead)
+            for batch, prepared in batches:
                 if prepared is None:  # complete from an earlier run
                     for record in batch:
                         written.append(_done(complete_row(out, record, outputs, levels)))
@@ -284,8 +288,9 @@ def _batches(records, batch_size):
         yield batch
 
 
-def _prefetched(batches, pool, prepare, out, outputs, levels, lookahead=2):
-    """`(batch, futures of prepare(record) | None if the batch is complete)`, `lookahead` batches submitted ahead."""
+def _prefetched(batches, pool, prepare, out, outputs, levels, lookahead):
+    """`(batch, futures of prepare(record) | None if the batch is complete)`, `lookahead` batches submitted ahead
+    of the one handed out."""
     pending = deque()
     for batch in batches:
         complete = all(not missing_outputs(out, record.key, outputs, levels) for record in batch)
@@ -309,8 +314,6 @@ def _segment(segmenter, photos, levels):
 
 def _collate(items):
     """One batch of the pipeline's `preprocess` outputs: tensors concatenated, lists joined."""
-    import torch
-
     return {
         key: torch.cat([item[key] for item in items]) if torch.is_tensor(items[0][key]) else
         [value for item in items for value in item[key]]
