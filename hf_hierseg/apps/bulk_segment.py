@@ -236,7 +236,8 @@ def segment_collection(
         bar.update(1)
         if echo is not None and row.get("error") is None and row.get("num_segments") is not None:
             counts = ", ".join(f"level {lv}: {n}" for lv, n in zip(row["levels"], row["num_segments"]))
-            echo(f"{row['source']} -> {out / row['key']} ({counts})")
+            written_to = f"{row['key']}.json" if "json" in outputs else f"{row['key']}_*"
+            echo(f"{row['source']} -> {out / written_to} ({counts})")
 
     def prepare(record):
         image = decode_image(record.value)
