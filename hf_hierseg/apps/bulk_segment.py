@@ -3,13 +3,14 @@
 photos (JSON lines or parquet).
 
 How the work flows (`segment_collection`): a pool of threads decodes the photos and runs the image processor
-(superpixels) for the next batches while the model runs on the current batch in the main thread; another pool
-renders and encodes the pictures and writes the files. A tqdm bar counts photos (photos/s).
+(superpixels) of a batch, for the next batches while the model runs on the current one in the main thread (not
+beside a multi-threaded CPU forward, which needs the same cores); another pool renders and encodes the pictures and
+writes the files. A tqdm bar counts photos (photos/s).
 
 Resuming: a batch whose photos all have their outputs (`segment_images.missing_outputs`) is skipped; any other batch
-is segmented again whole, so the photos get the batch partners of an uninterrupted run (with
-`config.mask_padding_tokens=False`, the original CAST, a photo's result depends on the photos batched with it).
-Every file is written atomically. A photo that does not decode is logged, counted and recorded with its error
+is segmented again whole, so the photos get the batch partners of an uninterrupted run with the same batch size
+(with `config.mask_padding_tokens=False`, the original CAST, a photo's result depends on the photos batched with
+it). Every file is written atomically. A photo that does not decode is logged, counted and recorded with its error
 (in the index, and in its JSON).
 
 Several processes (`accelerate launch`, any number of machines) split the photos into disjoint shards: a file list
@@ -406,10 +407,10 @@ def merge_index(out, world_size, index_format="jsonl"):
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         pq.write_table(pa.Table.from_pylist(rows), temporary)
         os.replace(temporary, path)
-    for part in parts:
-        part.unlink()
-    for temporary in out.glob(".*.tmp"):  # left by a killed run (every process is done now)
-        temporary.unlink(missing_ok=True)
+    # The parts, parts of killed runs with other process counts, and temporary files of killed runs (every process
+    # is done now).
+    for leftover in [*out.glob(f".{INDEX_NAME}-part-*.jsonl"), *out.glob(".*.tmp")]:
+        leftover.unlink(missing_ok=True)
     return path
 
 
