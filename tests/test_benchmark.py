@@ -223,8 +223,17 @@ def test_segment_benchmark_reports_every_stage_with_ratios(tmp_path):
     assert report["targets"]["segment"]["met"] == (report["ratio"]["segment"] <= 4.0)
     assert report["photos"]["count"] == 3 and len(messages) == 3  # the setting line and two rounds
     text = format_segment_report(report)
-    for title in ("processor + forward", "post-processing", "writing (1 thread)", "pipeline", "hf-hierseg segment"):
+    for title in ("processor + forward", "post-processing", "writing (1 thread)", "pipeline", "hf-hierseg segment",
+                  "  --outputs labels,json"):  # fmt: skip
         assert f"\n{title} " in text
-    assert "target <= 1.5:" in text and "target <= 4:" in text
+    assert "target <= 1.5:" in text and "target <= 4:" in text and "PNG encoding (5 pictures)" in text
+    assert set(report["writing_parts_ms"]) == {
+        "overlay_labels",
+        "draw_hierarchy",
+        "encode_png",
+        "dumps",
+        "write_atomic",
+    }
+    assert report["writing_parts_ms"]["encode_png"] > 0
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         SegmentBenchmarkSettings(batch_size=0)

@@ -10,7 +10,9 @@ segment`, `scripts/benchmark_segment.py`):
   hierarchy picture, the JSON) of each photo, in one thread;
 - pipeline: `HierarchicalSegmentationPipeline(photos, batch_size=...)`, end to end from PIL photos;
 - segment: what `hf-hierseg segment PHOTOS --out DIR` runs (`bulk_segment.segment_collection`) on the photos saved
-  as PNG files, default outputs, into a fresh folder: the model loaded before (start-up excluded).
+  as PNG files, default outputs, into a fresh folder: the model loaded before (start-up excluded); and the same
+  with `--outputs labels,json` (label maps and JSON only);
+- the parts of writing (cProfile of one writing round): overlays, hierarchy picture, PNG encoding, JSON, files.
 
 Each stage reports wall-clock milliseconds per photo (best of `repeats` rounds, the stages alternating in every
 round, and the median) and the CPU time of the whole process per photo (all threads), with the ratio to
@@ -42,7 +44,7 @@ from .bulk_segment import file_records, segment_collection
 from .segment_images import DEFAULT_OUTPUTS, render_outputs, write_outputs
 
 
-STAGES = ("processor", "forward", "post_processing", "writing", "pipeline", "segment")
+STAGES = ("processor", "forward", "post_processing", "writing", "pipeline", "segment", "segment_labels")
 STAGE_TITLES = {
     "processor": "processor",
     "forward": "forward",
@@ -50,8 +52,17 @@ STAGE_TITLES = {
     "writing": "writing (1 thread)",
     "pipeline": "pipeline",
     "segment": "hf-hierseg segment",
+    "segment_labels": "  --outputs labels,json",
 }
 TARGETS = {"pipeline": 1.5, "segment": 4.0}  # x (processor + forward), issue 19
+# The parts of writing one photo's default outputs, by the function doing them (cProfile cumulative time).
+WRITING_PARTS = {
+    "overlay_labels": "overlays (4 levels)",
+    "draw_hierarchy": "hierarchy picture",
+    "encode_png": "PNG encoding (5 pictures)",
+    "dumps": "JSON",
+    "write_atomic": "files (temporary + rename)",
+}
 
 
 @dataclass
@@ -134,10 +145,17 @@ class Stages:
     def pipeline_stage(self):
         self.pipeline_results = self.segmenter(self.photos, batch_size=self.batch_size)
 
-    def segment_stage(self):
+    def segment_stage(self, outputs=DEFAULT_OUTPUTS, name="segment"):
         segment_collection(
-            self.segmenter, file_records(self.paths), self.fresh_folder("segment"), batch_size=self.batch_size
+            self.segmenter,
+            file_records(self.paths),
+            self.fresh_folder(name),
+            outputs=outputs,
+            batch_size=self.batch_size,
         )
+
+    def segment_labels_stage(self):
+        self.segment_stage(("labels", "json"), "segment-labels")
 
     def fresh_folder(self, name):
         folder = self.work_dir / f"{name}-{self.round}"
@@ -170,6 +188,8 @@ def run_segment_benchmark(settings=None, log=None):
                     seconds[stage].append(wall / len(photos))
                     cpu_seconds[stage].append(cpu / len(photos))
             log(f"round {round_}: " + ", ".join(f"{s} {seconds[s][-1] * 1e3:.1f} ms" for s in STAGES if seconds[s]))
+        stages.round += 1
+        writing_parts = profile_parts(stages.writing_stage, WRITING_PARTS, len(photos))
         if settings.profile:
             for stage in ("pipeline", "segment"):
                 stages.round += 1
@@ -188,8 +208,21 @@ def run_segment_benchmark(settings=None, log=None):
         "targets": {
             stage: {"max_ratio": target, "met": best[stage] / reference <= target} for stage, target in TARGETS.items()
         },  # fmt: skip
+        "writing_parts_ms": writing_parts,
         "profiles": profiles,
     }
+
+
+def profile_parts(function, parts, count):
+    """Milliseconds per item (of `count`) spent in each function named in `parts` during one call of `function`
+    (cProfile cumulative time, the calling thread)."""
+    profiler = cProfile.Profile()
+    profiler.runcall(function)
+    totals = dict.fromkeys(parts, 0.0)
+    for (_, _, name), (_, _, _, cumulative, _) in pstats.Stats(profiler).stats.items():
+        if name in totals:
+            totals[name] += cumulative
+    return {name: seconds * 1e3 / count for name, seconds in totals.items()}
 
 
 def profile_text(function, lines=25):
@@ -234,12 +267,17 @@ def format_segment_report(report):
         median_value=median["processor"] + median["forward"],
         cpu_value=cpu["processor"] + cpu["forward"],
     )
-    for stage in ("post_processing", "writing", "pipeline", "segment"):
+    for stage in ("post_processing", "writing", "pipeline", "segment", "segment_labels"):
         row(STAGE_TITLES[stage], stage)
+    parts = report.get("writing_parts_ms", {})
+    if parts:
+        lines += ["", "writing one photo's default outputs, by part (cProfile, one thread, ms/photo):"]
+        lines += [f"  {WRITING_PARTS[name]:<30}{value:>8.1f}" for name, value in parts.items()]
     lines += [
         "",
         "pipeline = processor + forward + post-processing, the preprocessing in threads; hf-hierseg segment adds "
-        "decoding the files and writing (overlays, hierarchy picture, JSON) in a pool of threads beside the model.",
+        "decoding the files and writing (overlays, hierarchy picture, JSON) in a pool of threads beside the model; "
+        "CPU ms is the whole process's CPU time (all threads) per photo.",
     ]
     for stage, text in report.get("profiles", {}).items():
         lines += ["", f"Profile of the {STAGE_TITLES[stage]} (main thread):", text.rstrip()]
