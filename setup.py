@@ -25,6 +25,8 @@ setup(
         "opencv-contrib-python-headless>=4.8",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8", "tensorboard"]},
+    extras_require={
+        "test": ["pytest>=8", "tensorboard", "ruff", "import-linter>=2.1", "hypothesis"],
+    },
     entry_points={"console_scripts": ["hf-hierseg=hf_hierseg.cli:main"]},
 )

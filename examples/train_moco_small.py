@@ -21,10 +21,10 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from hf_hierseg import CastModel
+from hf_hierseg import CastImageProcessor, CastModel
 from hf_hierseg.evaluation.synthetic import write_synthetic_dataset
 from hf_hierseg.training.arguments import moco_parser
-from hf_hierseg.training.augment import MOCO_VIEW_1, MOCO_VIEW_2, MocoTransform, ViewEncoder
+from hf_hierseg.training.augment import MOCO_VIEW_1, MOCO_VIEW_2, MocoTransform
 from hf_hierseg.training.data import SuperpixelBatches, evaluation_loader
 from hf_hierseg.training.loop import METRICS_FILE, read_metrics
 from hf_hierseg.training.recipes import build_config, train_moco
@@ -78,7 +78,7 @@ def view_retrieval_accuracy(model, split):
     every model); the fraction of second views whose nearest first view (cosine of the CLS embeddings) comes from
     the same image. Chance: 1 / number of images."""
     views = tuple(dataclasses.replace(view, crop_scale=(0.2, 1.0)) for view in (MOCO_VIEW_1, MOCO_VIEW_2))
-    transform = MocoTransform(ViewEncoder("seeds", NUM_SUPERPIXELS), 64, views=views)
+    transform = MocoTransform(CastImageProcessor(num_superpixels=NUM_SUPERPIXELS), 64, views=views)
     batches = SuperpixelBatches(split, transform, 60, "image", shuffle=False, drop_last=False, seed=0)
     model.eval()
     views = ([], [])
@@ -101,8 +101,8 @@ def main():
         write_synthetic_dataset(
             data_dir, num_images=known.num_images, num_test_images=240, image_size=64, format="parquet", seed=1
         )
-    args = moco_parser().parse_args(
-        [
+    data_args, model_args, optimization_args, output_args, moco_args = moco_parser().parse_args_into_dataclasses(
+        args=[
             "--dataset_name",
             str(data_dir / "data"),
             "--config_name",
@@ -115,7 +115,7 @@ def main():
             *extra,
         ]
     )
-    train_moco(args)
+    train_moco(data_args, model_args, optimization_args, output_args, moco_args)
 
     print("\nMoCo loss over training:")
     for line in read_metrics(output_dir / METRICS_FILE):
@@ -124,8 +124,8 @@ def main():
             f"momentum {line['momentum']:.4f}"
         )
     test_split = datasets.load_dataset(str(data_dir / "data"), split="test")
-    torch.manual_seed(args.seed)
-    initial = CastModel(build_config(args))
+    torch.manual_seed(optimization_args.seed)
+    initial = CastModel(build_config(model_args))
     trained = CastModel.from_pretrained(output_dir)
     print(
         f"Matching two MoCo views of {len(test_split)} held-out images (chance {1 / len(test_split):.3f}): "

@@ -89,8 +89,8 @@ def main():
         write_synthetic_dataset(
             data_dir, num_images=known.num_images, num_test_images=240, image_size=64, format="parquet", seed=0
         )
-    args = supervised_parser().parse_args(
-        [
+    arguments = supervised_parser().parse_args_into_dataclasses(
+        args=[
             "--dataset_name",
             str(data_dir / "data"),
             "--config_name",
@@ -103,7 +103,7 @@ def main():
             *extra,
         ]
     )
-    metrics = train_supervised(args)
+    metrics = train_supervised(*arguments)
     print("\nHeld-out accuracy over training (chance = 1/6 = 0.167):")
     for line in read_metrics(output_dir / METRICS_FILE):
         if "eval_accuracy" in line:

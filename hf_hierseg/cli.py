@@ -5,8 +5,9 @@
     hf-hierseg segment --dataset_name DIR --outputs labels,json --out results/   a `datasets` image dataset
     hf-hierseg embed *.jpg --out embeddings.npy       image embeddings (or --per-token)
     hf-hierseg convert --checkpoint ckpt.pth.tar --output cast-small
-    hf-hierseg train-moco ...                         also train-supervised, train-segmentation, finetune-lora
-    hf-hierseg evaluate classification ... | evaluate segmentation ...
+    hf-hierseg train-moco ...                         also train-supervised, train-segmentation, train-hierarchical,
+                                                      finetune-lora
+    hf-hierseg evaluate classification ... | evaluate segmentation ... | evaluate hierarchical ...
     hf-hierseg benchmark --quick                      throughput against a ViT on this machine
     hf-hierseg benchmark segment                      what segmenting photos costs, stage by stage
 
@@ -161,16 +162,22 @@ DELEGATED_COMMANDS = {
     ),
     "train-segmentation": DelegatedCommand(
         "semantic segmentation fine-tuning on image + mask pairs (Accelerate)",
-        "hf_hierseg.training.segmentation:segmentation_parser",
+        "hf_hierseg.training.arguments:segmentation_parser",
         "hf_hierseg.training.segmentation:train_segmentation",
+    ),
+    "train-hierarchical": DelegatedCommand(
+        "H-CAST hierarchical classification along a taxonomy (Accelerate)",
+        "hf_hierseg.training.hierarchical:hierarchical_parser",
+        "hf_hierseg.training.hierarchical:train_hierarchical",
     ),
     "finetune-lora": DelegatedCommand(
         "LoRA fine-tuning of a classifier with peft (Accelerate)",
-        "hf_hierseg.training.lora:lora_parser",
+        "hf_hierseg.training.arguments:lora_parser",
         "hf_hierseg.training.lora:finetune_lora",
     ),
     "evaluate": CommandGroup(
-        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F)",
+        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F), "
+        "`evaluate open-vocabulary ...`, `evaluate hierarchical ...` (H-CAST)",
         {
             "classification": DelegatedCommand(
                 "top-1 / top-5 accuracy and kNN accuracy on a labelled dataset",
@@ -181,6 +188,16 @@ DELEGATED_COMMANDS = {
                 "part-whole segmentation against masks, beside the ViT + k-means baseline",
                 "hf_hierseg.apps.evaluate:segmentation_parser",
                 "hf_hierseg.apps.evaluate:run_segmentation",
+            ),
+            "open-vocabulary": DelegatedCommand(
+                "objects and parts named by CLIP (the paper's PartImageNet protocol)",
+                "hf_hierseg.apps.evaluate:open_vocabulary_parser",
+                "hf_hierseg.apps.evaluate:run_open_vocabulary",
+            ),
+            "hierarchical": DelegatedCommand(
+                "H-CAST: per-level top-1, full-path accuracy and tree consistency along a taxonomy",
+                "hf_hierseg.apps.evaluate_hierarchical:hierarchical_parser",
+                "hf_hierseg.apps.evaluate_hierarchical:run_hierarchical",
             ),
         },
     ),
@@ -284,7 +301,12 @@ def command_convert(args):
     from .convert import convert_checkpoint, parse_overrides, publish_converted
 
     _, report = convert_checkpoint(
-        args.checkpoint, args.output, args.preset, parse_overrides(args.set), args.allow_argparse_namespace
+        args.checkpoint,
+        args.output,
+        args.preset,
+        parse_overrides(args.set),
+        args.allow_argparse_namespace,
+        taxonomy=args.taxonomy,
     )
     for line in report.lines():
         print(line)
@@ -360,9 +382,19 @@ def build_parser():
     convert = subcommands.add_parser(
         "convert",
         help="convert an original CAST checkpoint to a Hugging Face model folder",
-        description="Convert an original CAST checkpoint (MoCo-v3, DeiT, segmentation or a state dict).",
+        description="Convert an original CAST checkpoint (MoCo-v3, DeiT, segmentation, H-CAST or a state dict).",
     )
-    convert.add_argument("--checkpoint", required=True, help="checkpoint_XXXX.pth.tar, checkpoint.pth or a state dict")
+    convert.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint_XXXX.pth.tar, checkpoint.pth or a state dict; a path or hf://<owner>/<repo>[@rev]/<file>",
+    )
+    convert.add_argument(
+        "--taxonomy",
+        default=None,
+        help="H-CAST checkpoints: taxonomy.json (levels, finest first) or H-CAST's data/*_tree.json rows "
+        "[fine, coarse(, coarser)]; a path or hf://...",
+    )
     convert.add_argument("--output", required=True, help="output folder")
     convert.add_argument(
         "--preset", choices=sorted(CAST_PRESETS), help="the architecture, when the tensors leave it open"

@@ -5,8 +5,13 @@ With `hf_hierseg` imported, `pipeline(task, model=folder)` needs no `trust_remot
 - `hierarchical-segmentation` ([`HierarchicalSegmentationPipeline`], registered in transformers' `PIPELINE_REGISTRY`
   when the package is imported): for each level, the segments with their masks and parent links, optionally an
   overlay picture.
+- `hierarchical-image-classification` ([`HierarchicalImageClassificationPipeline`], registered likewise): the label
+  path an H-CAST model predicts through its taxonomy, a score per level and the segments each level is read from.
 - `image-classification` and `image-feature-extraction`: transformers' own pipelines, since `CastImageProcessor`
   returns the `superpixels` that transformers passes to the model beside `pixel_values`.
+- `zero-shot-hierarchical-segmentation` ([`ZeroShotHierarchicalSegmentationPipeline`], registered as well): objects
+  and parts with open-vocabulary names, CAST's segments of two levels labelled by a CLIP-style model (the paper's
+  PartImageNet protocol, see `segment_labeling`).
 - `image-segmentation`: transformers' own `ImageSegmentationPipeline` runs a `CastForSemanticSegmentation` folder
   (`CastImageProcessor.post_process_semantic_segmentation`; such folders are saved with a processor that does not
   centre crop, so the masks cover the whole image). transformers logs that the class "is not supported for
@@ -22,9 +27,9 @@ With `hf_hierseg` imported, `pipeline(task, model=folder)` needs no `trust_remot
 
 Where the package is not installed, a repo shared with `hf_hierseg.hub.push_folder_to_hub` (or a folder prepared
 with `hf_hierseg.hub.add_remote_code`) names these classes in `config.json`'s `custom_pipelines`, and
-`pipeline("hierarchical-segmentation" | "image-segmentation", model=repo, trust_remote_code=True)` loads them from
-the repo. Plain `save_pretrained` folders have no `custom_pipelines`: that entry makes transformers demand
-`trust_remote_code` for the task even where the package is installed.
+`pipeline("hierarchical-segmentation" | "zero-shot-hierarchical-segmentation" | "image-segmentation", model=repo,
+trust_remote_code=True)` loads them from the repo (an H-CAST repo also `hierarchical-image-classification`). Plain `save_pretrained` folders have no `custom_pipelines`: that
+entry makes transformers demand `trust_remote_code` for the task even where the package is installed.
 
 This module is shipped as remote code: relative imports only. The pipelines accept package and remote-code models
 alike (they check `config.model_type`, never `isinstance`).
@@ -46,11 +51,28 @@ from transformers.pipelines.pt_utils import PipelineIterator
 
 from .configuration_cast import check_is_cast
 from .image_processing_cast import hierarchy_level_maps, nearest_sampling_indices, segment_statistics
+from .segment_labeling import (
+    BACKGROUND_LABEL,
+    DEFAULT_BLUR_SIGMA,
+    DEFAULT_FILL_VALUE,
+    DEFAULT_HYPOTHESIS_TEMPLATE,
+    DEFAULT_SEGMENT_BATCH_SIZE,
+    check_clip_model,
+    check_masking,
+    check_object_labels,
+    encode_texts,
+    label_segments,
+    part_vocabulary,
+    segment_masks,
+)
+from .segment_ops import resize_label_maps
 from .visualization import overlay_labels
 
 
 NUM_LEVELS = 4
 DEFAULT_SEGMENTATION_LEVEL = 3
+DEFAULT_OBJECT_LEVEL = 4  # the paper's PartImageNet protocol: level-4 segments are objects,
+DEFAULT_PART_LEVEL = 3  # level-3 segments are parts
 
 
 def whole_image_size(image_processor):
@@ -122,9 +144,13 @@ class LazyMask(Image.Image):
     __hash__ = None
 
 
-def segment_masks(segmentation, ids):
+def lazy_masks(segmentation, ids):
     """One `LazyMask` per segment id of `segmentation`."""
     return [LazyMask(segmentation, segment_id) for segment_id in ids]
+
+
+def binary_mask(label_map, label):
+    return Image.fromarray(((label_map == label) * 255).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 def resized_label_maps(label_maps, size):
@@ -278,7 +304,7 @@ class HierarchicalSegmentationPipeline(Pipeline):
                 for i, area, parent, box in zip(ids, areas, parents, boxes)
             ]
             if return_masks:
-                for segment, mask in zip(segments, segment_masks(segmentation, ids)):
+                for segment, mask in zip(segments, lazy_masks(segmentation, ids)):
                     segment["mask"] = mask
             entry = {"level": level, "segmentation": segmentation, "segments": segments}
             if overlay:
@@ -355,27 +381,379 @@ class CastImageSegmentationPipeline(ImageSegmentationPipeline):
         else:
             labels = [f"level{level}-{i}" for i in ids]
         return [
-            {"score": None, "label": label, "mask": mask}
-            for label, mask in zip(labels, segment_masks(segmentation, ids))
+            {"score": None, "label": label, "mask": mask} for label, mask in zip(labels, lazy_masks(segmentation, ids))
         ]
 
 
+def load_clip(clip_model, clip_processor=None, user="ZeroShotHierarchicalSegmentationPipeline"):
+    """`(model, image_processor, tokenizer)` of a CLIP-style model given as a model or a Hub id / folder (loaded with
+    transformers' `AutoModel` and `AutoProcessor`); `clip_processor` (a processor with `image_processor` and
+    `tokenizer`, or its id / folder) defaults to the one saved with the model."""
+    from transformers import AutoModel, AutoProcessor
+
+    if clip_model is None:
+        raise ValueError(
+            f"{user} needs `clip_model=`: a CLIPModel or SiglipModel, or the Hub id or folder of one (e.g. "
+            "'openai/clip-vit-base-patch16', the paper's)."
+        )
+    if isinstance(clip_model, (str, os.PathLike)):
+        clip_processor = str(clip_model) if clip_processor is None else clip_processor
+        clip_model = AutoModel.from_pretrained(str(clip_model))
+    check_clip_model(clip_model, user)
+    if clip_processor is None:
+        name = getattr(clip_model, "name_or_path", "") or getattr(clip_model.config, "_name_or_path", "")
+        if not name:
+            raise ValueError(f"{user}: pass `clip_processor=` (e.g. a CLIPProcessor) with a `clip_model` object.")
+        clip_processor = name
+    if isinstance(clip_processor, (str, os.PathLike)):
+        clip_processor = AutoProcessor.from_pretrained(str(clip_processor))
+    image_processor = getattr(clip_processor, "image_processor", None)
+    tokenizer = getattr(clip_processor, "tokenizer", None)
+    if image_processor is None or tokenizer is None:
+        raise TypeError(
+            f"{user}: `clip_processor` must have an `image_processor` and a `tokenizer` (e.g. CLIPProcessor), got "
+            f"{type(clip_processor).__name__}."
+        )
+    return clip_model.eval(), image_processor, tokenizer
+
+
+def _check_level(level, name):
+    if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= NUM_LEVELS:
+        raise ValueError(f"`{name}` must be an integer in 1..{NUM_LEVELS}, got {level!r}.")
+    return level
+
+
+class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
+    """
+    Open-vocabulary objects and parts: the segments of two levels of CAST's hierarchy (package or remote code)
+    labelled by a CLIP-style model, as in the paper's PartImageNet evaluation (see `hf_hierseg.segment_labeling`).
+
+    Create with a CAST model and `clip_model=` (a `CLIPModel` / `SiglipModel`, or a Hub id or folder, loaded with
+    `AutoModel` / `AutoProcessor`; `clip_processor=` if the model object has no saved processor):
+
+        segmenter = pipeline("zero-shot-hierarchical-segmentation", model=cast_folder,
+                             clip_model="openai/clip-vit-base-patch16")
+        result = segmenter(image, candidate_labels=["Quadruped", "Bird"],
+                           part_labels={"Quadruped": ["Quadruped Head", "Quadruped Body"], "Bird": ["Bird Wing"]})
+
+    Call with an image (path, URL, PIL image) or a list and:
+    - `candidate_labels`: the object names; `"Background"` is always a candidate besides them;
+    - `part_labels` (optional): a mapping object -> its part names, or a flat list of part names, each a part of
+      every object whose name it contains ("Quadruped Head" of "Quadruped"). An object without parts keeps its own
+      name as its only part;
+    - `object_level` (default 4) and `part_level` (default 3, at most `object_level`);
+    - `hypothesis_template` (default `"a photo of a {}"`, the authors');
+    - `masking`: how a segment is shown to CLIP: `"fill"` (default, the authors': pixels outside the segment set to
+      `fill_value`=0.5 after CLIP's normalisation), `"crop"` (its bounding box, resized) or `"blur"` (outside
+      blurred, `blur_sigma` pixels of CLIP's input);
+    - `segment_batch_size` (default 32): segment views per CLIP call (the views of a batch of images share them);
+      `batch_size` batches the CAST calls as in every pipeline; `timeout` for URLs.
+
+    Both models see the whole picture (resized to their input size, never centre cropped). Returns, per image,
+    `{"objects": {...}, "parts": {...}}` (`"parts"` only with `part_labels`), each with `"level"`, `"labels"`
+    (the names, `"Background"` last), `"label_map"` (int64 numpy `[height, width]` of indices into `labels`, at
+    the image's size), `"segmentation"` (int64 numpy `[height, width]` of the level's segment ids) and
+    `"segments"` (`{"id", "label", "score"}` for each segment of the level: every pixel of a segment has its label;
+    `score` is CLIP's probability of the label among the candidates, and for parts the object's score times the
+    part's probability among the object's parts). Every part label belongs to the object label under it; parts of
+    the background are background.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+
+    def __init__(self, *args, clip_model=None, clip_processor=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_is_cast(self.model, type(self).__name__)
+        self.clip_model, self.clip_image_processor, self.clip_tokenizer = load_clip(clip_model, clip_processor)
+        self.clip_model.to(self.device)
+        self._text_embeddings = {}  # (names, template) -> [N, D]
+
+    def __call__(self, images, candidate_labels=None, **kwargs):
+        """Label the objects (and parts) of `images`; see the class documentation."""
+        if candidate_labels is None:
+            raise ValueError("zero-shot-hierarchical-segmentation needs `candidate_labels` (the object names).")
+        return super().__call__(images, candidate_labels=candidate_labels, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        candidate_labels=None,
+        part_labels=None,
+        object_level=None,
+        part_level=None,
+        hypothesis_template=None,
+        masking=None,
+        fill_value=None,
+        blur_sigma=None,
+        segment_batch_size=None,
+        timeout=None,
+        **kwargs,
+    ):
+        if kwargs:
+            raise ValueError(f"Unknown arguments for zero-shot-hierarchical-segmentation: {sorted(kwargs)}.")
+        preprocess_params = {} if timeout is None else {"timeout": timeout}
+        if candidate_labels is None:  # the defaults at construction
+            return preprocess_params, {}, {}
+        objects = check_object_labels(candidate_labels)
+        object_level = _check_level(DEFAULT_OBJECT_LEVEL if object_level is None else object_level, "object_level")
+        template = DEFAULT_HYPOTHESIS_TEMPLATE if hypothesis_template is None else hypothesis_template
+        if not isinstance(template, str) or "{}" not in template:
+            raise ValueError(f"`hypothesis_template` must be a string with a '{{}}' for the name, got {template!r}.")
+        masking = "fill" if masking is None else masking
+        fill_value = DEFAULT_FILL_VALUE if fill_value is None else fill_value
+        blur_sigma = DEFAULT_BLUR_SIGMA if blur_sigma is None else blur_sigma
+        check_masking(masking, fill_value, blur_sigma)
+        segment_batch_size = DEFAULT_SEGMENT_BATCH_SIZE if segment_batch_size is None else segment_batch_size
+        if isinstance(segment_batch_size, bool) or not isinstance(segment_batch_size, int) or segment_batch_size < 1:
+            raise ValueError(f"`segment_batch_size` must be a positive integer, got {segment_batch_size!r}.")
+        forward_params = {
+            "objects": objects,
+            "object_level": object_level,
+            "template": template,
+            "masking": masking,
+            "fill_value": float(fill_value),
+            "blur_sigma": float(blur_sigma),
+            "segment_batch_size": segment_batch_size,
+        }
+        postprocess_params = {"object_names": objects + [BACKGROUND_LABEL], "object_level": object_level}
+        if part_labels is not None:
+            part_level = _check_level(DEFAULT_PART_LEVEL if part_level is None else part_level, "part_level")
+            if part_level > object_level:
+                raise ValueError(
+                    f"`part_level` ({part_level}) must be at most `object_level` ({object_level}): parts are "
+                    "segments inside the objects."
+                )
+            part_names, parts_of = part_vocabulary(objects, part_labels)
+            forward_params.update(part_level=part_level, part_names=part_names, parts_of=parts_of)
+            postprocess_params.update(part_names=part_names + [BACKGROUND_LABEL], part_level=part_level)
+        return preprocess_params, forward_params, postprocess_params
+
+    def preprocess(self, image, timeout=None):
+        model_inputs = cast_preprocess(self, image, timeout)
+        clip_processor = self.clip_image_processor
+        clip_inputs = clip_processor(
+            images=model_inputs["image"], return_tensors="pt", **whole_image_size(clip_processor)
+        )
+        model_inputs["clip_pixel_values"] = clip_inputs["pixel_values"]  # [1, 3, h, w]
+        return model_inputs
+
+    def text_embeddings(self, names, template):
+        """Unit text embeddings `[N, D]` of the prompts for `names` (computed once per names and template)."""
+        key = (tuple(names), template)
+        if key not in self._text_embeddings:
+            self._text_embeddings[key] = encode_texts(self.clip_model, self.clip_tokenizer, names, template)
+        return self._text_embeddings[key]
+
+    def _forward(
+        self,
+        model_inputs,
+        objects=None,
+        object_level=DEFAULT_OBJECT_LEVEL,
+        template=DEFAULT_HYPOTHESIS_TEMPLATE,
+        masking="fill",
+        fill_value=DEFAULT_FILL_VALUE,
+        blur_sigma=DEFAULT_BLUR_SIGMA,
+        segment_batch_size=DEFAULT_SEGMENT_BATCH_SIZE,
+        part_level=None,
+        part_names=None,
+        parts_of=None,
+    ):
+        target_size, _ = model_inputs.pop("target_size"), model_inputs.pop("image")
+        clip_pixel_values = model_inputs.pop("clip_pixel_values")
+        outputs = self.model(**model_inputs, return_dict=True)
+        hierarchy_maps = outputs.hierarchy_maps(model_inputs["superpixels"])  # 5 x [B, H, W], levels 0..4
+        levels = [object_level] if part_names is None else [object_level, part_level]
+        segment_maps = torch.stack([hierarchy_maps[level] for level in levels], dim=1)  # [B, 1 or 2, H, W]
+        objects_found = [segment_masks(image_maps[0]) for image_maps in segment_maps]
+        parts_found = None if part_names is None else [segment_masks(image_maps[1]) for image_maps in segment_maps]
+        results = label_segments(
+            self.clip_model,
+            list(clip_pixel_values),
+            [masks for _, masks in objects_found],
+            self.text_embeddings(objects + [BACKGROUND_LABEL], template),
+            None if parts_found is None else [masks for _, masks in parts_found],
+            None if part_names is None else self.text_embeddings(part_names, template),
+            parts_of,
+            masking,
+            segment_batch_size,
+            fill_value,
+            blur_sigma,
+        )
+        label_maps = [[result["object_map"]] + ([result["part_map"]] if parts_found else []) for result in results]
+        model_outputs = {
+            "segment_maps": segment_maps,
+            "label_maps": torch.stack([torch.stack(maps) for maps in label_maps]),  # [B, 1 or 2, H, W]
+            "object_ids": [ids for ids, _ in objects_found],
+            "object_labels": [result["object_labels"] for result in results],
+            "object_scores": [result["object_scores"] for result in results],
+            "target_size": target_size,
+        }
+        if parts_found is not None:
+            model_outputs["part_ids"] = [ids for ids, _ in parts_found]
+            model_outputs["part_labels"] = [result["part_labels"] for result in results]
+            model_outputs["part_scores"] = [result["part_scores"] for result in results]
+        return model_outputs
+
+    def postprocess(
+        self, model_outputs, object_names=None, object_level=DEFAULT_OBJECT_LEVEL, part_names=None, part_level=None
+    ):
+        size = model_outputs["target_size"][0]
+        segment_maps = resize_label_maps(model_outputs["segment_maps"][0], size).cpu().numpy()  # [1 or 2, h, w]
+        label_maps = resize_label_maps(model_outputs["label_maps"][0], size).cpu().numpy()
+        levels = {"objects": ("object", object_names, object_level)}
+        if part_names is not None:
+            levels["parts"] = ("part", part_names, part_level)
+        result = {}
+        for index, (key, (kind, names, level)) in enumerate(levels.items()):
+            ids = model_outputs[f"{kind}_ids"][0].tolist()
+            labels = model_outputs[f"{kind}_labels"][0].tolist()
+            scores = model_outputs[f"{kind}_scores"][0].tolist()
+            result[key] = {
+                "level": level,
+                "labels": list(names),
+                "label_map": label_maps[index],
+                "segmentation": segment_maps[index],
+                "segments": [
+                    {"id": int(i), "label": names[label], "score": float(score)}
+                    for i, label, score in zip(ids, labels, scores)
+                ],
+            }
+        return result
+
+
+class HierarchicalImageClassificationPipeline(Pipeline):
+    """
+    Hierarchical classification with an H-CAST model (`CastForHierarchicalImageClassification`, package or remote
+    code): per image, the predicted label path through the taxonomy, finest level first, with a score per level and,
+    per level, the segments its prediction is read from.
+
+    Label level k reads the CLS token of CAST level `l = config.hierarchy_cast_levels[k]`, which attended to the
+    tokens entering that level: the superpixels for l = 1, else the segments of graph pooling l - 1. Those segments
+    (hierarchy level l - 1, painted on the image) are returned with the level's prediction. The image is processed
+    whole (resized, never centre cropped), so the masks cover the whole input image.
+
+    Call with an image (path, URL or PIL image) or a list of them; options `top_k` (classes listed per level,
+    default 1) and `timeout` (for URLs). Returns, per image:
+
+        {"size": (height, width), "labels": [finest label, ..., coarsest label], "consistent": bool,
+         "levels": [{"level": k, "name": level name, "label": str, "id": int, "score": float,
+                     "top_k": [{"label", "id", "score"}, ...], "cast_level": l, "segmentation": int64 [H, W],
+                     "segments": [{"id", "area", "mask"}, ...]}, ...]}
+
+    `consistent` says whether the predicted labels form a path of the taxonomy (each level's class is the parent of
+    the finer level's). Scores are the softmax of each level's logits.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_is_cast(self.model, type(self).__name__)
+        if not getattr(self.model.config, "hierarchy_num_labels", None):
+            raise ValueError(
+                f"{type(self).__name__} needs a hierarchical classifier (CastForHierarchicalImageClassification, "
+                "a config with `hierarchy_num_labels`), got a model without a taxonomy."
+            )
+
+    def _sanitize_parameters(self, top_k=None, timeout=None, **kwargs):
+        preprocess_params, postprocess_params = {}, {}
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        if top_k is not None:
+            if not isinstance(top_k, int) or top_k < 1:
+                raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
+            postprocess_params["top_k"] = top_k
+        if kwargs:
+            raise ValueError(f"Unknown arguments for hierarchical-image-classification: {sorted(kwargs)}.")
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, image, timeout=None):
+        return cast_preprocess(self, image, timeout)
+
+    def _forward(self, model_inputs):
+        target_size = model_inputs.pop("target_size")
+        model_inputs.pop("image")
+        outputs = self.model(**model_inputs, return_dict=True)
+        # [B, sum(n_k)]: every level's probabilities side by side (finest first), one tensor so batches split.
+        probabilities = torch.cat([logits.float().softmax(dim=-1) for logits in outputs.logits_per_level], dim=-1)
+        label_maps = torch.stack(outputs.hierarchy_maps(model_inputs["superpixels"]), dim=1)  # [B, 5, H, W]
+        return {"probabilities": probabilities, "label_maps": label_maps, "target_size": target_size}
+
+    def postprocess(self, model_outputs, top_k=1):
+        config = self.model.config
+        size = model_outputs["target_size"][0]
+        per_level = model_outputs["probabilities"][0].split(tuple(config.hierarchy_num_labels))
+        levels = []
+        for level, (probabilities, cast_level) in enumerate(zip(per_level, config.hierarchy_cast_levels)):
+            names = config.hierarchy_id2label[level]
+            scores, ids = probabilities.topk(min(top_k, probabilities.numel()))
+            ranked = [{"label": names[int(i)], "id": int(i), "score": float(score)} for score, i in zip(scores, ids)]
+            segmentation = resize_label_maps(model_outputs["label_maps"][0, cast_level - 1], size).numpy()
+            segment_ids, areas = np.unique(segmentation, return_counts=True)
+            segments = [
+                {"id": int(i), "area": int(area), "mask": binary_mask(segmentation, i)}
+                for i, area in zip(segment_ids, areas)
+            ]
+            levels.append(
+                {
+                    "level": level,
+                    "name": config.hierarchy_level_names[level],
+                    **ranked[0],
+                    "top_k": ranked,
+                    "cast_level": cast_level,
+                    "segmentation": segmentation,
+                    "segments": segments,
+                }
+            )
+        predicted = [entry["id"] for entry in levels]
+        consistent = all(
+            parents[child] == parent
+            for parents, child, parent in zip(config.hierarchy_parents, predicted, predicted[1:])
+        )
+        return {
+            "size": size,
+            "labels": [entry["label"] for entry in levels],
+            "consistent": consistent,
+            "levels": levels,
+        }
+
+
+REGISTERED_PIPELINES = {
+    "hierarchical-segmentation": HierarchicalSegmentationPipeline,
+    "zero-shot-hierarchical-segmentation": ZeroShotHierarchicalSegmentationPipeline,
+    "hierarchical-image-classification": HierarchicalImageClassificationPipeline,
+}
+# The Auto class a registered task loads a folder with, when not AutoModel. CastForHierarchicalImageClassification
+# shares AutoModelForImageClassification with the flat classifier; transformers picks the class of the folder's
+# `config.architectures`.
+REGISTERED_AUTO_MODELS = {"hierarchical-image-classification": "AutoModelForImageClassification"}
+
+
 def register_pipelines():
-    """Register `hierarchical-segmentation` in transformers' pipeline registry (idempotent)."""
-    from transformers import AutoModel
+    """Register `hierarchical-segmentation`, `zero-shot-hierarchical-segmentation` and
+    `hierarchical-image-classification` in transformers' pipeline registry (idempotent)."""
+    import transformers
     from transformers.pipelines import PIPELINE_REGISTRY
 
-    registered = PIPELINE_REGISTRY.supported_tasks.get("hierarchical-segmentation", {})
-    if registered.get("impl") is HierarchicalSegmentationPipeline:
-        return
-    PIPELINE_REGISTRY.register_pipeline(
-        "hierarchical-segmentation", pipeline_class=HierarchicalSegmentationPipeline, pt_model=AutoModel, type="image"
-    )
+    for task, pipeline_class in REGISTERED_PIPELINES.items():
+        if PIPELINE_REGISTRY.supported_tasks.get(task, {}).get("impl") is not pipeline_class:
+            auto_model = getattr(transformers, REGISTERED_AUTO_MODELS.get(task, "AutoModel"))
+            PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=auto_model, type="image")
 
 
 __all__ = [
-    "CastImageSegmentationPipeline",
     "HierarchicalSegmentationPipeline",
+    "ZeroShotHierarchicalSegmentationPipeline",
+    "CastImageSegmentationPipeline",
+    "HierarchicalImageClassificationPipeline",
     "LazyMask",
+    "load_clip",
     "register_pipelines",
 ]

@@ -9,11 +9,12 @@ holds the adapter: `PeftModel.from_pretrained(AutoModelForImageClassification.fr
 `--save_merged` also writes the merged model. See `--help` for all options.
 """
 
-from hf_hierseg.training.lora import finetune_lora, lora_parser
+from hf_hierseg.training.arguments import lora_parser
+from hf_hierseg.training.lora import finetune_lora
 
 
 def main(argv=None):
-    finetune_lora(lora_parser().parse_args(argv))
+    finetune_lora(*lora_parser().parse_args_into_dataclasses(args=argv))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from hf_hierseg.training.recipes import train_moco
 
 
 def main(argv=None):
-    train_moco(moco_parser().parse_args(argv))
+    train_moco(*moco_parser().parse_args_into_dataclasses(args=argv))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ Example (synthetic data; 600 steps take about 22 CPU-minutes and reach mIoU 0.61
         --max_train_steps 600 --eval_steps 100 --checkpointing_steps 200 --output_dir outputs/segmentation
 """
 
-from hf_hierseg.training.segmentation import segmentation_parser, train_segmentation
+from hf_hierseg.training.arguments import segmentation_parser
+from hf_hierseg.training.segmentation import train_segmentation
 
 
 def main(argv=None):
-    args = segmentation_parser().parse_args(argv)
-    metrics = train_segmentation(args)
+    metrics = train_segmentation(*segmentation_parser().parse_args_into_dataclasses(args=argv))
     print({key: value for key, value in metrics.items() if not key.startswith("eval_iou_")})
 
 

@@ -13,7 +13,7 @@ from hf_hierseg.training.recipes import train_supervised
 
 
 def main(argv=None):
-    train_supervised(supervised_parser().parse_args(argv))
+    train_supervised(*supervised_parser().parse_args_into_dataclasses(args=argv))
 
 
 if __name__ == "__main__":

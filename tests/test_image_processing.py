@@ -474,7 +474,8 @@ def test_semantic_post_processing():
 
 
 def test_hierarchical_post_processing_on_real_model_outputs():
-    modeling = pytest.importorskip("hf_hierseg.modeling_cast")
+    from hf_hierseg import modeling_cast as modeling
+
     torch.manual_seed(0)
     config = CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2),
                         image_size=64)  # fmt: skip

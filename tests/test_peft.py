@@ -135,21 +135,16 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=3, size=64):
                 Image.fromarray(picture).resize((size, size), Image.BICUBIC).save(folder / f"{index}.png")
 
 
-def test_finetune_script_trains_streamed_data_and_saves_adapter_and_merged_model(tmp_path, inputs):
-    from transformers import AutoModelForImageClassification
+def lora_arguments(base, data, out, *extra):
+    """The dataclasses of `finetune_lora` for a 2-step streamed run."""
+    from hf_hierseg.training.arguments import lora_parser
 
-    from hf_hierseg.training.lora import finetune_lora, lora_parser
-
-    write_image_folder(tmp_path / "data")
-    torch.manual_seed(0)
-    CastForImageClassification(tiny_config(num_labels=2)).save_pretrained(tmp_path / "base")
-    out = tmp_path / "lora"
-    args = lora_parser().parse_args(
-        [
+    return lora_parser().parse_args_into_dataclasses(
+        args=[
             "--model_name_or_path",
-            str(tmp_path / "base"),
+            str(base),
             "--dataset_name",
-            str(tmp_path / "data"),
+            str(data),
             "--streaming",
             "--max_train_steps",
             "2",
@@ -161,16 +156,35 @@ def test_finetune_script_trains_streamed_data_and_saves_adapter_and_merged_model
             str(out),
             "--report_to",
             "none",
-            "--save_merged",
             "--learning_rate",
             "0.05",
             "--superpixel_method",
             "grid",
+            *extra,
         ]
     )
-    metrics = finetune_lora(args)
+
+
+@pytest.mark.slow
+def test_finetune_script_trains_streamed_data_and_saves_adapter_and_merged_model(tmp_path, inputs):
+    from transformers import AutoModelForImageClassification
+
+    from hf_hierseg.image_processing_cast import CastImageProcessor
+    from hf_hierseg.training.lora import finetune_lora
+
+    write_image_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    CastForImageClassification(tiny_config(num_labels=2)).save_pretrained(tmp_path / "base")
+    out = tmp_path / "lora"
+    metrics = finetune_lora(*lora_arguments(tmp_path / "base", tmp_path / "data", out, "--save_merged"))
     assert metrics["train_steps"] == 2 and metrics["eval_samples"] == 6
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+    # The merged model carries the run's image processor (DeiT's SEEDS path and bicubic resizing, grid here).
+    assert (
+        CastImageProcessor.from_pretrained(out / "merged").to_dict()
+        == CastImageProcessor.from_pretrained(out).to_dict()
+    )
+    assert CastImageProcessor.from_pretrained(out).superpixel_recipe == "supervised"
 
     base = AutoModelForImageClassification.from_pretrained(tmp_path / "base")
     with torch.no_grad():
@@ -181,3 +195,26 @@ def test_finetune_script_trains_streamed_data_and_saves_adapter_and_merged_model
         after = adapted(**inputs).logits
         torch.testing.assert_close(merged(**inputs).logits, after, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, after), "two steps at lr 0.05 left the classifier unchanged"
+
+
+def test_finetuning_a_classifier_of_other_classes_needs_ignore_mismatched_sizes(tmp_path):
+    """A 10-class checkpoint on 2 classes: a one-line error naming the flag and both counts, before any training;
+    with the flag the classifier starts anew."""
+    from hf_hierseg.training.lora import finetune_lora
+
+    write_image_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    CastForImageClassification(tiny_config(num_labels=10)).save_pretrained(tmp_path / "ten")
+    out = tmp_path / "lora"
+    with pytest.raises(ValueError, match=r"has 10 classes and this run 2: .*Pass --ignore_mismatched_sizes") as error:
+        finetune_lora(*lora_arguments(tmp_path / "ten", tmp_path / "data", out))
+    assert len(str(error.value).splitlines()) == 1
+    assert not (out / "adapter_model.safetensors").exists()
+
+    metrics = finetune_lora(*lora_arguments(tmp_path / "ten", tmp_path / "data", out, "--ignore_mismatched_sizes"))
+    assert metrics["train_steps"] == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter_model.safetensors")
+    classifier = [tuple(tensor.shape) for name, tensor in saved.items() if "classifier" in name]
+    assert (2, 24) in classifier and (10, 24) not in classifier  # the new 2-class classifier was trained and saved

@@ -149,8 +149,11 @@ def test_shared_folder_ships_every_core_module_and_custom_pipelines(tmp_path, cl
     processor_map = read_json(tmp_path / "preprocessor_config.json")["auto_map"]
     check_auto_map_entry(tmp_path, processor_map, "AutoImageProcessor", CastImageProcessor)
     pipelines = config["custom_pipelines"]
-    assert set(pipelines) == {"hierarchical-segmentation", "image-segmentation"}
+    assert set(pipelines) == {"hierarchical-segmentation", "zero-shot-hierarchical-segmentation", "image-segmentation"}
     assert pipelines["hierarchical-segmentation"]["impl"] == "pipelines.HierarchicalSegmentationPipeline"
+    zero_shot = pipelines["zero-shot-hierarchical-segmentation"]
+    assert zero_shot["impl"] == "pipelines.ZeroShotHierarchicalSegmentationPipeline"
+    assert zero_shot["pt"] == ["AutoModel"]
     assert pipelines["image-segmentation"]["impl"] == "pipelines.CastImageSegmentationPipeline"
     assert pipelines["image-segmentation"]["pt"] == ["AutoModel"]  # no head: the segments of a hierarchy level
 

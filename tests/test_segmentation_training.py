@@ -8,16 +8,13 @@ import torch
 from PIL import Image
 
 from hf_hierseg.image_datasets import check_class_ids, mask_column_of, mask_to_class_ids, reduce_mask_labels
+from hf_hierseg.image_processing_cast import CastImageProcessor
 from hf_hierseg.superpixels import denormalize_to_uint8
-from hf_hierseg.training.augment import ViewEncoder
+from hf_hierseg.training.arguments import segmentation_parser
+from hf_hierseg.training.augment import encode_view
 from hf_hierseg.training.data import TrainingBatches
 from hf_hierseg.training.loop import read_metrics
-from hf_hierseg.training.segmentation import (
-    SegmentationBatches,
-    SegmentationTransform,
-    segmentation_parser,
-    train_segmentation,
-)
+from hf_hierseg.training.segmentation import SegmentationBatches, SegmentationTransform, train_segmentation
 
 
 COLOURS = [(0, 0, 0), (200, 30, 30), (30, 200, 30), (30, 30, 200)]
@@ -82,14 +79,18 @@ def test_reduce_labels_keeps_the_ignore_index():
 # ---------------------------------------------------------------------------------------------- views
 
 
-def seeds_encoder():
-    return ViewEncoder("seeds", 196, "self_supervised")
+def seeds_processor():
+    return CastImageProcessor(superpixel_method="seeds", num_superpixels=196, superpixel_recipe="self_supervised")
+
+
+def grid_processor(num_superpixels=196):
+    return CastImageProcessor(superpixel_method="grid", num_superpixels=num_superpixels)
 
 
 def test_joint_augmentation_keeps_image_and_mask_aligned():
     """The image's colours encode its classes: after crop + flip, the labels must still match the colours."""
     ids = quadrant_class_ids()
-    transform = SegmentationTransform(seeds_encoder(), 64, num_labels=4, crop_scale=(0.2, 0.6))
+    transform = SegmentationTransform(seeds_processor(), 64, num_labels=4, crop_scale=(0.2, 0.6))
     flipped_once = False
     for seed in range(6):
         sample = transform(coloured(ids), Image.fromarray(ids.astype(np.uint8), "L"), np.random.default_rng(seed))
@@ -107,35 +108,38 @@ def test_joint_augmentation_keeps_image_and_mask_aligned():
 
 def test_superpixels_are_computed_on_the_augmented_view():
     ids = quadrant_class_ids()
-    encoder = seeds_encoder()
-    transform = SegmentationTransform(encoder, 64, num_labels=4)
+    processor = seeds_processor()
+    transform = SegmentationTransform(processor, 64, num_labels=4)
     sample = transform(coloured(ids), Image.fromarray(ids.astype(np.uint8), "L"), np.random.default_rng(3))
     view = denormalize_to_uint8(sample["pixel_values"])
-    _, expected = encoder(view)
+    _, expected = encode_view(processor, view)
     assert torch.equal(sample["superpixels"], expected)
 
 
 def test_evaluation_view_resizes_without_randomness():
     ids = quadrant_class_ids()
-    transform = SegmentationTransform(ViewEncoder("grid", 196), 48, num_labels=4, train=False)
+    transform = SegmentationTransform(grid_processor(), 48, num_labels=4, train=False)
     sample = transform(coloured(ids), Image.fromarray(ids.astype(np.uint8), "L"))
     expected = np.asarray(Image.fromarray(ids.astype(np.int32), "I").resize((48, 48), Image.NEAREST))
     assert np.array_equal(sample["labels"].numpy(), expected)
+    # The image is resized (bilinear, as the processor's default) to the labels' size, then normalised.
+    resized = np.asarray(coloured(ids).resize((48, 48), Image.BILINEAR))
+    np.testing.assert_array_equal(denormalize_to_uint8(sample["pixel_values"]), resized)
 
 
 def test_bad_pairs_get_clear_errors():
     ids = quadrant_class_ids()
-    transform = SegmentationTransform(ViewEncoder("grid", 196), 32, num_labels=4, palette=None)
+    transform = SegmentationTransform(grid_processor(), 32, num_labels=4, palette=None)
     with pytest.raises(ValueError, match="Mask size 48x96 .* differs from the image size 96x96"):
         transform(coloured(ids), Image.fromarray(ids[:, :48].astype(np.uint8), "L"), np.random.default_rng(0))
     with pytest.raises(ValueError, match="outside 0..2"):
-        SegmentationTransform(ViewEncoder("grid", 196), 32, num_labels=3)(
+        SegmentationTransform(grid_processor(), 32, num_labels=3)(
             coloured(ids), Image.fromarray(ids.astype(np.uint8), "L"), np.random.default_rng(0)
         )
     with pytest.raises(ValueError, match="palette"):
         transform(coloured(ids), coloured(ids), np.random.default_rng(0))
     # With the palette, the same colour mask is accepted.
-    with_palette = SegmentationTransform(ViewEncoder("grid", 196), 32, num_labels=4, palette=COLOURS)
+    with_palette = SegmentationTransform(grid_processor(), 32, num_labels=4, palette=COLOURS)
     assert with_palette(coloured(ids), coloured(ids), np.random.default_rng(0))["labels"].max() <= 3
 
 
@@ -161,7 +165,7 @@ def test_batches_from_imagefolder_and_parquet(synthetic_folder, tmp_path):
         tmp_path / "parquet", num_images=8, num_test_images=1, image_size=64, format="parquet"
     )
     parquet = datasets.load_dataset("parquet", data_dir=str(parquet_dir / "data"), split="train")
-    transform = SegmentationTransform(ViewEncoder("grid", 600), 64, num_labels=7)
+    transform = SegmentationTransform(grid_processor(600), 64, num_labels=7)
     for dataset in (folder, parquet):
         assert mask_column_of(dataset, "image") == "object_mask"
         batches = SegmentationBatches(dataset, transform, 4, "image", "object_mask", seed=0)
@@ -194,7 +198,7 @@ def test_undecodable_mask_is_skipped(synthetic_folder, tmp_path, caplog):
     dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
     batches = SegmentationBatches(
         dataset,
-        SegmentationTransform(ViewEncoder("grid", 600), 64, num_labels=7, train=False),
+        SegmentationTransform(grid_processor(600), 64, num_labels=7, train=False),
         3,
         "image",
         "mask",
@@ -210,8 +214,10 @@ def test_undecodable_mask_is_skipped(synthetic_folder, tmp_path, caplog):
 
 
 def run_args(data_dir, output_dir, *extra):
-    return segmentation_parser().parse_args(
-        [
+    """The dataclasses of `train_segmentation` for a tiny run (data, model, optimisation, output, evaluation,
+    segmentation)."""
+    return segmentation_parser().parse_args_into_dataclasses(
+        args=[
             "--dataset_name",
             str(data_dir),
             "--label_column_name",
@@ -252,6 +258,7 @@ def run_args(data_dir, output_dir, *extra):
     )
 
 
+@pytest.mark.slow
 def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_path, hub_server):
     from huggingface_hub import HfApi, ModelCard
     from transformers import AutoModelForSemanticSegmentation
@@ -261,7 +268,7 @@ def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_pa
 
     output = tmp_path / "run"
     metrics = train_segmentation(
-        run_args(
+        *run_args(
             synthetic_folder, output, "--eval_steps", "2", "--push_to_hub", "--hub_model_id", "tester/cast-seg-tiny"
         )
     )
@@ -280,7 +287,7 @@ def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_pa
     ids = quadrant_class_ids(96)[:, :80]
     image = coloured(ids)
     inputs = processor(images=image, return_tensors="pt")
-    view = SegmentationTransform(ViewEncoder("grid", 600), 64, num_labels=4, train=False)(
+    view = SegmentationTransform(grid_processor(600), 64, num_labels=4, train=False)(
         image, Image.fromarray(ids.astype(np.uint8), "L")
     )
     torch.testing.assert_close(inputs["pixel_values"][0], view["pixel_values"], atol=1e-5, rtol=0)
@@ -300,7 +307,7 @@ def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_pa
 
     shutil.rmtree(output / "checkpoint-4")
     (output / "metrics.jsonl").unlink()
-    train_segmentation(run_args(synthetic_folder, output, "--resume_from_checkpoint", "latest"))
+    train_segmentation(*run_args(synthetic_folder, output, "--resume_from_checkpoint", "latest"))
     resumed = {line["step"]: line["loss"] for line in read_metrics(output / "metrics.jsonl") if "loss" in line}
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
@@ -308,45 +315,66 @@ def test_tiny_run_evaluates_saves_publishes_and_resumes(synthetic_folder, tmp_pa
 
 
 def test_label_arguments_are_checked(synthetic_folder, tmp_path):
-    args = run_args(synthetic_folder, tmp_path / "x")
-    args.num_labels = None
+    arguments = run_args(synthetic_folder, tmp_path / "x")
+    segmentation_args = arguments[-1]
+    segmentation_args.num_labels = None
     with pytest.raises(ValueError, match="--num_labels or --id2label"):
-        train_segmentation(args)
+        train_segmentation(*arguments)
     id2label = tmp_path / "id2label.json"
     id2label.write_text(json.dumps({"0": "background", "2": "house"}))
-    args.id2label = str(id2label)
+    segmentation_args.id2label = str(id2label)
     with pytest.raises(ValueError, match="0..N-1"):
-        train_segmentation(args)
+        train_segmentation(*arguments)
+
+
+def tiny_config(**kwargs):
+    from hf_hierseg import CastConfig
+
+    return CastConfig(
+        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
+    )
 
 
 def test_fine_tuning_starts_from_a_classification_checkpoint(tmp_path):
-    """--model_name_or_path of an image classifier: the backbone is loaded, fusion and head are new."""
-    from transformers import AutoModelForSemanticSegmentation
-
-    from hf_hierseg import CastConfig, CastForImageClassification
+    """--model_name_or_path of an image classifier: the backbone is loaded, fusion and head are new; without
+    --ignore_mismatched_sizes the classifier of another number of classes is a clear error."""
+    from hf_hierseg import CastForImageClassification
     from hf_hierseg.modeling_cast import CastForSemanticSegmentation
-    from hf_hierseg.training.recipes import build_config
-    from hf_hierseg.training.segmentation import build_model
+    from hf_hierseg.training.recipes import build_config, load_or_create
 
-    AutoModelForSemanticSegmentation.register(CastConfig, CastForSemanticSegmentation, exist_ok=True)
     torch.manual_seed(0)
-    classifier = CastForImageClassification(
-        CastConfig(
-            hidden_size=24,
-            num_attention_heads=4,
-            depths=(1, 1, 1, 1),
-            num_clusters=(16, 8, 4, 2),
-            image_size=64,
-            num_labels=5,
-        )
-    )
+    classifier = CastForImageClassification(tiny_config(num_labels=5))
     classifier.save_pretrained(tmp_path / "classifier")
-    args = run_args(tmp_path, tmp_path / "out", "--ignore_mismatched_sizes")
-    args.model_name_or_path, args.config_name, args.config_overrides = str(tmp_path / "classifier"), None, None
-    config = build_config(args, num_labels=7, freeze_last_pooling=False)
-    model = build_model(args, config)
+    _, model_args, *_ = run_args(tmp_path, tmp_path / "out")
+    model_args.model_name_or_path, model_args.config_name, model_args.config_overrides = (
+        str(tmp_path / "classifier"),
+        None,
+        None,
+    )
+    config = build_config(model_args, num_labels=7, freeze_last_pooling=False)
+    with pytest.raises(ValueError, match=r"has 5 classes and this run 7.*--ignore_mismatched_sizes") as error:
+        load_or_create(CastForSemanticSegmentation, model_args, config)
+    assert len(str(error.value).splitlines()) == 1
+    model = load_or_create(CastForSemanticSegmentation, model_args, config, ignore_mismatched_sizes=True)
     assert isinstance(model, CastForSemanticSegmentation) and model.classifier.out_features == 7
     for name, value in classifier.cast.state_dict().items():
         if not name.startswith("layernorm."):
             torch.testing.assert_close(model.cast.state_dict()[name], value, msg=name)
     assert all(p.requires_grad for p in model.cast.levels[3].pooling.parameters())
+
+
+def test_segmentation_run_from_a_checkpoint_with_other_classes_names_the_flag(synthetic_folder, tmp_path):
+    from hf_hierseg.modeling_cast import CastForSemanticSegmentation
+
+    config = tiny_config(graph_pooling_num_heads=4, num_labels=10, freeze_last_pooling=False)
+    CastForSemanticSegmentation(config).save_pretrained(tmp_path / "ten_classes")
+    arguments = run_args(synthetic_folder, tmp_path / "out")
+    model_args = arguments[1]
+    model_args.model_name_or_path, model_args.config_name, model_args.config_overrides = (
+        str(tmp_path / "ten_classes"),
+        None,
+        None,
+    )
+    with pytest.raises(ValueError, match=r"ten_classes has 10 classes and this run 7: .*--ignore_mismatched_sizes"):
+        train_segmentation(*arguments)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -5,18 +5,18 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_hierseg.image_processing_cast import CastImageProcessor
 from hf_hierseg.superpixels import compute_superpixels, denormalize_to_uint8, scaled_num_superpixels
 from hf_hierseg.training.augment import (
     MOCO_VIEW_1,
     MOCO_VIEW_2,
     DeitTransform,
-    EvalTransform,
     MocoTransform,
+    ProcessorTransform,
     RandAugment,
-    ViewEncoder,
+    encode_view,
     random_erasing,
     random_resized_crop,
-    resize_center_crop,
 )
 
 
@@ -57,18 +57,15 @@ def test_random_resized_crop_takes_a_region_of_the_requested_area_and_is_reprodu
     assert 0.15 < min(areas) and max(areas) < 0.55
 
 
-def test_resize_center_crop_keeps_the_central_region():
-    image = gradient_image(100, 100)
-    view = np.asarray(resize_center_crop(image, 50, crop_fraction=0.5, resample=Image.NEAREST))
-    # crop_fraction 0.5: the central 50% of the shorter side, i.e. source pixels 25..74.
-    assert view.shape == (50, 50, 3)
-    assert view[0, 0, 0] == 25 and view[-1, -1, 0] == 74 and view[0, 0, 1] == 25
+def processor(method="seeds", recipe="self_supervised", num_superpixels=196, **kwargs):
+    return CastImageProcessor(
+        superpixel_method=method, superpixel_recipe=recipe, num_superpixels=num_superpixels, **kwargs
+    )
 
 
-def test_view_encoder_computes_superpixels_on_the_uint8_view_then_normalises():
+def test_encoded_view_computes_superpixels_on_the_uint8_view_then_normalises():
     array = np.asarray(blocks_image())
-    encoder = ViewEncoder("seeds", num_superpixels=49, seeds_recipe="self_supervised", reference_size=None)
-    pixel_values, superpixels = encoder(array)
+    pixel_values, superpixels = encode_view(processor(num_superpixels=49, superpixel_reference_size=None), array)
     assert pixel_values.dtype == torch.float32 and pixel_values.shape == (3, 64, 64)
     assert superpixels.dtype == torch.int64 and superpixels.shape == (64, 64)
     np.testing.assert_array_equal(superpixels.numpy(), compute_superpixels(array, "seeds", 49, "self_supervised"))
@@ -80,17 +77,49 @@ def test_view_encoder_computes_superpixels_on_the_uint8_view_then_normalises():
     assert set(superpixels[:32, :32].unique().tolist()).isdisjoint(superpixels[32:, 32:].unique().tolist())
 
 
-def test_view_encoder_supervised_recipe_runs_seeds_on_the_truncated_normalised_view():
+def test_encoded_view_of_the_supervised_recipe_runs_seeds_on_the_truncated_normalised_view():
     array = np.asarray(gradient_image(64, 64))
-    encoder = ViewEncoder("seeds", num_superpixels=49, seeds_recipe="supervised", reference_size=None)
-    pixel_values, superpixels = encoder(array)
+    view_processor = processor(recipe="supervised", num_superpixels=49, superpixel_reference_size=None)
+    pixel_values, superpixels = encode_view(view_processor, array)
     source = denormalize_to_uint8(pixel_values.numpy(), rounding="truncate")
     np.testing.assert_array_equal(superpixels.numpy(), compute_superpixels(source, "seeds", 49, "supervised"))
 
 
+@pytest.mark.parametrize(
+    "method, recipe",
+    [("seeds", "self_supervised"), ("seeds", "supervised"), ("slic", "self_supervised"), ("grid", "supervised")],
+)
+def test_encoded_view_is_what_the_processor_computes_without_resize_and_crop(method, recipe):
+    """Training views and inference share one implementation: `encode_view` gives, on the same array, what a
+    processor configured with do_resize=False, do_center_crop=False returns, and what the original pipelines
+    compute (superpixels of the 8-bit view, or of the truncated normalised view for DeiT's SEEDS; then
+    `(x / 255 - mean) / std` in float32)."""
+    rng = np.random.default_rng(0)
+    array = np.asarray(
+        Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((56, 40), Image.BICUBIC)
+    )
+    mean, std = (0.5, 0.45, 0.4), (0.2, 0.25, 0.3)
+    run_processor = processor(method, recipe, num_superpixels=300, image_mean=mean, image_std=std)
+    pixel_values, superpixels = encode_view(run_processor, array)
+
+    configured = processor(
+        method, recipe, num_superpixels=300, image_mean=mean, image_std=std, do_resize=False, do_center_crop=False
+    )
+    expected = configured(images=array, return_tensors="pt")
+    assert torch.equal(pixel_values, expected["pixel_values"][0])
+    assert torch.equal(superpixels, expected["superpixels"][0])
+
+    normalised = (array.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
+    np.testing.assert_array_equal(pixel_values.numpy(), normalised.transpose(2, 0, 1))
+    source = array
+    if method == "seeds" and recipe == "supervised":
+        source = denormalize_to_uint8(normalised.transpose(2, 0, 1), mean, std, rounding="truncate")
+    count = scaled_num_superpixels(40, 56, 300)
+    np.testing.assert_array_equal(superpixels.numpy(), compute_superpixels(source, method, count, recipe))
+
+
 def test_moco_views_are_two_different_augmentations_each_with_its_own_superpixels():
-    encoder = ViewEncoder("seeds", num_superpixels=196)
-    transform = MocoTransform(encoder, 32)
+    transform = MocoTransform(processor(), 32)
     sample = transform(gradient_image(), np.random.default_rng(0))
     assert sample["pixel_values"].shape == (2, 3, 32, 32)
     assert sample["superpixels"].shape == (2, 32, 32)
@@ -153,9 +182,9 @@ def test_random_erasing_fills_one_box_with_noise():
     np.testing.assert_array_equal(random_erasing(array, np.random.default_rng(0), probability=0.0), array)
 
 
-def test_deit_transform_and_eval_transform_shapes_and_superpixels():
-    encoder = ViewEncoder("seeds", num_superpixels=196, seeds_recipe="supervised")
-    train = DeitTransform(encoder, 32, RandAugment(), erasing_probability=0.5)
+def test_deit_transform_and_processor_transform_shapes_and_superpixels():
+    run_processor = processor(recipe="supervised", size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    train = DeitTransform(run_processor, 32, RandAugment(), erasing_probability=0.5)
     sample = train(gradient_image(), np.random.default_rng(0))
     assert sample["pixel_values"].shape == (3, 32, 32) and sample["superpixels"].shape == (32, 32)
     source = denormalize_to_uint8(sample["pixel_values"], rounding="truncate")
@@ -163,7 +192,11 @@ def test_deit_transform_and_eval_transform_shapes_and_superpixels():
     np.testing.assert_array_equal(
         sample["superpixels"].numpy(), compute_superpixels(source, "seeds", count, "supervised")
     )
-    evaluation = EvalTransform(encoder, 32)
+    # The evaluation view is the processor's own (resize, centre crop), as at inference.
+    evaluation = ProcessorTransform(run_processor)
     first, second = evaluation(gradient_image()), evaluation(gradient_image())
+    assert first["pixel_values"].shape == (3, 32, 32)
     assert torch.equal(first["pixel_values"], second["pixel_values"])
     assert torch.equal(first["superpixels"], second["superpixels"])
+    inference = run_processor(images=gradient_image(), return_tensors="pt")
+    assert torch.equal(first["pixel_values"], inference["pixel_values"][0])

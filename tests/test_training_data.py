@@ -20,7 +20,8 @@ from hf_hierseg.image_datasets import (
     label_names_of,
     load_image_datasets,
 )
-from hf_hierseg.training.augment import MocoTransform, ViewEncoder
+from hf_hierseg.image_processing_cast import CastImageProcessor
+from hf_hierseg.training.augment import MocoTransform
 from hf_hierseg.training.data import SuperpixelBatches, TrainingBatches
 
 
@@ -214,7 +215,7 @@ def test_decode_image_raises_a_clear_error():
 def test_moco_batches_hold_two_views_with_their_superpixels(tmp_path):
     root = write_parquet_shards(tmp_path / "parquet", num_images=4, num_shards=1)
     split = datasets.load_dataset(str(root), split="train")
-    transform = MocoTransform(ViewEncoder("seeds", num_superpixels=196), 32)
+    transform = MocoTransform(CastImageProcessor(num_superpixels=196), 32)
     batch, _ = next(iter(TrainingBatches(SuperpixelBatches(split, transform, 2, "image"))))
     assert batch["pixel_values"].shape == (2, 2, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
     assert batch["superpixels"].shape == (2, 2, 32, 32) and batch["superpixels"].dtype == torch.int64

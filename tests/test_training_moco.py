@@ -197,8 +197,8 @@ def test_training_resumes_from_a_converted_original_moco_checkpoint(tiny_moco, t
         tmp_path / "shapes", num_images=8, num_test_images=1, image_size=64, format="parquet"
     )
     output_dir = tmp_path / "resumed"
-    args = moco_parser().parse_args(
-        [
+    arguments = moco_parser().parse_args_into_dataclasses(
+        args=[
             "--dataset_name",
             str(data / "data"),
             "--model_name_or_path",
@@ -222,7 +222,7 @@ def test_training_resumes_from_a_converted_original_moco_checkpoint(tiny_moco, t
         ]
     )
     try:
-        train_moco(args)
+        train_moco(*arguments)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

@@ -77,6 +77,7 @@ def fingerprint(output_dir, rank=0):
     return json.loads((Path(output_dir) / f"train_summary_rank{rank}.json").read_text())["parameter_fingerprint"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(shapes, tmp_path):
     arguments = [
         "--dataset_name",
@@ -98,7 +99,7 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(shapes, tmp_path
         "1e-3",
     ]
     reference = tmp_path / "uninterrupted"
-    train_moco(moco_parser().parse_args([*arguments, "--output_dir", str(reference)]))
+    train_moco(*moco_parser().parse_args_into_dataclasses(args=[*arguments, "--output_dir", str(reference)]))
 
     killed = tmp_path / "killed"
     command = [sys.executable, str(REPO_ROOT / "scripts" / "train_moco.py"), *arguments, "--output_dir", str(killed)]
@@ -142,6 +143,7 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(shapes, tmp_path
     ]
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_data_and_end_with_identical_weights(shapes, tmp_path):
     output_dir = tmp_path / "two_processes"
     command = [
@@ -191,6 +193,7 @@ def test_two_processes_split_the_data_and_end_with_identical_weights(shapes, tmp
     assert read_metrics(output_dir / METRICS_FILE)[-1]["samples_seen"] == 48
 
 
+@pytest.mark.slow
 def test_supervised_run_saves_auto_loadable_outputs_and_publishes_them(shapes, tmp_path, hub_server):
     from huggingface_hub import HfApi, ModelCard
     from PIL import Image
@@ -199,8 +202,8 @@ def test_supervised_run_saves_auto_loadable_outputs_and_publishes_them(shapes, t
     from hf_hierseg.image_processing_cast import CastImageProcessor
 
     output_dir = tmp_path / "supervised"
-    args = supervised_parser().parse_args(
-        [
+    arguments = supervised_parser().parse_args_into_dataclasses(
+        args=[
             "--dataset_name",
             shapes,
             *TINY,
@@ -220,7 +223,7 @@ def test_supervised_run_saves_auto_loadable_outputs_and_publishes_them(shapes, t
             "tester/cast-tiny-shapes",
         ]
     )
-    metrics = train_supervised(args)
+    metrics = train_supervised(*arguments)
     assert metrics["eval_samples"] == 12 and 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert {"eval_accuracy_ema", "eval_loss_ema"} <= set(metrics)
     logged = read_metrics(output_dir / METRICS_FILE)

@@ -211,7 +211,8 @@ def test_transformers_trainer_trains_and_evaluates_the_classifier(tmp_path):
     from PIL import Image
     from transformers import Trainer, TrainingArguments
 
-    from hf_hierseg.training.augment import EvalTransform, ViewEncoder
+    from hf_hierseg.image_processing_cast import CastImageProcessor
+    from hf_hierseg.training.augment import ProcessorTransform
     from hf_hierseg.training.data import datasets_transform
 
     rng = np.random.default_rng(0)
@@ -221,7 +222,10 @@ def test_transformers_trainer_trains_and_evaluates_the_classifier(tmp_path):
         for i in range(12)
     ]
     dataset = datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(12)]})
-    transform = datasets_transform(EvalTransform(ViewEncoder("grid", 196), 32), "image", "label")
+    processor = CastImageProcessor(
+        superpixel_method="grid", size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}
+    )
+    transform = datasets_transform(ProcessorTransform(processor), "image", "label")
     dataset = dataset.with_transform(transform)
     model = tiny_classifier()
     arguments = TrainingArguments(
@@ -246,3 +250,47 @@ def test_transformers_trainer_trains_and_evaluates_the_classifier(tmp_path):
     predictions = trainer.predict(dataset).predictions
     logits = predictions[0] if isinstance(predictions, tuple) else predictions
     assert logits.shape == (12, 3)
+
+
+def test_a_checkpoint_with_other_classes_needs_ignore_mismatched_sizes(tmp_path):
+    """Fine-tuning a 10-class classifier on the 6 synthetic classes stops before training with one line naming
+    --ignore_mismatched_sizes and both class counts; a checkpoint without classifier (MoCo) needs no flag."""
+    from hf_hierseg.evaluation.synthetic import write_synthetic_dataset
+    from hf_hierseg.modeling_cast import CastForSelfSupervisedPretraining
+    from hf_hierseg.training.arguments import ModelArguments, supervised_parser
+    from hf_hierseg.training.recipes import ClassLabels, build_config, load_or_create, train_supervised
+
+    data = write_synthetic_dataset(tmp_path / "shapes", num_images=6, num_test_images=2, image_size=32)
+    tiny_classifier(num_labels=10).save_pretrained(tmp_path / "ten")
+    arguments = supervised_parser().parse_args_into_dataclasses(
+        args=[
+            "--dataset_name",
+            str(data),
+            "--model_name_or_path",
+            str(tmp_path / "ten"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_train_steps",
+            "1",
+            "--report_to",
+            "none",
+        ]
+    )
+    with pytest.raises(
+        ValueError, match=r"ten has 10 classes and this run 6: .*Pass --ignore_mismatched_sizes"
+    ) as error:
+        train_supervised(*arguments)
+    assert len(str(error.value).splitlines()) == 1
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+    import datasets
+
+    split = datasets.load_dataset("imagefolder", data_dir=str(data), split="train")
+    fields = ClassLabels().config_fields(split)
+    ten = ModelArguments(model_name_or_path=str(tmp_path / "ten"))
+    model = load_or_create(CastForImageClassification, ten, build_config(ten, **fields), ignore_mismatched_sizes=True)
+    assert model.classifier.out_features == 6
+    CastForSelfSupervisedPretraining(tiny_classifier().config).save_pretrained(tmp_path / "moco")
+    moco = ModelArguments(model_name_or_path=str(tmp_path / "moco"))
+    model = load_or_create(CastForImageClassification, moco, build_config(moco, **fields))
+    assert model.classifier.out_features == 6 and model.config.id2label == fields["id2label"]

@@ -99,10 +99,10 @@ def test_draw_hierarchy_bad_input():
 
 
 def test_segment_image_example_draws_the_hierarchy_of_a_tiny_model(tmp_path):
-    modeling = pytest.importorskip("hf_hierseg.modeling_cast")
     import importlib.util
     from pathlib import Path
 
+    from hf_hierseg import modeling_cast as modeling
     from hf_hierseg.configuration_cast import CastConfig
     from hf_hierseg.image_processing_cast import CastImageProcessor
 

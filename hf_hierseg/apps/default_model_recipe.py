@@ -200,8 +200,11 @@ def train_default_model(work_dir, export_dir=DEFAULT_MODEL_DIRECTORY, recipe=Non
     training_dir = work_dir / "moco"
     if training_dir.is_dir():
         shutil.rmtree(training_dir)  # a fresh run: metrics.jsonl and checkpoints of an earlier one must not stay
-    args = moco_parser().parse_args(recipe.training_arguments(work_dir / "data" / "train", training_dir))
-    train_moco(args)
+    train_moco(
+        *moco_parser().parse_args_into_dataclasses(
+            args=recipe.training_arguments(work_dir / "data" / "train", training_dir)
+        )
+    )
     export_backbone(training_dir, export_dir)
     log = read_training_log(training_dir)
     summary = {

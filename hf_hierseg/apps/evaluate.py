@@ -1,14 +1,22 @@
-"""`hf-hierseg evaluate segmentation | classification`: the evaluations of `hf_hierseg.evaluation` from the command
-line (also `scripts/evaluate_segmentation.py` and `scripts/evaluate_classification.py`).
+"""`hf-hierseg evaluate segmentation | classification | open-vocabulary`: the evaluations of `hf_hierseg.evaluation`
+from the command line (also `scripts/evaluate_segmentation.py`, `scripts/evaluate_classification.py` and
+`scripts/evaluate_open_vocabulary.py`).
 
-Each evaluation has a parser factory (`segmentation_parser`, `classification_parser`) and a runner taking the parsed
-arguments (`run_segmentation`, `run_classification`); `hf_hierseg.cli` and the scripts pair them.
+Each evaluation has a parser factory (`segmentation_parser`, `classification_parser`, `open_vocabulary_parser`) and a
+runner taking the parsed arguments (`run_segmentation`, `run_classification`, `run_open_vocabulary`);
+`hf_hierseg.cli` and the scripts pair them.
 """
 
 import argparse
 import logging
 
 from ..evaluation.classification_eval import format_classification_table, run_classification_evaluation
+from ..evaluation.open_vocabulary import (
+    PAPER_CLIP_MODEL,
+    PAPER_IMAGE_SIZE,
+    format_open_vocabulary_report,
+    run_open_vocabulary_evaluation,
+)
 from ..evaluation.segmentation_eval import (
     VIT_BASELINE_PATCH_SIZE,
     format_segmentation_report,
@@ -200,13 +208,111 @@ def run_classification(args):
     return 0
 
 
+OPEN_VOCABULARY_DESCRIPTION = """\
+Open-vocabulary object and part segmentation, the paper's PartImageNet protocol: CAST's level-4 segments (objects)
+and level-3 segments (parts), each shown alone to CLIP (pixels outside set to 0.5 after CLIP's normalisation) and
+matched to "a photo of a {name}" (objects + Background; a part only against its object's parts), on the 224 x 224
+centre crop; per-image Jaccard (torchmetrics' macro average) averaged over images, and the dataset-level mIoU.
+Baselines: ViT + k-means (--vit_model) and SAM masks (--sam_model, transformers' mask-generation pipeline).
+
+    hf-hierseg evaluate open-vocabulary --model_name_or_path converted/cast_base \\
+        --annotation_file data/PartImageNet/annotations/val.json --image_root data/PartImageNet/images/val \\
+        --clip_model openai/clip-vit-base-patch16 --device cuda --results_file outputs/ov_val.jsonl
+
+The paper reports CAST-B 29.67 object / 13.21 part mIoU. A `datasets` dataset with object and part mask columns
+works too (--dataset_name, --object_names, --part_names; a folder of scripts/make_synthetic_dataset.py names its
+own). --results_file keeps one line per scored image: a killed run resumes from it.
+"""
+
+
+def open_vocabulary_parser():
+    parser = argparse.ArgumentParser(
+        description=OPEN_VOCABULARY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", default=None, help="CAST model folder or Hub id (default: bundled)")
+    parser.add_argument("--no_cast", action="store_true", help="evaluate only the baselines")
+    parser.add_argument("--clip_model", default=PAPER_CLIP_MODEL, help="CLIP / SigLIP model (Hub id or folder)")
+    data = parser.add_argument_group("data: a COCO-style JSON of part polygons (PartImageNet) or a datasets dataset")
+    data.add_argument("--annotation_file", default=None, help="COCO-style JSON (e.g. PartImageNet val.json)")
+    data.add_argument("--image_root", default=None, help="folder of its images (file_name or <wnid>/file_name)")
+    data.add_argument("--dataset_name", default=None, help="a datasets dataset with object and part mask columns")
+    data.add_argument("--split", default="validation")
+    data.add_argument("--image_column", default=None, help="default: the first Image column")
+    data.add_argument("--object_column", default="object_mask")
+    data.add_argument("--part_column", default="part_mask")
+    data.add_argument("--object_names", nargs="+", default=None, help="names of the object mask values 0, 1, ...")
+    data.add_argument("--part_names", nargs="+", default=None, help="names of the part mask values 0, 1, ...")
+    data.add_argument("--object_background", type=int, default=0, help="object mask value of the background")
+    data.add_argument("--part_background", type=int, default=0, help="part mask value of the background")
+    data.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--object_level", type=int, default=4, help="CAST level of the objects")
+    parser.add_argument("--part_level", type=int, default=3, help="CAST level of the parts")
+    parser.add_argument("--vit_model", default=None, help="ViT folder / Hub id: adds the ViT + k-means baseline")
+    parser.add_argument("--vit_max_fit_pixels", type=int, default=4096)
+    parser.add_argument("--sam_model", default=None, help="SAM Hub id / folder (e.g. facebook/sam-vit-huge)")
+    parser.add_argument("--sam_points_per_batch", type=int, default=64)
+    parser.add_argument("--hypothesis_template", default="a photo of a {}")
+    parser.add_argument("--masking", choices=("fill", "crop", "blur"), default="fill", help="default: the paper's")
+    parser.add_argument("--fill_value", type=float, default=0.5, help="outside pixels, after CLIP's normalisation")
+    parser.add_argument("--blur_sigma", type=float, default=8.0, help="--masking blur: Gaussian sigma in pixels")
+    parser.add_argument("--segment_batch_size", type=int, default=32, help="segment views per CLIP call")
+    parser.add_argument("--image_size", type=int, default=PAPER_IMAGE_SIZE, help="side of the centre crop")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed")
+    parser.add_argument("--results_file", default=None, help="JSON lines, one per image and model (resumable)")
+    parser.add_argument("--output_json", default=None, help="write the settings and the summary here")
+    return parser
+
+
+def run_open_vocabulary(args):
+    """Run `open_vocabulary_parser`'s arguments: print the report (and write --output_json). Returns 0."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    run = run_open_vocabulary_evaluation(
+        args.model_name_or_path,
+        args.clip_model,
+        annotation_file=args.annotation_file,
+        image_root=args.image_root,
+        dataset_name=args.dataset_name,
+        split=args.split,
+        image_column=args.image_column,
+        object_column=args.object_column,
+        part_column=args.part_column,
+        object_names=args.object_names,
+        part_names=args.part_names,
+        object_background=args.object_background,
+        part_background=args.part_background,
+        max_samples=args.max_samples,
+        object_level=args.object_level,
+        part_level=args.part_level,
+        skip_cast=args.no_cast,
+        vit_model=args.vit_model,
+        vit_max_fit_pixels=args.vit_max_fit_pixels,
+        sam_model=args.sam_model,
+        sam_points_per_batch=args.sam_points_per_batch,
+        hypothesis_template=args.hypothesis_template,
+        masking=args.masking,
+        fill_value=args.fill_value,
+        blur_sigma=args.blur_sigma,
+        segment_batch_size=args.segment_batch_size,
+        image_size=args.image_size,
+        device=args.device,
+        results_file=args.results_file,
+        seed=args.seed,
+    )
+    print(format_open_vocabulary_report(run["summary"]))
+    if args.output_json:
+        print(f"\nScores written to {write_json(run, args.output_json)}")
+    return 0
+
+
 EVALUATIONS = {
     "segmentation": (segmentation_parser, run_segmentation),
     "classification": (classification_parser, run_classification),
+    "open_vocabulary": (open_vocabulary_parser, run_open_vocabulary),
 }
 
 
 def main(kind, argv=None):
-    """Parse `argv` for the evaluation `kind` ("segmentation" or "classification") and run it."""
+    """Parse `argv` for the evaluation `kind` ("segmentation", "classification" or "open_vocabulary") and run it."""
     parser_factory, runner = EVALUATIONS[kind]
     return runner(parser_factory().parse_args(argv))

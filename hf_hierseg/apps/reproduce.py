@@ -38,6 +38,16 @@ from ..evaluation.segmentation_eval import (
 )
 from ..evaluation.synthetic import CLASS_NAMES, INFO_FILE, PART_NAMES, load_synthetic_dataset, write_synthetic_dataset
 from ..modeling_cast import CastForImageClassification
+from ..training.arguments import (
+    DataArguments,
+    EvaluationArguments,
+    ModelArguments,
+    OutputArguments,
+    SupervisedArguments,
+    SupervisedOptimizationArguments,
+)
+from ..training.recipes import TrainingRun, supervised_objective, train_supervised
+from ..training.supervised import SupervisedObjective
 
 
 RESULTS_FILE = "results.json"
@@ -111,30 +121,44 @@ class ReproductionSettings:
             f"graph_pooling_num_heads={self.graph_pooling_num_heads}",
         ]
 
-    def training_arguments(self, data_dir, output_dir, superpixel_method="seeds"):
-        """Arguments of `scripts/train_supervised.py` (a light DeiT recipe: no Mixup / CutMix / erasing, one
-        RandAugment op, label smoothing), evaluated on the `test` split at the end."""
-        return [
-            "--dataset_name", str(data_dir), "--output_dir", str(output_dir),
-            "--superpixel_method", superpixel_method, "--num_superpixels", str(self.num_superpixels),
-            "--per_device_train_batch_size", str(self.batch_size),
-            "--per_device_eval_batch_size", str(self.eval_batch_size),
-            "--max_train_steps", str(self.train_steps), "--num_warmup_steps", str(self.warmup_steps),
-            "--learning_rate", str(self.learning_rate), "--weight_decay", str(self.weight_decay),
-            "--max_grad_norm", str(self.max_grad_norm), "--label_smoothing", str(self.label_smoothing),
-            "--mixup", "0", "--cutmix", "0", "--reprob", "0",
-            "--rand_augment_num_ops", str(self.rand_augment_num_ops),
-            "--rand_augment_magnitude", str(self.rand_augment_magnitude),
-            "--crop_min_scale", str(self.crop_min_scale),
-            "--dataloader_num_workers", str(self.dataloader_num_workers),
-            "--logging_steps", str(max(1, min(50, self.train_steps))),
-            "--report_to", "jsonl", "--seed", str(self.seed),
-        ]  # fmt: skip
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------
+
+
+def training_run_arguments(settings, data_dir, output_dir, superpixel_method="seeds"):
+    """The settings of `training.recipes.train_supervised` (in `arguments.supervised_parser()`'s order) for both
+    models: a light DeiT recipe (no Mixup / CutMix / erasing, one RandAugment op, label smoothing), evaluated on the
+    `test` split at the end. The model is each caller's: `train_cast_classifier` adds CAST's config (a preset with
+    `settings.config_overrides()`), `train_vit_classifier` passes the ViT."""
+    return (
+        DataArguments(dataset_name=str(data_dir), dataloader_num_workers=settings.dataloader_num_workers),
+        ModelArguments(superpixel_method=superpixel_method, num_superpixels=settings.num_superpixels),
+        SupervisedOptimizationArguments(
+            per_device_train_batch_size=settings.batch_size,
+            per_device_eval_batch_size=settings.eval_batch_size,
+            max_train_steps=settings.train_steps,
+            num_warmup_steps=settings.warmup_steps,
+            learning_rate=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+            max_grad_norm=settings.max_grad_norm,
+            seed=settings.seed,
+        ),
+        OutputArguments(
+            output_dir=str(output_dir), logging_steps=max(1, min(50, settings.train_steps)), report_to="jsonl"
+        ),
+        EvaluationArguments(),
+        SupervisedArguments(
+            label_smoothing=settings.label_smoothing,
+            mixup=0.0,
+            cutmix=0.0,
+            reprob=0.0,
+            rand_augment_num_ops=settings.rand_augment_num_ops,
+            rand_augment_magnitude=settings.rand_augment_magnitude,
+            crop_min_scale=settings.crop_min_scale,
+        ),
+    )
 
 
 class SuperpixelFreeClassifier(torch.nn.Module):
@@ -150,80 +174,44 @@ class SuperpixelFreeClassifier(torch.nn.Module):
         return self.model(pixel_values=pixel_values, **kwargs)
 
 
+class PixelClassifierObjective(SupervisedObjective):
+    """The supervised objective of a `SuperpixelFreeClassifier`; the classifier itself is what is saved."""
+
+    def pretrained_model(self, module, accelerator):
+        return self.module.model
+
+
 def train_cast_classifier(settings, data_dir, output_dir):
     """Train `CastForImageClassification` with `training.recipes.train_supervised`. Returns `(model, metrics)`."""
-    from ..training.arguments import supervised_parser
-    from ..training.recipes import train_supervised
-
-    args = supervised_parser().parse_args(
-        [
-            *settings.training_arguments(data_dir, output_dir),
-            "--config_name",
-            "cast-small",
-            "--config_overrides",
-            *settings.config_overrides(),
-        ]
+    data_args, model_args, *other_args = training_run_arguments(settings, data_dir, output_dir)
+    model_args = dataclasses.replace(
+        model_args, config_name="cast-small", config_overrides=settings.config_overrides()
     )
-    metrics = train_supervised(args)
+    metrics = train_supervised(data_args, model_args, *other_args)
     return CastForImageClassification.from_pretrained(output_dir).eval(), metrics
 
 
-def train_pixel_classifier(args, model):
+def train_pixel_classifier(
+    model, data_args, model_args, optimization_args, output_args, evaluation_args, supervised_args
+):
     """`training.recipes.train_supervised` for a classifier that takes pixels only (a transformers ViT): the same
     data, views (their superpixels unused), objective and loop. Returns the final metrics (no evaluation)."""
-    from accelerate.utils import set_seed
-
-    from ..image_datasets import image_column_of, label_column_of, load_image_datasets
-    from ..training.augment import DeitTransform, RandAugment, ViewEncoder
-    from ..training.loop import create_accelerator, setup_logging, train
-    from ..training.recipes import evaluation_split, limit, select_split, training_batches
-    from ..training.supervised import SupervisedObjective
-
-    class PixelClassifierObjective(SupervisedObjective):
-        def pretrained_model(self, module, accelerator):
-            return self.module.model  # the classifier itself, saved with `save_pretrained`
-
-    set_seed(args.seed)
-    splits = load_image_datasets(args.dataset_name, streaming=args.streaming, cache_dir=args.cache_dir)
-    train_split, _ = evaluation_split(splits, select_split(splits, args.train_split_name), args)
-    train_split = limit(train_split, args.max_train_samples)
-    accelerator = create_accelerator(args)
-    setup_logging(accelerator)
-    objective = PixelClassifierObjective(
-        SuperpixelFreeClassifier(model),
-        args.label_smoothing,
-        args.mixup,
-        args.cutmix,
-        args.mixup_prob,
-        args.mixup_switch_prob,
-        seed=args.seed,
+    run = TrainingRun(
+        data_args, model_args, optimization_args, output_args, evaluation_args, recipe_args=(supervised_args,)
     )
-    encoder = ViewEncoder(args.superpixel_method, args.num_superpixels, "supervised")
-    rand_augment = (
-        RandAugment(args.rand_augment_num_ops, args.rand_augment_magnitude) if args.rand_augment_num_ops > 0 else None
+    objective = supervised_objective(
+        SuperpixelFreeClassifier(model), optimization_args, supervised_args, objective_class=PixelClassifierObjective
     )
-    transform = DeitTransform(
-        encoder,
-        args.image_size or model.config.image_size,
-        rand_augment,
-        crop_scale=(args.crop_min_scale, 1.0),
-        erasing_probability=args.reprob,
-    )
-    batches = training_batches(
-        args, accelerator, train_split, transform, image_column_of(train_split), label_column_of(train_split)
-    )
-    return train(args, accelerator, objective, batches)
+    return run.train_classifier(objective, model.config, supervised_args, evaluate=False, save_processor=False)
 
 
 def train_vit_classifier(settings, data_dir, output_dir, num_labels):
     """Train a `ViTForImageClassification` of CAST's size on the same recipe. Returns `(model, metrics)`."""
-    from ..training.arguments import supervised_parser
-
     # The superpixels of the ViT's views are never used: the cheapest method leaves the views unchanged.
-    args = supervised_parser().parse_args(settings.training_arguments(data_dir, output_dir, superpixel_method="grid"))
+    arguments = training_run_arguments(settings, data_dir, output_dir, superpixel_method="grid")
     torch.manual_seed(settings.seed)
     model = ViTForImageClassification(vit_config(settings, num_labels))
-    metrics = train_pixel_classifier(args, model)
+    metrics = train_pixel_classifier(model, *arguments)
     return ViTForImageClassification.from_pretrained(output_dir).eval(), metrics
 
 
@@ -438,6 +426,7 @@ def format_reproduction_report(results):
 
 __all__ = [
     "ReproductionSettings",
+    "PixelClassifierObjective",
     "SuperpixelFreeClassifier",
     "evaluate_models",
     "format_reproduction_report",
@@ -445,5 +434,6 @@ __all__ = [
     "reproduce_small",
     "train_cast_classifier",
     "train_pixel_classifier",
+    "training_run_arguments",
     "train_vit_classifier",
 ]

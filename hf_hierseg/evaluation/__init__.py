@@ -1,5 +1,5 @@
-"""Evaluation: metrics, offline `evaluate` modules, the ViT + k-means baseline, evaluation data, the segmentation and
-classification evaluations run by `hf-hierseg evaluate` (`hf_hierseg.apps.evaluate`)."""
+"""Evaluation: metrics, offline `evaluate` modules, the ViT + k-means baseline, evaluation data, the segmentation,
+classification and open-vocabulary evaluations run by `hf-hierseg evaluate` (`hf_hierseg.apps.evaluate`)."""
 
 from .baselines import (
     evaluate_vit_baseline,
@@ -12,13 +12,22 @@ from .classification_eval import classification_processor, evaluate_classificati
 from .metrics import (
     boundary_fscore,
     evaluate_hierarchy,
+    hierarchical_accuracy,
     knn_accuracy,
     majority_mean_iou,
     mean_iou,
+    per_image_jaccard,
     segment_matching,
     top_k_accuracy,
 )
 from .modules import METRIC_NAMES, metric_path
+from .open_vocabulary import (
+    CocoPartDataset,
+    MaskPartDataset,
+    PartTaxonomy,
+    evaluate_open_vocabulary,
+    run_open_vocabulary_evaluation,
+)
 from .real_photos import RealPhotosUnavailableError, load_arc2017_photo, load_imagenet_photos, load_voc_photo
 from .segmentation_eval import (
     evaluate_cast_hierarchy,
@@ -33,13 +42,20 @@ from .synthetic import CLASS_NAMES, PART_NAMES, generate_example, load_synthetic
 __all__ = [
     "boundary_fscore",
     "evaluate_hierarchy",
+    "hierarchical_accuracy",
     "knn_accuracy",
     "majority_mean_iou",
     "mean_iou",
+    "per_image_jaccard",
     "segment_matching",
     "top_k_accuracy",
     "METRIC_NAMES",
     "metric_path",
+    "CocoPartDataset",
+    "MaskPartDataset",
+    "PartTaxonomy",
+    "evaluate_open_vocabulary",
+    "run_open_vocabulary_evaluation",
     "evaluate_vit_baseline",
     "hierarchical_kmeans",
     "make_vit_like",

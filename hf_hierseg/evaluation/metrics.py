@@ -163,6 +163,57 @@ def _nanmean(values):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Per-image Jaccard index (semantics of torchmetrics' `MulticlassJaccardIndex(average="macro")`)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def jaccard_from_counts(area_intersect, area_union):
+    """Mean IoU of one image from its per-class counts (`intersect_and_union`), as torchmetrics'
+    `MulticlassJaccardIndex(num_classes, average="macro")` computes it for that image (torchmetrics >= 1.0): the mean
+    of intersection / union over the classes present in the prediction or the reference; classes absent from both
+    are left out (torchmetrics gives them weight 0), not counted as 0. NaN when no class is present (an empty
+    image)."""
+    area_intersect, area_union = np.asarray(area_intersect), np.asarray(area_union)
+    present = area_union > 0
+    return float((area_intersect[present] / area_union[present]).mean()) if present.any() else math.nan
+
+
+def per_image_jaccard(predictions, references, num_labels, ignore_index=None):
+    """The Jaccard index of every image, averaged over images (the open-vocabulary protocol of CAST's paper: one
+    torchmetrics `JaccardIndex(task="multiclass", average="macro")` call per image), beside the dataset-level mean
+    IoU (pixel counts summed over images first, as `mean_iou`).
+
+    Args:
+        predictions, references: label maps (see module docstring), values in `0..num_labels-1`.
+        num_labels (`int`): number of classes (background included).
+        ignore_index (`int`, *optional*): reference label left out (the paper uses none).
+
+    Returns:
+        dict with `mean_per_image_jaccard` (mean over images), `per_image_jaccard` (numpy array), `mean_iou`
+        (dataset level) and `per_category_iou` (dataset level, NaN for classes absent everywhere).
+    """
+    _check_num_labels(num_labels)
+    predictions, references = _paired_label_maps(predictions, references)
+    if not predictions:
+        raise ValueError("`per_image_jaccard` needs at least one image.")
+    totals = np.zeros((2, num_labels), dtype=np.int64)
+    scores = []
+    for prediction, reference in zip(predictions, references):
+        area_intersect, area_union, _, _ = intersect_and_union(prediction, reference, num_labels, ignore_index)
+        scores.append(jaccard_from_counts(area_intersect, area_union))
+        totals += np.stack([area_intersect, area_union])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_category_iou = totals[0] / totals[1]
+    scores = np.asarray(scores, dtype=np.float64)
+    return {
+        "mean_per_image_jaccard": _nanmean(scores),
+        "per_image_jaccard": scores,
+        "mean_iou": _nanmean(per_category_iou),
+        "per_category_iou": per_category_iou,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Boundary F-score
 # --------------------------------------------------------------------------------------------------------------
 
@@ -319,6 +370,51 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20,
     return {"knn_accuracy": correct / test.shape[0]}
 
 
+def _level_labels(array, name):
+    array = _to_numpy(array)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] < 2:
+        raise ValueError(
+            f"`{name}` must be [num_samples, num_levels] class ids (finest level first, >= 2 levels, >= 1 sample), "
+            f"got shape {array.shape}."
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"`{name}` must hold integer class ids, got dtype {array.dtype}.")
+    return array
+
+
+def hierarchical_accuracy(predictions, references, paths):
+    """Accuracy of hierarchical classification along a taxonomy (H-CAST's evaluation).
+
+    Args:
+        predictions: `[N, L]` predicted class ids per label level, finest first (e.g. the argmax of each level's
+            logits).
+        references: `[N, L]` true class ids, finest first.
+        paths: the taxonomy as its root-to-leaf paths, one row `[fine, ..., coarsest]` per finest class (H-CAST's
+            `data/*_tree.json`; `CastConfig.hierarchy_paths()`).
+
+    Returns:
+        dict with `top1_accuracy_per_level` (list, finest first), `full_path_accuracy` (all L levels right),
+        `tree_consistency` (fraction of samples whose predicted tuple is a row of `paths`, the authors' TICE check
+        `[pred, family_pred] in trees`), `tice` (tree-based inconsistency error, `1 - tree_consistency`) and
+        `num_samples`.
+    """
+    predictions, references = _level_labels(predictions, "predictions"), _level_labels(references, "references")
+    if predictions.shape != references.shape:
+        raise ValueError(f"`predictions` {predictions.shape} and `references` {references.shape} must have one shape.")
+    rows = {tuple(int(value) for value in row) for row in paths}
+    if not rows or any(len(row) != predictions.shape[1] for row in rows):
+        raise ValueError(f"`paths` must be non-empty rows of {predictions.shape[1]} class ids (one per level).")
+    correct = predictions == references
+    consistency = float(np.mean([tuple(int(value) for value in row) in rows for row in predictions]))
+    return {
+        "top1_accuracy_per_level": [float(level) for level in correct.mean(axis=0)],
+        "full_path_accuracy": float(correct.all(axis=1).mean()),
+        "tree_consistency": consistency,
+        "tice": 1.0 - consistency,
+        "num_samples": int(predictions.shape[0]),
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Unsupervised segmentation: matching predicted regions to ground-truth regions
 # --------------------------------------------------------------------------------------------------------------
@@ -458,6 +554,8 @@ __all__ = [
     "as_label_maps",
     "intersect_and_union",
     "mean_iou",
+    "jaccard_from_counts",
+    "per_image_jaccard",
     "boundary_map",
     "boundary_precision_recall",
     "boundary_fscore",

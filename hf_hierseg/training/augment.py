@@ -1,8 +1,9 @@
 """Training augmentations in PIL / NumPy (no torchvision): MoCo-v3's two asymmetric views and DeiT's recipe.
 
-Every view ends the way the original CAST training code ends it: the superpixels are computed on the augmented
-uint8 image, then the image is normalised. All randomness comes from an explicit `numpy.random.Generator`, so a
-sample's views are a function of (seed, epoch, position) and a resumed run re-creates them exactly.
+Every view ends the way the original CAST training code ends it, through the run's `CastImageProcessor`
+(`encode_view`): the superpixels are computed on the augmented uint8 image, then the image is normalised. All
+randomness comes from an explicit `numpy.random.Generator`, so a sample's views are a function of (seed, epoch,
+position) and a resumed run re-creates them exactly.
 """
 
 import math
@@ -12,16 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from ..superpixels import (
-    DEFAULT_NUM_SUPERPIXELS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    REFERENCE_SIZE,
-    compute_superpixels,
-    denormalize_to_uint8,
-    get_seeds_recipe,
-    scaled_num_superpixels,
-)
+from ..superpixels import IMAGENET_MEAN, IMAGENET_STD
 
 
 # View size (pixels) for which the recipes' absolute settings (blur sigma) are given: ImageNet training crops.
@@ -52,17 +44,6 @@ def random_resized_crop(image, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
         crop_width, crop_height = width, height
     left, top = (width - crop_width) // 2, (height - crop_height) // 2
     return image.resize((size, size), resample, box=(left, top, left + crop_width, top + crop_height))
-
-
-def resize_center_crop(image, size, crop_fraction=0.875, resample=Image.BICUBIC):
-    """Evaluation view: resize the shorter side to `size / crop_fraction` (256 for 224), then a central size x size."""
-    width, height = image.size
-    shorter = size / crop_fraction
-    scale = shorter / min(width, height)
-    # The crop box in source pixels: one resampling step instead of resize-then-crop.
-    crop = size / scale
-    left, top = (width - crop) / 2, (height - crop) / 2
-    return image.resize((size, size), resample, box=(left, top, left + crop, top + crop))
 
 
 def adjust_hue(image, shift):
@@ -199,47 +180,19 @@ class RandAugment:
         return image.transform(image.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=self.fill)
 
 
-class ViewEncoder:
-    """Turns an augmented uint8 view into model inputs: superpixels on the 8-bit image, then normalisation.
-
-    Args:
-        superpixel_method: `"seeds"` (the original), `"slic"` or `"grid"` (see `hf_hierseg.superpixels`).
-        num_superpixels: superpixels requested per `reference_size` x `reference_size` pixels (196 per 224x224 in
-            the original); scaled with the view's area (`reference_size=None` disables scaling).
-        seeds_recipe: `"self_supervised"` (MoCo: SEEDS on the 8-bit view) or `"supervised"` (DeiT: SEEDS on the
-            normalised view turned back to 8 bit by truncation), see `hf_hierseg.superpixels.SEEDS_RECIPES`.
-        image_mean, image_std: normalisation, per channel, in [0, 1] units.
-    """
-
-    def __init__(
-        self,
-        superpixel_method="seeds",
-        num_superpixels=DEFAULT_NUM_SUPERPIXELS,
-        seeds_recipe="self_supervised",
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-        reference_size=REFERENCE_SIZE,
-    ):
-        self.superpixel_method = superpixel_method
-        self.num_superpixels = num_superpixels
-        self.seeds_recipe = get_seeds_recipe(seeds_recipe)
-        self.image_mean = tuple(float(value) for value in image_mean)
-        self.image_std = tuple(float(value) for value in image_std)
-        self.reference_size = reference_size
-
-    def superpixels(self, array, pixel_values):
-        source = array
-        if self.superpixel_method == "seeds" and self.seeds_recipe.from_normalized:
-            source = denormalize_to_uint8(pixel_values, self.image_mean, self.image_std, rounding="truncate")
-        count = scaled_num_superpixels(array.shape[0], array.shape[1], self.num_superpixels, self.reference_size)
-        return compute_superpixels(source, self.superpixel_method, count, self.seeds_recipe)
-
-    def __call__(self, array):
-        """uint8 [H, W, 3] -> (pixel_values float32 [3, H, W], superpixels int64 [H, W])."""
-        mean, std = np.asarray(self.image_mean, np.float32), np.asarray(self.image_std, np.float32)
-        pixel_values = ((array.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
-        superpixels = self.superpixels(array, pixel_values)
-        return torch.from_numpy(np.ascontiguousarray(pixel_values)), torch.from_numpy(superpixels.astype(np.int64))
+def encode_view(processor, view):
+    """An augmented view, uint8 [H, W, 3], as model inputs computed by `processor` (a `CastImageProcessor`) with
+    its superpixel and normalisation settings, without resizing or cropping: (pixel_values float32 [3, H, W],
+    superpixels int64 [H, W]). The processor is the one saved with the model, so inference computes what training
+    computed (the DeiT recipe's SEEDS on the truncated normalised view included)."""
+    inputs = processor(
+        images=view,
+        do_resize=False,
+        do_center_crop=False,
+        input_data_format="channels_last",
+        return_tensors="pt",
+    )
+    return inputs["pixel_values"][0], inputs["superpixels"][0]
 
 
 @dataclass
@@ -277,17 +230,19 @@ MOCO_VIEW_2 = MocoViewRecipe(blur_probability=0.1, solarize_probability=0.2)
 
 
 class MocoTransform:
-    """Two asymmetric MoCo-v3 views of one image, each with its own superpixels.
+    """Two asymmetric MoCo-v3 views of one image, each with its own superpixels (`encode_view` with `processor`).
 
     Returns `{"pixel_values": float32 [2, 3, size, size], "superpixels": int64 [2, size, size]}`."""
 
-    def __init__(self, encoder, size, views=(MOCO_VIEW_1, MOCO_VIEW_2)):
-        self.encoder = encoder
+    def __init__(self, processor, size, views=(MOCO_VIEW_1, MOCO_VIEW_2)):
+        self.processor = processor
         self.size = size
         self.views = views
 
     def __call__(self, image, rng):
-        encoded = [self.encoder(np.asarray(view(image, self.size, rng), dtype=np.uint8)) for view in self.views]
+        encoded = [
+            encode_view(self.processor, np.asarray(view(image, self.size, rng), dtype=np.uint8)) for view in self.views
+        ]
         return {
             "pixel_values": torch.stack([pixel_values for pixel_values, _ in encoded]),
             "superpixels": torch.stack([superpixels for _, superpixels in encoded]),
@@ -296,14 +251,14 @@ class MocoTransform:
 
 class DeitTransform:
     """DeiT's training view: random resized crop (bicubic), flip, RandAugment (a `RandAugment`, or None to skip
-    it), random erasing.
+    it), random erasing; then `encode_view` with `processor`.
 
     Returns `{"pixel_values": float32 [3, size, size], "superpixels": int64 [size, size]}`."""
 
     def __init__(
-        self, encoder, size, rand_augment, crop_scale=(0.08, 1.0), flip_probability=0.5, erasing_probability=0.25
+        self, processor, size, rand_augment, crop_scale=(0.08, 1.0), flip_probability=0.5, erasing_probability=0.25
     ):
-        self.encoder = encoder
+        self.processor = processor
         self.size = size
         self.rand_augment = rand_augment
         self.crop_scale = crop_scale
@@ -319,24 +274,9 @@ class DeitTransform:
         array = np.asarray(image, dtype=np.uint8)
         if self.erasing_probability > 0:
             array = random_erasing(
-                array, rng, self.erasing_probability, mean=self.encoder.image_mean, std=self.encoder.image_std
+                array, rng, self.erasing_probability, mean=self.processor.image_mean, std=self.processor.image_std
             )
-        pixel_values, superpixels = self.encoder(array)
-        return {"pixel_values": pixel_values, "superpixels": superpixels}
-
-
-class EvalTransform:
-    """Deterministic evaluation view: resize (shorter side size / crop_fraction) and central crop."""
-
-    def __init__(self, encoder, size, crop_fraction=0.875, resample=Image.BICUBIC):
-        self.encoder = encoder
-        self.size = size
-        self.crop_fraction = crop_fraction
-        self.resample = resample
-
-    def __call__(self, image, rng=None):
-        view = resize_center_crop(image, self.size, self.crop_fraction, self.resample)
-        pixel_values, superpixels = self.encoder(np.asarray(view, dtype=np.uint8))
+        pixel_values, superpixels = encode_view(self.processor, array)
         return {"pixel_values": pixel_values, "superpixels": superpixels}
 
 
@@ -353,16 +293,14 @@ class ProcessorTransform:
 
 __all__ = [
     "DeitTransform",
-    "EvalTransform",
     "MOCO_VIEW_1",
     "MOCO_VIEW_2",
     "MocoTransform",
     "MocoViewRecipe",
     "ProcessorTransform",
     "RandAugment",
-    "ViewEncoder",
     "color_jitter",
+    "encode_view",
     "random_erasing",
     "random_resized_crop",
-    "resize_center_crop",
 ]

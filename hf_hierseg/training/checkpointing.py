@@ -15,6 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ..errors import InvalidInputError
+
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir):
         return latest_checkpoint(output_dir)
     path = Path(resume_from_checkpoint)
     if not (path / TRAINING_STATE_FILE).is_file():
-        raise ValueError(
+        raise InvalidInputError(
             f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder (no "
             f"{TRAINING_STATE_FILE}); give a `checkpoint-STEP` folder or `latest`."
         )

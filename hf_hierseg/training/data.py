@@ -26,6 +26,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
+from ..errors import InvalidInputError
 from ..image_datasets import UndecodableImageError, decode_image
 
 
@@ -127,7 +128,7 @@ class SuperpixelBatches(torch.utils.data.IterableDataset):
         """Full batches in one epoch of the process with the fewest records (the same number on every process),
         with `num_slots` workers; map-style data, before skipping undecodable images."""
         if self.streaming:
-            raise ValueError("A streamed dataset has no known length: give --max_train_steps.")
+            raise InvalidInputError("A streamed dataset has no known length: give --max_train_steps.")
         per_rank = len(self.dataset) // self.world_size
         return sum(len(range(slot, per_rank, num_slots)) // self.batch_size for slot in range(num_slots))
 
@@ -299,7 +300,7 @@ class TrainingBatches:
                 produced = True
                 yield batch, stream["keys"]
             if from_start and not produced:
-                raise ValueError(
+                raise InvalidInputError(
                     f"Epoch {position.epoch} gave rank {self.batches.rank} no batch: the dataset is empty, all its "
                     f"images are undecodable ({position.skipped_images} skipped), or each of the "
                     f"{position.num_slots} worker(s) gets fewer than --per_device_train_batch_size="

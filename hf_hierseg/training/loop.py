@@ -13,6 +13,7 @@ and the attributes `name` and `pipeline_tag`.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 from tqdm.auto import tqdm
 
 from .. import hub
+from ..errors import InvalidInputError
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .optim import create_optimizer, create_scheduler
 
@@ -70,26 +72,31 @@ def read_metrics(path):
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def create_accelerator(args, find_unused_parameters=False):
-    """An `Accelerator` for the run: mixed precision and process count come from `accelerate launch`; trackers
-    from `--report_to` (`jsonl`, `tensorboard`, `all` (TensorBoard when installed) or `none`)."""
-    report_to = {"all": ["jsonl", "tensorboard"], "none": []}.get(args.report_to, [args.report_to])
-    if args.report_to == "all" and not is_tensorboard_available():
+def create_accelerator(output_args, find_unused_parameters=False):
+    """An `Accelerator` for the run (`output_args`: an `arguments.OutputArguments`): mixed precision and process
+    count come from `accelerate launch`; trackers from `--report_to` (`jsonl`, `tensorboard`, `all` (TensorBoard
+    when installed) or `none`)."""
+    report_to = {"all": ["jsonl", "tensorboard"], "none": []}.get(output_args.report_to, [output_args.report_to])
+    if output_args.report_to == "all" and not is_tensorboard_available():
         report_to = ["jsonl"]
     trackers = []
     for name in report_to:
         if name == "jsonl":
-            trackers.append(JsonLinesTracker(Path(args.output_dir) / METRICS_FILE))
+            trackers.append(JsonLinesTracker(Path(output_args.output_dir) / METRICS_FILE))
         elif name == "tensorboard":
             if not is_tensorboard_available():
-                raise ValueError("--report_to tensorboard needs the `tensorboard` package (pip install tensorboard).")
+                raise InvalidInputError(
+                    "--report_to tensorboard needs the `tensorboard` package (pip install tensorboard)."
+                )
             trackers.append("tensorboard")
         else:
-            raise ValueError(f"--report_to must be jsonl, tensorboard, all or none, got {args.report_to!r}.")
+            raise InvalidInputError(
+                f"--report_to must be jsonl, tensorboard, all or none, got {output_args.report_to!r}."
+            )
     return Accelerator(
         log_with=trackers or None,
         project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")
+            project_dir=output_args.output_dir, logging_dir=os.path.join(output_args.output_dir, "runs")
         ),
         # The schedule counts optimiser steps, whatever the number of processes.
         step_scheduler_with_optimizer=False,
@@ -98,6 +105,7 @@ def create_accelerator(args, find_unused_parameters=False):
 
 
 def setup_logging(accelerator):
+    """Log lines with time and origin; INFO on each machine's main process, warnings only elsewhere."""
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
@@ -147,47 +155,72 @@ def log_metrics(accelerator, step, max_steps, metrics, progress=None):
         (progress.write if progress is not None else print)(format_metrics(step, max_steps, metrics))
 
 
-def sanitized_config(args):
-    """Hyper-parameters for the trackers (TensorBoard accepts only scalars and strings)."""
+def sanitized_config(settings):
+    """Hyper-parameters for the trackers (TensorBoard accepts only scalars and strings), without the Hub token:
+    the fields of the run's settings dataclasses."""
+    values = {}
+    for dataclass_settings in settings:
+        values.update(dataclasses.asdict(dataclass_settings))
     return {
         key: value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
-        for key, value in vars(args).items()
+        for key, value in values.items()
         if key != "hub_token"
     }
 
 
-def train(args, accelerator, objective, training_batches, processor=None, evaluate=None, card=None):
+def train(
+    accelerator,
+    objective,
+    training_batches,
+    optimization_args,
+    output_args,
+    max_steps,
+    processor=None,
+    evaluate=None,
+    eval_steps=None,
+    card=None,
+    log_sample_keys=False,
+    hyperparameters=None,
+):
     """Run the optimisation, then save (and push) the model. Returns the final metrics.
 
     Args:
-        args: namespace with the fields of `hf_hierseg.training.arguments.common_parser`.
         accelerator: from `create_accelerator`.
-        objective: a `MocoObjective` / `SupervisedObjective` (see the module docstring).
+        objective: a `MocoObjective` / `SupervisedObjective` / ... (see the module docstring).
         training_batches: a `TrainingBatches` (this process's data).
+        optimization_args, output_args: the run's `arguments.OptimizationArguments` and `arguments.OutputArguments`.
+        max_steps: optimiser steps to run (`--max_train_steps`, or its epochs in steps).
         processor: image processor saved beside the model.
         evaluate: optional callable (model, accelerator) -> metrics dict, run every `eval_steps` and at the end.
         card: dict of model-card fields (`datasets`, `base_model`, `data`).
+        log_sample_keys: write the ids of the training records of every step to `sample_keys_rank{r}.txt`.
+        hyperparameters: dict logged to the trackers (`run_config.json`).
     """
-    output_dir = Path(args.output_dir)
-    max_steps, accumulation = args.max_train_steps, args.gradient_accumulation_steps
+    output_dir = Path(output_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accumulation = optimization_args.gradient_accumulation_steps
     module = objective.training_module()
-    optimizer = create_optimizer(module, args.optimizer, args.learning_rate, args.weight_decay)
-    scheduler = create_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, max_steps)
+    optimizer = create_optimizer(
+        module, optimization_args.optimizer, optimization_args.learning_rate, optimization_args.weight_decay
+    )
+    scheduler = create_scheduler(
+        optimizer, optimization_args.lr_scheduler_type, optimization_args.num_warmup_steps, max_steps
+    )
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
 
     start_step = 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    checkpoint = resolve_checkpoint(output_args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
         start_step, data_state = load_checkpoint(accelerator, checkpoint)
         if data_state is not None:
             training_batches.load_state_dict(data_state)
         objective.load_state(checkpoint)
         logger.info("Resumed from %s at step %d (epoch %d).", checkpoint, start_step, training_batches.position.epoch)
-    elif args.resume_from_checkpoint == "latest":
+    elif output_args.resume_from_checkpoint == "latest":
         logger.info("No checkpoint in %s yet: starting from scratch.", output_dir)
-    accelerator.init_trackers("train", config=sanitized_config(args))
+    accelerator.init_trackers("train", config=hyperparameters or {})
 
-    keys_file = output_dir / f"sample_keys_rank{accelerator.process_index}.txt" if args.log_sample_keys else None
+    keys_file = output_dir / f"sample_keys_rank{accelerator.process_index}.txt" if log_sample_keys else None
     progress = tqdm(
         total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc=objective.name
     )
@@ -211,8 +244,8 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
             for key, value in metrics.items():
                 window_metrics.setdefault(key, []).append(float(value))
         grad_norm = None
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
+        if optimization_args.max_grad_norm and optimization_args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), optimization_args.max_grad_norm)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -221,7 +254,7 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
         step_metrics = objective.after_optimizer_step(module, completed, max_steps, accelerator)
         progress.update(1)
 
-        if completed % args.logging_steps == 0 or completed == max_steps:
+        if completed % output_args.logging_steps == 0 or completed == max_steps:
             logged = {"learning_rate": learning_rate, **step_metrics}
             if grad_norm is not None:
                 logged["grad_norm"] = float(grad_norm)
@@ -238,16 +271,17 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
             progress.set_postfix(loss=f"{logged['loss']:.4f}")
             window_losses, window_metrics, window_start = [], {}, time.perf_counter()
 
-        if args.checkpointing_steps and completed % args.checkpointing_steps == 0 and completed < max_steps:
+        checkpointing_steps = output_args.checkpointing_steps
+        if checkpointing_steps and completed % checkpointing_steps == 0 and completed < max_steps:
             save_checkpoint(
                 accelerator,
                 output_dir,
                 completed,
                 training_batches.state_dict(),
                 objective.save_state,
-                args.checkpoints_total_limit,
+                output_args.checkpoints_total_limit,
             )
-        if evaluate is not None and args.eval_steps and completed % args.eval_steps == 0 and completed < max_steps:
+        if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
             log_metrics(
                 accelerator,
                 completed,
@@ -262,19 +296,19 @@ def train(args, accelerator, objective, training_batches, processor=None, evalua
     if evaluate is not None:
         final_metrics.update(evaluate(objective.pretrained_model(module, accelerator), accelerator))
         log_metrics(accelerator, max_steps, max_steps, final_metrics)
-    if args.checkpointing_steps:
+    if output_args.checkpointing_steps:
         save_checkpoint(
             accelerator,
             output_dir,
             max_steps,
             training_batches.state_dict(),
             objective.save_state,
-            args.checkpoints_total_limit,
+            output_args.checkpoints_total_limit,
         )
     model = objective.pretrained_model(module, accelerator)
     write_run_summary(output_dir, accelerator, training_batches, model, max_steps)
     if accelerator.is_main_process:
-        save_outputs(args, output_dir, objective, model, processor, final_metrics, card or {})
+        save_outputs(optimization_args, output_args, max_steps, objective, model, processor, final_metrics, card or {})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_metrics
@@ -310,8 +344,9 @@ def write_run_summary(output_dir, accelerator, training_batches, model, steps):
     path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 
-def save_outputs(args, output_dir, objective, model, processor, metrics, card):
+def save_outputs(optimization_args, output_args, steps, objective, model, processor, metrics, card):
     """`save_pretrained` model + image processor, EMA weights under `ema/`, results and model card; push."""
+    output_dir = Path(output_args.output_dir)
     model.save_pretrained(output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)
@@ -322,13 +357,17 @@ def save_outputs(args, output_dir, objective, model, processor, metrics, card):
             processor.save_pretrained(output_dir / "ema")
     (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     # The card names the model after the Hub repo, else after the output folder (made a valid repo name).
-    repo_id = args.hub_model_id or re.sub(r"[^\w.-]+", "-", output_dir.resolve().name).strip("-.")[:96] or "cast"
+    repo_id = (
+        output_args.hub_model_id or re.sub(r"[^\w.-]+", "-", output_dir.resolve().name).strip("-.")[:96] or "cast"
+    )
+    optimization = optimization_args
     summary = {
-        "steps": args.max_train_steps,
-        "per-device batch size": args.per_device_train_batch_size,
-        "gradient accumulation steps": args.gradient_accumulation_steps,
-        "optimizer": f"{args.optimizer}, learning rate {args.learning_rate:g}, weight decay {args.weight_decay:g}",
-        "schedule": f"{args.lr_scheduler_type} with {args.num_warmup_steps} warm-up steps",
+        "steps": steps,
+        "per-device batch size": optimization.per_device_train_batch_size,
+        "gradient accumulation steps": optimization.gradient_accumulation_steps,
+        "optimizer": f"{optimization.optimizer}, learning rate {optimization.learning_rate:g}, weight decay "
+        f"{optimization.weight_decay:g}",
+        "schedule": f"{optimization.lr_scheduler_type} with {optimization.num_warmup_steps} warm-up steps",
         **objective.card_details(),
     }
     if card.get("data"):
@@ -343,13 +382,13 @@ def save_outputs(args, output_dir, objective, model, processor, metrics, card):
         training_summary=summary,
         metrics={key: value for key, value in metrics.items() if isinstance(value, (int, float))},
     )
-    if args.push_to_hub:
+    if output_args.push_to_hub:
         commit = hub.push_folder_to_hub(
             output_dir,
             repo_id,
-            f"{objective.name}: {args.max_train_steps} steps",
-            private=args.hub_private_repo,
-            token=args.hub_token,
+            f"{objective.name}: {steps} steps",
+            private=output_args.hub_private_repo,
+            token=output_args.hub_token,
         )
         logger.info("Pushed %s to %s", output_dir, commit.commit_url)
 
@@ -358,7 +397,7 @@ def steps_for_epochs(num_train_epochs, batches_per_epoch, gradient_accumulation_
     """`--num_train_epochs` in optimiser steps, from the batches per epoch of a map-style dataset."""
     steps = num_train_epochs * math.floor(batches_per_epoch / gradient_accumulation_steps)
     if steps < 1:
-        raise ValueError(
+        raise InvalidInputError(
             f"{num_train_epochs} epoch(s) of {batches_per_epoch} batch(es) make no optimiser step; "
             "use a smaller batch or --max_train_steps."
         )
@@ -370,6 +409,8 @@ __all__ = [
     "create_accelerator",
     "parameter_fingerprint",
     "read_metrics",
+    "sanitized_config",
+    "setup_logging",
     "steps_for_epochs",
     "train",
 ]

@@ -7,55 +7,39 @@ values; RGB(A) colour masks need a `palette` (one colour per class id) unless th
 
 Training views: a random resized crop and a horizontal flip applied to the image (bilinear) and to the mask (nearest)
 with the same random draws, optional colour jitter of the image, then superpixels on the augmented 8-bit image and
-normalisation (`augment.ViewEncoder`). Evaluation views: image and mask resized to `size` x `size`; the mIoU is
-computed at that resolution with `hf_hierseg.evaluation.metrics.mean_iou`.
+normalisation by the run's `CastImageProcessor` (`augment.encode_view`). Evaluation views: the image through the
+processor resized to `size` x `size` (what inference computes), the mask resized (nearest) to the same size; the
+mIoU is computed at that resolution with `hf_hierseg.evaluation.metrics.mean_iou`.
 """
 
 import copy
+import dataclasses
 import json
 import logging
 
 import datasets
 import numpy as np
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 from PIL import Image, ImageOps
-from transformers import AutoModelForSemanticSegmentation
 
+from ..errors import InvalidInputError
 from ..evaluation.metrics import mean_iou
 from ..image_datasets import (
     check_class_ids,
     decode_mask,
-    image_column_of,
-    load_image_datasets,
     mask_column_of,
     mask_to_class_ids,
     normalize_palette,
     reduce_mask_labels,
 )
 from ..modeling_cast import CastForSemanticSegmentation
-from .arguments import common_parser, positive_int
-from .augment import color_jitter, random_resized_crop
-from .data import SuperpixelBatches, TrainingBatches, evaluation_loader
-from .loop import create_accelerator, setup_logging, steps_for_epochs, train
-from .recipes import (
-    build_config,
-    check_arguments,
-    dataset_card_fields,
-    evaluation_split,
-    image_processor_and_encoder,
-    is_hub_id,
-    limit,
-    select_split,
-)
+from .augment import color_jitter, encode_view, random_resized_crop
+from .data import SuperpixelBatches
+from .recipes import Evaluation, TrainingRun, check_model_source, load_or_create
 
 
 logger = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------------------------
-# Masks
-# --------------------------------------------------------------------------------------------------------------
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Views
@@ -66,16 +50,17 @@ class SegmentationTransform:
     """Image + mask -> `{"pixel_values" [3, S, S], "superpixels" [S, S], "labels" [S, S]}`.
 
     Args:
-        encoder: an `augment.ViewEncoder` (superpixels on the 8-bit view, then normalisation).
+        processor: the run's `CastImageProcessor` (superpixels on the 8-bit view, then normalisation).
         size: output side S.
         num_labels, ignore_index, palette, reduce_labels: how masks become class ids (module docstring).
-        train: random resized crop + flip (+ jitter) when True; a plain resize when False.
+        train: random resized crop + flip (+ jitter) when True; when False, the processor resizes the image to S x S
+            (as the saved processor does at inference) and the mask is resized to match.
         crop_scale: area range of the random crops; flip_probability; jitter_probability: colour jitter of the image.
     """
 
     def __init__(
         self,
-        encoder,
+        processor,
         size,
         num_labels,
         ignore_index=255,
@@ -86,7 +71,7 @@ class SegmentationTransform:
         flip_probability=0.5,
         jitter_probability=0.0,
     ):
-        self.encoder = encoder
+        self.processor = processor
         self.size = size
         self.num_labels = num_labels
         self.ignore_index = ignore_index
@@ -107,17 +92,24 @@ class SegmentationTransform:
     def geometric(self, image, mask, rng):
         """The same crop box and flip for both: `random_resized_crop` draws its box from `rng` and the image size
         only, so a copy of the generator taken before the image's crop gives the mask the same box."""
-        if not self.train:
-            return (
-                image.resize((self.size, self.size), Image.BILINEAR),
-                mask.resize((self.size, self.size), Image.NEAREST),
-            )
         mask_rng = copy.deepcopy(rng)
         image = random_resized_crop(image, self.size, rng, scale=self.crop_scale, resample=Image.BILINEAR)
         mask = random_resized_crop(mask, self.size, mask_rng, scale=self.crop_scale, resample=Image.NEAREST)
         if rng.random() < self.flip_probability:
             image, mask = ImageOps.mirror(image), ImageOps.mirror(mask)
         return image, mask
+
+    def evaluation_view(self, image):
+        """The image resized to size x size by the processor: (pixel_values [3, S, S], superpixels [S, S])."""
+        inputs = self.processor(
+            images=np.asarray(image),
+            do_resize=True,
+            size={"height": self.size, "width": self.size},
+            do_center_crop=False,
+            input_data_format="channels_last",
+            return_tensors="pt",
+        )
+        return inputs["pixel_values"][0], inputs["superpixels"][0]
 
     def __call__(self, image, mask, rng=None):
         class_ids = self.class_ids(mask)
@@ -129,10 +121,15 @@ class SegmentationTransform:
         if self.train and rng is None:
             raise ValueError("Training views need a numpy random Generator `rng`.")
         mask = Image.fromarray(class_ids.astype(np.int32), mode="I")
-        image, mask = self.geometric(image.convert("RGB"), mask, rng)
-        if self.train and self.jitter_probability and rng.random() < self.jitter_probability:
-            image = color_jitter(image, rng)
-        pixel_values, superpixels = self.encoder(np.asarray(image, dtype=np.uint8))
+        image = image.convert("RGB")
+        if self.train:
+            image, mask = self.geometric(image, mask, rng)
+            if self.jitter_probability and rng.random() < self.jitter_probability:
+                image = color_jitter(image, rng)
+            pixel_values, superpixels = encode_view(self.processor, np.asarray(image, dtype=np.uint8))
+        else:
+            pixel_values, superpixels = self.evaluation_view(image)
+            mask = mask.resize((self.size, self.size), Image.NEAREST)
         labels = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
         return {"pixel_values": pixel_values, "superpixels": superpixels, "labels": labels}
 
@@ -144,7 +141,7 @@ class SegmentationBatches(SuperpixelBatches):
     def __init__(self, dataset, transform, batch_size, image_column, mask_column, **kwargs):
         columns = dataset.features or {}
         if columns and mask_column not in columns:
-            raise ValueError(f"Mask column {mask_column!r} is not a column; columns: {list(columns)}.")
+            raise InvalidInputError(f"Mask column {mask_column!r} is not a column; columns: {list(columns)}.")
         if isinstance(columns.get(mask_column), datasets.Image):
             dataset = dataset.cast_column(mask_column, datasets.Image(decode=False))
         super().__init__(dataset, self.transform_pair, batch_size, image_column, None, **kwargs)
@@ -172,6 +169,18 @@ class SegmentationBatches(SuperpixelBatches):
 
     def transform_pair(self, image, rng):
         return self.pair_transform(image, self.current_mask, rng)
+
+
+@dataclasses.dataclass
+class SegmentationMasks:
+    """The target of segmentation (for `recipes.TrainingRun.train`): each record's mask in `column_name` (default:
+    a column named mask/label/annotation/..., else the second Image column), read by `SegmentationBatches`."""
+
+    column_name: str | None = None
+    batches_class = SegmentationBatches
+
+    def column(self, split, image_column):
+        return mask_column_of(split, image_column, self.column_name)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,80 +270,26 @@ def evaluate_segmentation(model, batches, accelerator):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def segmentation_parser():
-    parser = common_parser("Semantic-segmentation fine-tuning of CAST on image + mask pairs (Accelerate).")
-    parser.add_argument(
-        "--label_column_name",
-        type=str,
-        default=None,
-        help="Column with the masks (default: a column named mask/label/annotation/..., else the "
-        "second Image column).",
-    )
-    parser.add_argument(
-        "--validation_split_name",
-        type=str,
-        default=None,
-        help="Evaluation split (default: `validation`, else `test`, else --train_val_split of train).",
-    )
-    parser.add_argument(
-        "--train_val_split",
-        type=float,
-        default=0.15,
-        help="Fraction of train held out for evaluation when there is no evaluation split.",
-    )
-    parser.add_argument("--num_labels", type=positive_int, default=None, help="Number of classes.")
-    parser.add_argument(
-        "--id2label", type=str, default=None, help="JSON file {class id: name} (sets --num_labels to its length)."
-    )
-    parser.add_argument("--ignore_index", type=int, default=255, help="Mask value that is not a class.")
-    parser.add_argument(
-        "--reduce_labels",
-        action="store_true",
-        help="Mask 0 is background to ignore; classes start at 1 (ADE20k convention).",
-    )
-    parser.add_argument(
-        "--palette",
-        type=str,
-        default=None,
-        help='JSON file: a list of [r, g, b] colours (index = class id) or {"#rrggbb": id}, to read RGB colour masks.',
-    )
-    parser.add_argument("--crop_min_scale", type=float, default=0.25, help="Smallest crop area of the training views.")
-    parser.add_argument("--jitter_probability", type=float, default=0.0, help="Colour jitter of training images.")
-    parser.add_argument(
-        "--segmentation_head_type",
-        type=str,
-        default=None,
-        choices=("linear", "mlp_projector"),
-        help="Head of a new model (default: the checkpoint's, else linear).",
-    )
-    parser.add_argument("--max_eval_samples", type=positive_int, default=None)
-    parser.add_argument("--eval_steps", type=int, default=None, help="Evaluate (mIoU) every N steps and at the end.")
-    parser.add_argument(
-        "--ignore_mismatched_sizes",
-        action="store_true",
-        help="Load a checkpoint whose head has another number of classes (re-initialised).",
-    )
-    parser.set_defaults(
-        learning_rate=1e-4, weight_decay=0.05, per_device_train_batch_size=8, per_device_eval_batch_size=8
-    )
-    return parser
-
-
-def label_settings(args):
-    """`num_labels`, `id2label` and `label2id` from --id2label or --num_labels."""
+def label_settings(segmentation_args):
+    """`num_labels`, `id2label` and `label2id` from --id2label or --num_labels (an `arguments.SegmentationArguments`)."""
+    args = segmentation_args
     if args.id2label is not None:
         with open(args.id2label, encoding="utf-8") as handle:
             id2label = {int(key): str(value) for key, value in json.load(handle).items()}
         if sorted(id2label) != list(range(len(id2label))):
-            raise ValueError(f"--id2label {args.id2label} must map the ids 0..N-1, got {sorted(id2label)[:10]} ...")
+            raise InvalidInputError(
+                f"--id2label {args.id2label} must map the ids 0..N-1, got {sorted(id2label)[:10]} ..."
+            )
         if args.num_labels is not None and args.num_labels != len(id2label):
-            raise ValueError(f"--num_labels {args.num_labels} contradicts --id2label ({len(id2label)} classes).")
+            raise InvalidInputError(
+                f"--num_labels {args.num_labels} contradicts --id2label ({len(id2label)} classes)."
+            )
     elif args.num_labels is not None:
         id2label = {index: str(index) for index in range(args.num_labels)}
     else:
-        raise ValueError("Give --num_labels or --id2label (a JSON file {id: name}).")
+        raise InvalidInputError("Give --num_labels or --id2label (a JSON file {id: name}).")
     if args.ignore_index in id2label:
-        raise ValueError(f"--ignore_index {args.ignore_index} is also a class id; choose another ignore index.")
+        raise InvalidInputError(f"--ignore_index {args.ignore_index} is also a class id; choose another ignore index.")
     return {
         "num_labels": len(id2label),
         "id2label": id2label,
@@ -352,121 +307,64 @@ def load_palette(path):
     return palette
 
 
-def build_model(args, config):
-    if args.model_name_or_path is None:
-        return CastForSemanticSegmentation(config)
-    return AutoModelForSemanticSegmentation.from_pretrained(
-        args.model_name_or_path,
-        config=config,
-        revision=args.hub_revision,
-        ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+def train_segmentation(data_args, model_args, optimization_args, output_args, evaluation_args, segmentation_args):
+    """Fine-tune a `CastForSemanticSegmentation`, with the dataclasses of `arguments.segmentation_parser()` in its
+    order. Returns the final metrics."""
+    check_model_source(model_args)
+    labels = label_settings(segmentation_args)
+    palette = load_palette(segmentation_args.palette)
+    run = TrainingRun(
+        data_args, model_args, optimization_args, output_args, evaluation_args, recipe_args=(segmentation_args,)
     )
-
-
-def train_segmentation(args):
-    """Fine-tune a `CastForSemanticSegmentation`. Returns the final metrics."""
-    check_arguments(args)
-    set_seed(args.seed)
-    labels = label_settings(args)
-    palette = load_palette(args.palette)
-    fields = dict(labels, freeze_last_pooling=False, semantic_loss_ignore_index=args.ignore_index)
-    if args.segmentation_head_type is not None:
-        fields["segmentation_head_type"] = args.segmentation_head_type
-    config = build_config(args, **fields)
-    model = build_model(args, config)
-
-    splits = load_image_datasets(
-        args.dataset_name,
-        args.dataset_config_name,
-        args.train_dir,
-        args.validation_dir,
-        args.streaming,
-        args.cache_dir,
-        args.hub_token,
-    )
-    train_split, eval_split = evaluation_split(splits, select_split(splits, args.train_split_name), args)
-    train_split = limit(train_split, args.max_train_samples)
-    image_column = image_column_of(train_split, args.image_column_name)
-    mask_column = mask_column_of(train_split, image_column, args.label_column_name)
-
-    accelerator = create_accelerator(args)
-    setup_logging(accelerator)
-    processor, encoder = image_processor_and_encoder(args, config, "self_supervised")
-    size = args.image_size or config.image_size
+    fields = {
+        "id2label": labels["id2label"],  # the config's num_labels follows
+        "label2id": labels["label2id"],
+        "freeze_last_pooling": False,
+        "semantic_loss_ignore_index": segmentation_args.ignore_index,
+    }
+    if segmentation_args.segmentation_head_type is not None:
+        fields["segmentation_head_type"] = segmentation_args.segmentation_head_type
+    config = run.config(**fields)
+    model = load_or_create(CastForSemanticSegmentation, model_args, config, segmentation_args.ignore_mismatched_sizes)
+    processor = run.image_processor(config, "self_supervised")
+    size = run.view_size(config)
     # No centre crop for segmentation: the saved processor resizes to size x size, as the evaluation views do, so
     # `post_process_semantic_segmentation(target_sizes=...)` maps predictions back onto the whole original image.
     processor.do_center_crop = False
     processor.size = {"height": size, "width": size}
     mask_settings = dict(
         num_labels=labels["num_labels"],
-        ignore_index=args.ignore_index,
+        ignore_index=segmentation_args.ignore_index,
         palette=palette,
-        reduce_labels=args.reduce_labels,
+        reduce_labels=segmentation_args.reduce_labels,
     )
     transform = SegmentationTransform(
-        encoder,
+        processor,
         size,
         train=True,
-        crop_scale=(args.crop_min_scale, 1.0),
-        jitter_probability=args.jitter_probability,
+        crop_scale=(segmentation_args.crop_min_scale, 1.0),
+        jitter_probability=segmentation_args.jitter_probability,
         **mask_settings,
     )
-    batches = SegmentationBatches(
-        train_split,
+    evaluation = Evaluation(
+        SegmentationTransform(processor, size, train=False, **mask_settings), evaluate_segmentation
+    )
+    return run.train(
+        SegmentationObjective(model),
         transform,
-        args.per_device_train_batch_size,
-        image_column,
-        mask_column,
-        seed=args.seed,
-        shuffle=True,
-        shuffle_buffer_size=args.shuffle_buffer_size,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        drop_last=True,
-        return_keys=args.log_sample_keys,
+        processor,
+        targets=SegmentationMasks(segmentation_args.label_column_name),
+        evaluation=evaluation,
     )
-    if args.max_train_steps is None:
-        per_epoch = batches.batches_per_epoch(max(1, args.dataloader_num_workers))
-        args.max_train_steps = steps_for_epochs(args.num_train_epochs, per_epoch, args.gradient_accumulation_steps)
-    training = TrainingBatches(
-        batches,
-        args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        worker_timeout=args.dataloader_timeout,
-    )
-
-    evaluate = None
-    if eval_split is not None:
-        eval_split = limit(eval_split, args.max_eval_samples)
-        eval_image_column = image_column_of(eval_split, args.image_column_name)
-        eval_batches = SegmentationBatches(
-            eval_split,
-            SegmentationTransform(encoder, size, train=False, **mask_settings),
-            args.per_device_eval_batch_size,
-            eval_image_column,
-            mask_column_of(eval_split, eval_image_column, args.label_column_name),
-            shuffle=False,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            drop_last=False,
-        )
-
-        def evaluate(model, accelerator):
-            loader = evaluation_loader(eval_batches, args.dataloader_num_workers, args.dataloader_timeout)
-            return evaluate_segmentation(model, loader, accelerator)
-
-    card = {
-        "base_model": args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
-        **dataset_card_fields(args),
-    }
-    return train(args, accelerator, SegmentationObjective(model), training, processor, evaluate=evaluate, card=card)
 
 
 __all__ = [
     "SegmentationBatches",
+    "SegmentationMasks",
     "SegmentationObjective",
     "SegmentationTransform",
     "evaluate_segmentation",
-    "segmentation_parser",
+    "label_settings",
+    "load_palette",
     "train_segmentation",
 ]
