@@ -95,8 +95,8 @@ def cast_preprocess(pipeline, image, timeout=None):
         raise ValueError(f"{type(processor).__name__} returned no `superpixels`; use CastImageProcessor.")
     inputs = inputs.to(pipeline.dtype) if pipeline.dtype is not None else inputs
     model_inputs = {"pixel_values": inputs["pixel_values"], "superpixels": inputs["superpixels"]}
-    model_inputs["target_size"] = torch.tensor([[image.height, image.width]])  # [1, 2], batched to [B, 2]
-    # A one-element list: after batching, each image gets its own list back (as in ImageSegmentationPipeline).
+    # One-element lists: after batching, each image gets its own list back (as in ImageSegmentationPipeline).
+    model_inputs["target_size"] = [(image.height, image.width)]
     model_inputs["image"] = [image]
     return model_inputs
 
@@ -142,6 +142,14 @@ class LazyMask(Image.Image):
         return self.copy() == (other.copy() if isinstance(other, LazyMask) else other)
 
     __hash__ = None
+
+
+def sized_preprocess(pipeline, image, timeout=None):
+    """`cast_preprocess` with the original size as an int64 tensor `[1, 2]` (batched to `[B, 2]`), for a forward that
+    works on the sizes of the whole batch."""
+    model_inputs = cast_preprocess(pipeline, image, timeout)
+    model_inputs["target_size"] = torch.tensor(model_inputs["target_size"])
+    return model_inputs
 
 
 def lazy_masks(segmentation, ids):
@@ -279,7 +287,7 @@ class HierarchicalSegmentationPipeline(Pipeline):
         return threaded_iterator(self, inputs, batch_size, preprocess_params, forward_params, postprocess_params)
 
     def preprocess(self, image, timeout=None):
-        return cast_preprocess(self, image, timeout)
+        return sized_preprocess(self, image, timeout)
 
     def _forward(self, model_inputs):
         target_size, image = model_inputs.pop("target_size"), model_inputs.pop("image")
@@ -353,7 +361,7 @@ class CastImageSegmentationPipeline(ImageSegmentationPipeline):
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, image, timeout=None):
-        return cast_preprocess(self, image, timeout)
+        return sized_preprocess(self, image, timeout)
 
     def _forward(self, model_inputs):
         target_size = model_inputs.pop("target_size")
