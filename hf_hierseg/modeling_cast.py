@@ -38,6 +38,9 @@ logger = logging.get_logger(__name__)
 
 # Dropout between the fused BatchNorm and the projection (hard-coded in the original BlockFusion).
 FUSION_DROPOUT = 0.2
+# Largest estimated attention memory of a forward accepted by default, in bytes (`config.max_attention_memory`
+# overrides it, None disables the check): see `check_attention_memory`.
+DEFAULT_MAX_ATTENTION_MEMORY = 16 * 2**30
 SEGMENTATION_HEAD_TYPES = ("linear", "mlp_projector")
 
 
@@ -438,6 +441,52 @@ class CastEncoder(nn.ModuleList):
 # --- models -------------------------------------------------------------------------------------------------------
 
 
+def check_attention_memory(config, pixel_values, superpixels, pool_at_full_resolution=False):
+    """Refuse, before anything is allocated, a batch whose forward would need more memory than
+    `config.max_attention_memory` bytes (default `DEFAULT_MAX_ATTENTION_MEMORY`, 16 GiB; None disables the check).
+
+    The cost model: one token per superpixel id (N = the largest id the model samples + 1), so N grows with the image
+    area; every ViT block holds a [B, heads, 1 + N, 1 + N] attention map, so memory (and time) grow with N^2. Pooling
+    segments at full resolution also holds the ConvStem features upsampled to [B, H, W, C]. Eager code only: skipped
+    while compiling, exporting or tracing (the shapes are fixed there)."""
+    limit = getattr(config, "max_attention_memory", DEFAULT_MAX_ATTENTION_MEMORY)
+    if limit is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    batch, _, height, width = pixel_values.shape
+    stride = 1 if pool_at_full_resolution else config.patch_size
+    num_tokens = max(int(superpixels[:, ::stride, ::stride].max()) + 1, config.num_clusters[0])
+    element = pixel_values.element_size()
+    heads = config.num_attention_heads
+    attention = batch * heads * (1 + num_tokens) ** 2 * element
+    pooling = batch * height * width * config.hidden_size * element if pool_at_full_resolution else 0
+    if max(attention, pooling) <= limit:
+        return
+    if attention >= pooling:
+        need = (
+            f"{_format_bytes(attention)} per attention map (batch {batch} x {heads} heads x {1 + num_tokens:,}^2 "
+            f"tokens x {element} bytes)"
+        )
+    else:
+        need = (
+            f"{_format_bytes(pooling)} for the features pooled at full resolution (batch {batch} x {height}x{width} "
+            f"pixels x {config.hidden_size} channels x {element} bytes)"
+        )
+    raise ValueError(
+        f"This batch would need about {need}, more than config.max_attention_memory = {_format_bytes(limit)}. CAST "
+        f"makes one token per superpixel ({num_tokens:,} here, for {height}x{width}-pixel images): the count grows with "
+        "the image area and attention memory with its square. Resize the images (CastImageProcessor with "
+        "do_resize=True, or a smaller `size`), request fewer superpixels (num_superpixels), pass fewer images per "
+        "batch, or raise config.max_attention_memory (None disables this check)."
+    )
+
+
+def _format_bytes(count):
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
 class CastPreTrainedModel(PreTrainedModel):
     config_class = CastConfig
     config: CastConfig
@@ -576,6 +625,7 @@ class CastModel(CastPreTrainedModel):
         superpixels (`torch.LongTensor` of shape `[B, H, W]`): superpixel id per pixel (consecutive from 0).
         """
         self._validate_inputs(pixel_values, superpixels)
+        check_attention_memory(self.config, pixel_values, superpixels, self.embeddings.pool_at_full_resolution)
         embeddings, padding_mask, _ = self.embeddings(pixel_values, superpixels)
         encoded = self.levels(embeddings, padding_mask, **kwargs)
         final = encoded.level_hidden_states[-1]
@@ -853,6 +903,7 @@ class CastBackbone(BackboneMixin, CastPreTrainedModel):
         if superpixels is None and torch.is_tensor(pixel_values) and pixel_values.dim() == 4:
             superpixels = default_superpixels(pixel_values)
         self._validate_inputs(pixel_values, superpixels)
+        check_attention_memory(self.config, pixel_values, superpixels)
         embeddings, padding_mask, stem = self.embeddings(pixel_values, superpixels)
         encoded = self.levels(embeddings, padding_mask, **kwargs)
         grid_labels = resize_labels_nearest(superpixels, stem.shape[1:3])  # [B, h, w], level-1 token of each cell
@@ -1040,6 +1091,7 @@ __all__ = [
     "CastPreTrainedModel",
     "CastSelfSupervisedOutput",
     "CastSemanticSegmenterOutput",
+    "check_attention_memory",
     "default_superpixels",
     "hierarchical_classification_loss",
     "hierarchy_targets",
