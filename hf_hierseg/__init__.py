@@ -8,8 +8,16 @@ Importing the package registers CAST with transformers:
 - `register_for_auto_class` on each class, the transformers way of shipping remote code: `save_pretrained` copies
   the class's module and every module it imports relatively (the flat core files) into the folder and writes its
   `auto_map` entry, so the folder also loads with `trust_remote_code=True` where `hf_hierseg` is not installed;
-- the `hierarchical-segmentation` and `zero-shot-hierarchical-segmentation` tasks in transformers'
-  `PIPELINE_REGISTRY` (transformers' own tasks are left as they are: `image-classification`, `image-feature-extraction` and `image-segmentation` run CAST models as any).
+- the `hierarchical-segmentation`, `zero-shot-hierarchical-segmentation` and `hierarchical-image-classification`
+  tasks in transformers' `PIPELINE_REGISTRY` (transformers' own tasks are left as they are: `image-classification`,
+  `image-feature-extraction` and `image-segmentation` run CAST models as any).
+
+`CastForHierarchicalImageClassification` (H-CAST) shares `AutoModelForImageClassification` with
+`CastForImageClassification`: both are registered for CastConfig, and transformers picks the one named in the
+folder's `config.architectures` (a folder without one, or a fresh config, gets `CastForImageClassification`). Its
+saved folders name it under `auto_map["AutoModelForImageClassification"]`, so
+`AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)` loads it as remote code where the
+package is not installed.
 
 Saved folders carry no `custom_pipelines`: that entry makes `pipeline(task, model=folder)` demand
 `trust_remote_code` even with the package installed. It is added only to what is shared (see `hf_hierseg.hub`).
@@ -32,6 +40,7 @@ from .default_model import default_model_path, load_default
 from .image_processing_cast import CastImageProcessor
 from .modeling_cast import (
     CastBackbone,
+    CastForHierarchicalImageClassification,
     CastForImageClassification,
     CastForSelfSupervisedPretraining,
     CastForSemanticSegmentation,
@@ -41,6 +50,7 @@ from .modeling_cast import (
 )
 from .pipelines import (
     CastImageSegmentationPipeline,
+    HierarchicalImageClassificationPipeline,
     HierarchicalSegmentationPipeline,
     ZeroShotHierarchicalSegmentationPipeline,
     register_pipelines,
@@ -56,11 +66,13 @@ AUTO_CLASSES = {
     "AutoBackbone": CastBackbone,
     "AutoImageProcessor": CastImageProcessor,
 }
+# The Auto class of H-CAST folders: shared with CastForImageClassification, told apart by `config.architectures`.
+HIERARCHICAL_AUTO_CLASS = "AutoModelForImageClassification"
 
 AutoConfig.register(CastConfig.model_type, CastConfig, exist_ok=True)
 for auto_model, model_class in (
     (AutoModel, CastModel),
-    (AutoModelForImageClassification, CastForImageClassification),
+    (AutoModelForImageClassification, (CastForImageClassification, CastForHierarchicalImageClassification)),
     (AutoModelForSemanticSegmentation, CastForSemanticSegmentation),
     (AutoBackbone, CastBackbone),
 ):
@@ -75,7 +87,8 @@ AutoImageProcessor.register(CastConfig, image_processor_classes={"pil": CastImag
 AutoVideoProcessor.register(CastConfig, video_processor_classes={}, exist_ok=True)
 for auto_class, cast_class in AUTO_CLASSES.items():
     cast_class.register_for_auto_class(auto_class)
-register_pipelines()  # "hierarchical-segmentation", "zero-shot-hierarchical-segmentation" in PIPELINE_REGISTRY
+CastForHierarchicalImageClassification.register_for_auto_class(HIERARCHICAL_AUTO_CLASS)
+register_pipelines()  # hierarchical-segmentation, zero-shot-hierarchical-segmentation, hierarchical-image-classification
 
 __version__ = "0.1.0"
 
@@ -85,6 +98,7 @@ __all__ = [
     "CAST_PRESETS",
     "CastBackbone",
     "CastConfig",
+    "CastForHierarchicalImageClassification",
     "CastForImageClassification",
     "CastForSelfSupervisedPretraining",
     "CastForSemanticSegmentation",
@@ -93,6 +107,8 @@ __all__ = [
     "CastModel",
     "CastModelOutput",
     "CastPreTrainedModel",
+    "HIERARCHICAL_AUTO_CLASS",
+    "HierarchicalImageClassificationPipeline",
     "HierarchicalSegmentationPipeline",
     "ZeroShotHierarchicalSegmentationPipeline",
     "default_model_path",

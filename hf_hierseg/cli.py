@@ -1,12 +1,16 @@
 """`hf-hierseg` (also `python -m hf_hierseg`): the command line of hf_hierseg.
 
     hf-hierseg demo --out outputs/demo                segment a few real photos with the bundled default model
-    hf-hierseg segment photo.jpg --out results/      overlay PNGs and the hierarchy as JSON, per image
+    hf-hierseg segment photos/ --out results/        overlay PNGs and the hierarchy as JSON, per image
+    hf-hierseg segment --dataset_name DIR --outputs labels,json --out results/   a `datasets` image dataset
     hf-hierseg embed *.jpg --out embeddings.npy       image embeddings (or --per-token)
     hf-hierseg convert --checkpoint ckpt.pth.tar --output cast-small
-    hf-hierseg train-moco ...                         also train-supervised, train-segmentation, finetune-lora
-    hf-hierseg evaluate classification ... | evaluate segmentation ...
+    hf-hierseg train-moco ...                         also train-supervised, train-segmentation, train-hierarchical,
+                                                      finetune-lora
+    hf-hierseg evaluate classification ... | evaluate segmentation ... | evaluate hierarchical ...
+                                                      (also open-vocabulary, segment-retrieval)
     hf-hierseg benchmark --quick                      throughput against a ViT on this machine
+    hf-hierseg benchmark segment                      what segmenting photos costs, stage by stage
 
 Every subcommand has `--help`. The user's own mistakes (wrong arguments; a missing file, folder, model or dataset; a
 model that is not CAST; a device this machine lacks: `hf_hierseg.errors`) give one line on stderr and exit status 2
@@ -117,6 +121,30 @@ class CommandGroup:
         return self.kinds[args.kind].run(f"{prog} {args.kind}", rest)
 
 
+@dataclasses.dataclass(frozen=True)
+class CommandWithKinds:
+    """A `DelegatedCommand` (`default`) whose first argument may instead name one of `kinds`, each a
+    `DelegatedCommand`: `hf-hierseg NAME ...` runs `default`, `hf-hierseg NAME KIND ...` runs that kind."""
+
+    summary: str
+    default: DelegatedCommand
+    kinds: dict
+
+    def run(self, prog, argv):
+        if argv and argv[0] in self.kinds:
+            return self.kinds[argv[0]].run(f"{prog} {argv[0]}", argv[1:])
+        parser = import_object(self.default.parser)()
+        others = "; ".join(f"`{prog} {kind}`: {command.summary}" for kind, command in self.kinds.items())
+        parser.epilog = "\n\n".join(filter(None, [parser.epilog, f"Also {others} (see `{prog} KIND --help`)."]))
+        return DelegatedCommand(self.default.summary, lambda: parser, self.default.runner).run(prog, argv)
+
+
+THROUGHPUT_BENCHMARK = DelegatedCommand(
+    "throughput of CAST against a ViT on this machine (images/s, memory, time split, FLOPs)",
+    "hf_hierseg.apps.benchmark_throughput:benchmark_parser",
+    "hf_hierseg.apps.benchmark_throughput:run_benchmark_command",
+)
+
 DELEGATED_COMMANDS = {
     "demo": DelegatedCommand(
         "segment a few real photos with the default model (the main job, out of the box)",
@@ -138,13 +166,19 @@ DELEGATED_COMMANDS = {
         "hf_hierseg.training.arguments:segmentation_parser",
         "hf_hierseg.training.segmentation:train_segmentation",
     ),
+    "train-hierarchical": DelegatedCommand(
+        "H-CAST hierarchical classification along a taxonomy (Accelerate)",
+        "hf_hierseg.training.hierarchical:hierarchical_parser",
+        "hf_hierseg.training.hierarchical:train_hierarchical",
+    ),
     "finetune-lora": DelegatedCommand(
         "LoRA fine-tuning of a classifier with peft (Accelerate)",
         "hf_hierseg.training.arguments:lora_parser",
         "hf_hierseg.training.lora:finetune_lora",
     ),
     "evaluate": CommandGroup(
-        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F), `evaluate open-vocabulary ...`",
+        "evaluate a model: `evaluate classification ...` (top-k, kNN), `evaluate segmentation ...` (mIoU, boundary F), "
+        "`evaluate open-vocabulary ...`, `evaluate hierarchical ...` (H-CAST), `evaluate segment-retrieval ...`",
         {
             "classification": DelegatedCommand(
                 "top-1 / top-5 accuracy and kNN accuracy on a labelled dataset",
@@ -161,12 +195,30 @@ DELEGATED_COMMANDS = {
                 "hf_hierseg.apps.evaluate:open_vocabulary_parser",
                 "hf_hierseg.apps.evaluate:run_open_vocabulary",
             ),
+            "hierarchical": DelegatedCommand(
+                "H-CAST: per-level top-1, full-path accuracy and tree consistency along a taxonomy",
+                "hf_hierseg.apps.evaluate_hierarchical:hierarchical_parser",
+                "hf_hierseg.apps.evaluate_hierarchical:run_hierarchical",
+            ),
+            "segment-retrieval": DelegatedCommand(
+                "segments labelled by nearest training segments (the paper's VOC protocol)",
+                "hf_hierseg.apps.evaluate:segment_retrieval_parser",
+                "hf_hierseg.apps.evaluate:run_segment_retrieval",
+            ),
         },
     ),
-    "benchmark": DelegatedCommand(
-        "throughput of CAST against a ViT on this machine (images/s, memory, time split, FLOPs)",
-        "hf_hierseg.apps.benchmark_throughput:benchmark_parser",
-        "hf_hierseg.apps.benchmark_throughput:run_benchmark_command",
+    "benchmark": CommandWithKinds(
+        "throughput of CAST against a ViT on this machine (`benchmark`, `benchmark throughput`) or what segmenting "
+        "photos costs, stage by stage (`benchmark segment`)",
+        THROUGHPUT_BENCHMARK,
+        {
+            "throughput": THROUGHPUT_BENCHMARK,
+            "segment": DelegatedCommand(
+                "processor, forward, post-processing, writing and the pipeline / `segment` totals per photo",
+                "hf_hierseg.apps.benchmark_segment:benchmark_segment_parser",
+                "hf_hierseg.apps.benchmark_segment:run_benchmark_segment_command",
+            ),
+        },
     ),
 }
 
@@ -175,14 +227,16 @@ DELEGATED_COMMANDS = {
 # segment, embed, convert
 
 
-def add_model_arguments(parser):
+def add_model_arguments(parser, device_default="cpu", device_help="cpu"):
     parser.add_argument("--model", help="model folder or Hub id (default: the model installed with the package)")
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="run the model repo's own code instead of this package's classes",
     )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument(
+        "--device", default=device_default, help=f"torch device, e.g. cpu, cuda, cuda:1 (default: {device_help})"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=1, help="images per model call (default: 1)")
     parser.add_argument("--superpixel-method", choices=("seeds", "slic", "grid"), help="override the processor's")
     parser.add_argument("--num-superpixels", type=positive_int, help="superpixels per 224x224 pixels (override)")
@@ -209,14 +263,11 @@ def positive_int(value):
 
 
 def command_segment(args):
-    from .apps.segment_images import expand_images, write_segmentations
-    from .pipelines import HierarchicalSegmentationPipeline
+    from .apps.bulk_segment import run_segment_command
 
-    images = expand_images(args.images)
-    model, processor = load_model(args)
-    segmenter = HierarchicalSegmentationPipeline(model=model, image_processor=processor, device=model.device)
-    write_segmentations(segmenter, images, args.out, args.levels, args.batch_size)
-    return 0
+    if bool(args.images) == (args.dataset_name is not None):
+        args.parser.error("give IMAGE files, folders or globs, or --dataset_name (one of the two)")
+    return run_segment_command(args, load_model)
 
 
 def save_embeddings(path, embeddings, names):
@@ -256,7 +307,12 @@ def command_convert(args):
     from .convert import convert_checkpoint, parse_overrides, publish_converted
 
     _, report = convert_checkpoint(
-        args.checkpoint, args.output, args.preset, parse_overrides(args.set), args.allow_argparse_namespace
+        args.checkpoint,
+        args.output,
+        args.preset,
+        parse_overrides(args.set),
+        args.allow_argparse_namespace,
+        taxonomy=args.taxonomy,
     )
     for line in report.lines():
         print(line)
@@ -277,12 +333,31 @@ def build_parser():
     segment = subcommands.add_parser(
         "segment",
         help="segment images: overlay PNGs per level and the hierarchy as JSON",
-        description="Segment images with a CAST model; writes into --out, per image: IMAGE_level<l>.png (the "
-        "segments over the image), IMAGE_hierarchy.png (all levels side by side: boundaries and mean "
-        "colours) and IMAGE.json (per level: segments with parent, area and bounding box).",
+        description="Segment images (files, folders, globs or a `datasets` image dataset) with a CAST model; writes "
+        "into --out, per image (by default): IMAGE_level<l>.png (the segments over the image), "
+        "IMAGE_hierarchy.png (all levels side by side: boundaries and mean colours) and IMAGE.json (per level: "
+        "segments with parent, area and bounding box); with `labels` among --outputs also "
+        "IMAGE_level<l>_labels.png (16-bit segment ids). Plus index.jsonl (or .parquet): one row per image. A run "
+        "started again skips the images whose outputs are complete. Under `accelerate launch` each process "
+        "segments its own share of the images.",
     )
-    segment.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    segment.add_argument("images", nargs="*", metavar="IMAGE", help="image files, folders of images or glob patterns")
     segment.add_argument("--out", required=True, help="output folder")
+    segment.add_argument(
+        "--outputs",
+        default="overlays,hierarchy,json",
+        help="comma-separated: overlays, hierarchy, labels, json, or pictures (= overlays,hierarchy), all "
+        "(default: overlays,hierarchy,json)",
+    )
+    segment.add_argument(
+        "--index-format", "--index_format", choices=("jsonl", "parquet"), default="jsonl", help="index file format"
+    )
+    dataset = segment.add_argument_group("a `datasets` image dataset instead of files")
+    dataset.add_argument("--dataset-name", "--dataset_name", help="Hub id or local folder / files of a dataset")
+    dataset.add_argument("--dataset-config-name", "--dataset_config_name", help="the dataset's configuration")
+    dataset.add_argument("--split", default="train", help="split to segment (default: train)")
+    dataset.add_argument("--image-column", "--image_column", help="column of the images (default: the first Image)")
+    dataset.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
     segment.add_argument(
         "--levels",
         type=int,
@@ -292,8 +367,12 @@ def build_parser():
         metavar="LEVEL",
         help="levels to write, 0 (superpixels) to 4 (default: 1 2 3 4)",
     )
-    add_model_arguments(segment)
-    segment.set_defaults(handler=command_segment)
+    add_model_arguments(segment, device_default=None, device_help="this process's accelerate device")
+    segment.add_argument(
+        "--num-workers", type=positive_int, help="threads decoding, processing and writing images (default: all cores)"
+    )
+    segment.add_argument("--quiet", action="store_true", help="no progress bar and no line per image")
+    segment.set_defaults(handler=command_segment, parser=segment)
 
     embed = subcommands.add_parser(
         "embed",
@@ -309,9 +388,19 @@ def build_parser():
     convert = subcommands.add_parser(
         "convert",
         help="convert an original CAST checkpoint to a Hugging Face model folder",
-        description="Convert an original CAST checkpoint (MoCo-v3, DeiT, segmentation or a state dict).",
+        description="Convert an original CAST checkpoint (MoCo-v3, DeiT, segmentation, H-CAST or a state dict).",
     )
-    convert.add_argument("--checkpoint", required=True, help="checkpoint_XXXX.pth.tar, checkpoint.pth or a state dict")
+    convert.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint_XXXX.pth.tar, checkpoint.pth or a state dict; a path or hf://<owner>/<repo>[@rev]/<file>",
+    )
+    convert.add_argument(
+        "--taxonomy",
+        default=None,
+        help="H-CAST checkpoints: taxonomy.json (levels, finest first) or H-CAST's data/*_tree.json rows "
+        "[fine, coarse(, coarser)]; a path or hf://...",
+    )
     convert.add_argument("--output", required=True, help="output folder")
     convert.add_argument(
         "--preset", choices=sorted(CAST_PRESETS), help="the architecture, when the tensors leave it open"

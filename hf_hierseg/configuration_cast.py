@@ -47,6 +47,21 @@ class CastConfig(PretrainedConfig):
             (used by `CastForSelfSupervisedPretraining`).
         segmentation_head_type (`"linear"` | `"mlp_projector"`), semantic_loss_ignore_index (`int`, 255): head and
             ignored label of `CastForSemanticSegmentation`.
+        hierarchy_num_labels (`tuple[int]`, defaults to `()`): the taxonomy of
+            `CastForHierarchicalImageClassification` (H-CAST): classes per label level, finest first (e.g. CUB's
+            `(200, 38, 13)` species, family, order). Empty for every other model. 2 to 4 levels.
+        hierarchy_parents (`tuple[tuple[int]]`, defaults to `()`): for each level but the coarsest, the parent of
+            each class at the next coarser level (`hierarchy_parents[k][i]` is a class of level k + 1). Every class
+            has one parent and every class of a coarser level at least one child.
+        hierarchy_id2label (`tuple[dict[int, str]]`, *optional*): class names per level, finest first (default
+            `LABEL_<i>`, the finest level's from `id2label` when given). `id2label` is the finest level's.
+        hierarchy_level_names (`tuple[str]`, *optional*): names of the label levels (default `rank0`, `rank1`, ...).
+        hierarchy_cast_levels (`tuple[int]`, *optional*): the CAST level (1..4) whose CLS token each label level is
+            read from: the CLS token after that level's blocks, level 4's after the final LayerNorm. Default: the
+            authors' mapping, the coarsest level on level 4 and each finer one a level earlier (3 levels: `(2, 3,
+            4)`; 2 levels: `(3, 4)`). `(4, 4)` reads every level from the final CLS token (the flat baseline).
+        tree_path_kl_weight (`float`, defaults to 0.5): weight of the tree-path KL term of the H-CAST loss.
+        hierarchy_label_smoothing (`float`, defaults to 0.0): label smoothing of each level's one-hot target.
     """
 
     model_type = "cast"
@@ -77,8 +92,16 @@ class CastConfig(PretrainedConfig):
         projection_hidden_dim=4096,
         segmentation_head_type="linear",
         semantic_loss_ignore_index=255,
+        hierarchy_num_labels=(),
+        hierarchy_parents=(),
+        hierarchy_id2label=None,
+        hierarchy_level_names=None,
+        hierarchy_cast_levels=None,
+        tree_path_kl_weight=0.5,
+        hierarchy_label_smoothing=0.0,
         **kwargs,
     ):
+        labels_given = kwargs.get("id2label") is not None or kwargs.get("num_labels") is not None
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.num_attention_heads = num_attention_heads
@@ -104,6 +127,20 @@ class CastConfig(PretrainedConfig):
         self.projection_hidden_dim = projection_hidden_dim
         self.segmentation_head_type = segmentation_head_type
         self.semantic_loss_ignore_index = semantic_loss_ignore_index
+        self.tree_path_kl_weight = tree_path_kl_weight
+        self.hierarchy_label_smoothing = hierarchy_label_smoothing
+        self.set_taxonomy(
+            hierarchy_num_labels,
+            hierarchy_parents,
+            hierarchy_id2label,
+            hierarchy_level_names,
+            hierarchy_cast_levels,
+            finest_id2label=self.id2label if labels_given else None,
+        )
+        # transformers' `_get_model_class` iterates `config.architectures` (None until saved) to pick between the
+        # classes registered for one Auto class (CastForImageClassification, CastForHierarchicalImageClassification).
+        if self.architectures is None:
+            self.architectures = []
         self.validate_cast()
 
     @property
@@ -149,6 +186,120 @@ class CastConfig(PretrainedConfig):
                 f"`image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size})."
             )
 
+    def set_taxonomy(
+        self, num_labels, parents=(), id2label=None, level_names=None, cast_levels=None, finest_id2label=None
+    ):
+        """Store a taxonomy (the `hierarchy_*` fields of the class docstring, in that order) with its defaults filled
+        in: class names `LABEL_<i>` (the finest level's from `finest_id2label` when it has the right size), level
+        names `rank<k>`, the authors' CAST levels. `id2label` / `label2id` become the finest level's. Lists become
+        tuples and JSON's string keys ints; `validate_taxonomy` checks the result.
+
+        Use it to give a loaded config a taxonomy: `from_pretrained(..., hierarchy_num_labels=...)` sets keyword
+        arguments as plain attributes after `__init__`, without defaults or checks."""
+        for name, value in (("hierarchy_num_labels", num_labels), ("hierarchy_parents", parents)):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"`{name}` must be a list (one entry per level), got {type(value).__name__}.")
+        if not all(isinstance(level, (list, tuple)) for level in parents):
+            raise ValueError("`hierarchy_parents` must hold one list of parent ids per level.")
+        self.hierarchy_num_labels = tuple(int(n) for n in num_labels)
+        self.hierarchy_parents = tuple(tuple(int(parent) for parent in level) for level in parents)
+        num_levels = len(self.hierarchy_num_labels)
+        if not num_levels:
+            if parents or id2label or level_names or cast_levels:
+                raise ValueError(
+                    "`hierarchy_parents`, `hierarchy_id2label`, `hierarchy_level_names` and `hierarchy_cast_levels` "
+                    "describe a taxonomy: give `hierarchy_num_labels` (classes per level, finest first) too."
+                )
+            self.hierarchy_id2label, self.hierarchy_level_names, self.hierarchy_cast_levels = (), (), ()
+            return
+        if id2label is None:
+            id2label = [{index: f"LABEL_{index}" for index in range(count)} for count in self.hierarchy_num_labels]
+            if finest_id2label is not None:
+                if len(finest_id2label) != self.hierarchy_num_labels[0]:
+                    raise ValueError(
+                        f"`id2label` / `num_labels` give {len(finest_id2label)} classes, but the finest level of "
+                        f"`hierarchy_num_labels` {self.hierarchy_num_labels} has {self.hierarchy_num_labels[0]}."
+                    )
+                id2label[0] = finest_id2label
+        if not isinstance(id2label, (list, tuple)) or not all(isinstance(names, dict) for names in id2label):
+            raise ValueError("`hierarchy_id2label` must be a list with one {class id: name} dict per level.")
+        self.hierarchy_id2label = tuple({int(key): str(name) for key, name in names.items()} for names in id2label)
+        self.hierarchy_level_names = tuple(
+            str(name) for name in (level_names or [f"rank{level}" for level in range(num_levels)])
+        )
+        if cast_levels is None:
+            cast_levels = range(NUM_LEVELS - num_levels + 1, NUM_LEVELS + 1)
+        self.hierarchy_cast_levels = tuple(int(level) for level in cast_levels)
+        self.validate_taxonomy()
+        self.id2label = dict(self.hierarchy_id2label[0])
+        self.label2id = {name: index for index, name in self.id2label.items()}
+
+    def validate_taxonomy(self):
+        """Raise a `ValueError` naming the problem when the taxonomy fields (`hierarchy_*`) are not a tree."""
+        counts = self.hierarchy_num_labels
+        if not counts:
+            return
+        num_levels = len(counts)
+        if not 2 <= num_levels <= NUM_LEVELS:
+            raise ValueError(
+                f"`hierarchy_num_labels` needs 2 to {NUM_LEVELS} label levels (finest first), got {counts}; for one "
+                "level use CastForImageClassification."
+            )
+        if any(count < 1 for count in counts):
+            raise ValueError(f"`hierarchy_num_labels` must be positive class counts, got {counts}.")
+        for name in ("hierarchy_id2label", "hierarchy_level_names", "hierarchy_cast_levels"):
+            if len(getattr(self, name)) != num_levels:
+                raise ValueError(
+                    f"`{name}` needs one entry per level of `hierarchy_num_labels` {counts}, got "
+                    f"{len(getattr(self, name))}."
+                )
+        for level, (names, count) in enumerate(zip(self.hierarchy_id2label, counts)):
+            if sorted(names) != list(range(count)):
+                raise ValueError(
+                    f"`hierarchy_id2label[{level}]` must name the classes 0..{count - 1} of level {level}, got ids "
+                    f"{sorted(names)[:10]}."
+                )
+        if len(set(self.hierarchy_level_names)) != num_levels:
+            raise ValueError(f"`hierarchy_level_names` must be distinct, got {self.hierarchy_level_names}.")
+        if any(not 1 <= level <= NUM_LEVELS for level in self.hierarchy_cast_levels):
+            raise ValueError(
+                f"`hierarchy_cast_levels` are CAST levels 1..{NUM_LEVELS}, got {self.hierarchy_cast_levels}."
+            )
+        if len(self.hierarchy_parents) != num_levels - 1:
+            raise ValueError(
+                f"`hierarchy_parents` needs one list per level but the coarsest ({num_levels - 1} for "
+                f"`hierarchy_num_labels` {counts}), got {len(self.hierarchy_parents)}: the parent, at the next "
+                "coarser level, of every class."
+            )
+        for level, parents in enumerate(self.hierarchy_parents):
+            if len(parents) != counts[level]:
+                raise ValueError(
+                    f"`hierarchy_parents[{level}]` must give the parent of each of the {counts[level]} classes of "
+                    f"level {level} (every class has exactly one parent), got {len(parents)} entries."
+                )
+            outside = [(child, parent) for child, parent in enumerate(parents) if not 0 <= parent < counts[level + 1]]
+            if outside:
+                child, parent = outside[0]
+                raise ValueError(
+                    f"`hierarchy_parents[{level}][{child}]` = {parent} is not a class of level {level + 1} "
+                    f"(0..{counts[level + 1] - 1})."
+                )
+            childless = sorted(set(range(counts[level + 1])) - set(parents))
+            if childless:
+                raise ValueError(
+                    f"Classes {childless[:10]} of level {level + 1} are no class's parent in `hierarchy_parents[{level}]`"
+                    ": every class of a coarser level needs at least one child."
+                )
+        if not 0.0 <= self.hierarchy_label_smoothing < 1.0:
+            raise ValueError(f"`hierarchy_label_smoothing` must be in [0, 1), got {self.hierarchy_label_smoothing}.")
+        if self.tree_path_kl_weight < 0:
+            raise ValueError(f"`tree_path_kl_weight` must be non-negative, got {self.tree_path_kl_weight}.")
+
+    def hierarchy_paths(self):
+        """The taxonomy's root-to-leaf paths (`hierarchy_paths(self)`): one row `(i, parent of i, ...)` per finest
+        class, the rows of H-CAST's `data/*_tree.json`. Empty without a taxonomy."""
+        return hierarchy_paths(self)
+
     @classmethod
     def from_preset(cls, name, **kwargs):
         """Build the configuration of one of the authors' models: `cast-small`, `cast-small-deep`, `cast-base`,
@@ -156,6 +307,19 @@ class CastConfig(PretrainedConfig):
         if name not in CAST_PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(CAST_PRESETS)}.")
         return cls(**{**CAST_PRESETS[name], **kwargs})
+
+
+def hierarchy_paths(config):
+    """The root-to-leaf paths of the taxonomy of `config` (any config with `hierarchy_num_labels` and
+    `hierarchy_parents`), finest first: `paths[i] = (i, parent of i, grandparent of i, ...)`; empty without one."""
+    num_labels = getattr(config, "hierarchy_num_labels", None) or ()
+    paths = []
+    for leaf in range(num_labels[0] if num_labels else 0):
+        path = [leaf]
+        for parents in config.hierarchy_parents:
+            path.append(parents[path[-1]])
+        paths.append(tuple(path))
+    return tuple(paths)
 
 
 def is_cast(obj):
@@ -223,5 +387,6 @@ __all__ = [
     "CastConfig",
     "backbone_config",
     "check_is_cast",
+    "hierarchy_paths",
     "is_cast",
 ]

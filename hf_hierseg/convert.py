@@ -1,16 +1,21 @@
-"""Convert the authors' CAST checkpoints (MoCo-v3, DeiT, bare state dicts) into `save_pretrained` directories."""
+"""Convert the authors' CAST checkpoints (MoCo-v3, DeiT, bare state dicts) and H-CAST checkpoints into
+`save_pretrained` directories. Checkpoints and taxonomy files are read from local paths or from Hub repos
+(`hf://<owner>/<repo>[@<revision>]/<path in the repo>`, see `resolve_source`)."""
 
 import argparse
+import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import torch
 
 from .configuration_cast import CAST_PRESETS, NUM_LEVELS, CastConfig
 from .errors import InvalidInputError, MissingInputError
 from .modeling_cast import (
+    CastForHierarchicalImageClassification,
     CastForImageClassification,
     CastForSelfSupervisedPretraining,
     CastForSemanticSegmentation,
@@ -33,6 +38,12 @@ POOLING_RENAMES = {
     "fc2.1.": "cluster_project.",
 }
 
+# H-CAST's level heads (cast_deit_hier.py), finest level first: `head` (species / variant), `family_head`,
+# `manufacturer_head` (order / manufacturer; only in 3-level checkpoints).
+HCAST_HEADS = ("head.", "family_head.", "manufacturer_head.")
+HUB_PREFIX = "hf://"
+HUB_REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
+
 # cast_seg's BlockFusion (`proj_blocks` = [_BatchNorm1d wrapper, Dropout, Linear]): original prefix -> ours.
 FUSION_RENAMES = {
     "block_fusion.proj_blocks.0.norm.": "fusion.batch_norm.",
@@ -47,9 +58,11 @@ class ConversionReport:
     config: CastConfig
     kept: dict = field(default_factory=dict)  # original key -> new key
     dropped: dict = field(default_factory=dict)  # original key -> reason
+    checks: list = field(default_factory=list)  # what was verified beyond the keys (e.g. the taxonomy)
 
     def lines(self):
         yield f"source format: {self.source_format}; saved as {self.model_class}"
+        yield from self.checks
         yield f"kept {len(self.kept)} tensors:"
         for old, new in self.kept.items():
             yield f"  keep  {old} -> {new}"
@@ -58,10 +71,50 @@ class ConversionReport:
             yield f"  drop  {old}  ({reason})"
 
 
+def parse_hub_path(source):
+    """`hf://[datasets/|spaces/]<owner>/<repo>[@<revision>]/<path in the repo>` (huggingface_hub's `HfFileSystem`
+    form; a revision with a slash is URL-quoted, `refs%2Fpr%2F1`) -> `(repo_id, path_in_repo, revision, repo_type)`.
+    Raises `InvalidInputError` for anything else."""
+    rest = source[len(HUB_PREFIX) :]
+    parts = rest.split("/")
+    repo_type = HUB_REPO_TYPES.get(parts[0])
+    if repo_type is not None:
+        parts = parts[1:]
+    if len(parts) < 3 or not all(parts):
+        raise InvalidInputError(
+            f"{source!r} is not a Hub file path: write hf://<owner>/<repo>[@<revision>]/<path in the repo> (e.g. "
+            "hf://twke/CAST/snapshots/cast_small/checkpoint.pth)."
+        )
+    name, _, revision = parts[1].partition("@")
+    return f"{parts[0]}/{name}", "/".join(parts[2:]), unquote(revision) or None, repo_type or "model"
+
+
+def resolve_source(source):
+    """A local file for `source`: a path as it is, or a Hub file (`hf://...`, see `parse_hub_path`) downloaded into
+    (or, offline, read from) the Hugging Face cache.
+
+    Raises:
+        MissingInputError: the repo, revision or file does not exist (offline: is not in the cache).
+    """
+    source = str(source)
+    if not source.startswith(HUB_PREFIX):
+        return Path(source)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, filename, revision, repo_type = parse_hub_path(source)
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type))
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MissingInputError(f"Cannot read {source} from the Hub ({repo_type} {repo_id}): {reason}") from error
+
+
 def load_original_checkpoint(path, allow_argparse_namespace=False):
-    """`torch.load(weights_only=True)`; a DeiT checkpoint with an `argparse.Namespace` under `args` needs the
-    explicit opt-in, which allow-lists only that class."""
-    path = Path(path)
+    """`torch.load(weights_only=True)` of a local file or a Hub file (`hf://...`, see `resolve_source`); a DeiT
+    checkpoint with an `argparse.Namespace` under `args` needs the explicit opt-in, which allow-lists only that
+    class."""
+    path = resolve_source(path)
     if not path.is_file():
         raise MissingInputError(f"No checkpoint file at {path}.")
     try:
@@ -113,7 +166,10 @@ def split_checkpoint(checkpoint):
         state = {k.removeprefix("module."): (k, v) for k, v in checkpoint.items() if torch.is_tensor(v)}
         outer = {k: v for k, v in checkpoint.items() if not torch.is_tensor(v)}
     for key in outer:
-        dropped[key] = "training state (optimizer, epoch, scaler, ...)"
+        if key == "model_ema":
+            dropped[key] = "EMA copy of the weights (training state; the converted weights are `model`)"
+        else:
+            dropped[key] = "training state (optimizer, epoch, scaler, ...)"
     if "cls_token" not in state or not any(re.match(r"blocks\d\.\d+\.", k) for k in state):
         sample = ", ".join(list(state)[:8]) or "none"
         raise InvalidInputError(f"Not a CAST checkpoint: {EXPECTED_KEYS_HELP}. Found keys: {sample} ...")
@@ -255,8 +311,163 @@ def map_segmentation_extras(state, extras, report):
     return mapped
 
 
-def convert_state(checkpoint, preset=None, overrides=None):
-    """Convert a loaded original checkpoint. Returns (model, report)."""
+def taxonomy_from_paths(paths):
+    """Config fields (`hierarchy_num_labels`, `hierarchy_parents`) of a taxonomy given as rows
+    `[fine, coarse(, coarser ...)]`, one per finest class, 0-based (H-CAST's `data/*_tree.json`)."""
+    if not isinstance(paths, list) or not paths or not all(isinstance(row, list) for row in paths):
+        raise InvalidInputError("A taxonomy's paths must be a non-empty list of rows [fine, coarse(, coarser)].")
+    num_levels = len(paths[0])
+    if num_levels < 2 or any(len(row) != num_levels for row in paths):
+        raise InvalidInputError(
+            f"Every taxonomy row needs the same number (>= 2) of levels; the first has {num_levels}."
+        )
+    if not all(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0 for row in paths for value in row
+    ):
+        raise InvalidInputError("Taxonomy rows must hold non-negative integer class ids (0-based).")
+    finest = sorted(row[0] for row in paths)
+    if finest != list(range(len(paths))):
+        raise InvalidInputError(
+            f"The taxonomy needs one row per finest class 0..{len(paths) - 1}; its first column holds "
+            f"{finest[:10]}{'...' if len(finest) > 10 else ''}."
+        )
+    counts = [max(row[level] for row in paths) + 1 for level in range(num_levels)]
+    parents = [[None] * counts[level] for level in range(num_levels - 1)]
+    for row in paths:
+        for level in range(num_levels - 1):
+            child, parent = row[level], row[level + 1]
+            if parents[level][child] not in (None, parent):
+                raise InvalidInputError(
+                    f"Class {child} of level {level} has two parents in the taxonomy, {parents[level][child]} and "
+                    f"{parent}: not a tree."
+                )
+            parents[level][child] = parent
+    for level, level_parents in enumerate(parents):
+        orphans = [child for child, parent in enumerate(level_parents) if parent is None]
+        if orphans:
+            raise InvalidInputError(f"Classes {orphans[:10]} of level {level} appear in no taxonomy row.")
+    return {"hierarchy_num_labels": tuple(counts), "hierarchy_parents": tuple(tuple(p) for p in parents)}
+
+
+def taxonomy_from_levels(levels):
+    """Config fields of a taxonomy given per level, finest first: `{name, num_classes, classes, parent}` (the
+    fixtures' `taxonomy.json`; `classes` and `name` optional, `parent` null for the coarsest level)."""
+    if not isinstance(levels, list) or len(levels) < 2 or not all(isinstance(level, dict) for level in levels):
+        raise InvalidInputError("A taxonomy's `levels` must be a list of (at least 2) objects, finest first.")
+    counts, names, id2label, parents = [], [], [], []
+    for index, level in enumerate(levels):
+        classes = level.get("classes")
+        count = level.get("num_classes", len(classes) if classes is not None else None)
+        if not isinstance(count, int) or count < 1 or (classes is not None and len(classes) != count):
+            raise InvalidInputError(
+                f"Taxonomy level {index} needs `num_classes` (a positive integer) or a `classes` list of that length."
+            )
+        counts.append(count)
+        names.append(str(level.get("name") or f"rank{index}"))
+        id2label.append({i: str(name) for i, name in enumerate(classes or [f"LABEL_{i}" for i in range(count)])})
+        parent = level.get("parent")
+        if index < len(levels) - 1:
+            if not isinstance(parent, list):
+                raise InvalidInputError(
+                    f"Taxonomy level {index} needs `parent`: the parent id of each of its classes."
+                )
+            parents.append(tuple(parent))
+        elif parent is not None:
+            raise InvalidInputError(
+                f"The coarsest taxonomy level ({index}) has no parents: its `parent` must be null."
+            )
+    return {
+        "hierarchy_num_labels": tuple(counts),
+        "hierarchy_parents": tuple(parents),
+        "hierarchy_id2label": tuple(id2label),
+        "hierarchy_level_names": tuple(names),
+    }
+
+
+def read_taxonomy(source):
+    """The taxonomy of a JSON file (local or `hf://...`) as CastConfig fields (`hierarchy_num_labels`,
+    `hierarchy_parents`, and when the file names them `hierarchy_id2label`, `hierarchy_level_names`).
+
+    Two formats: an object with `levels` (finest first: `{name, num_classes, classes, parent}`, as the H-CAST
+    fixtures' `taxonomy.json`; its `paths`, when present, must agree), or H-CAST's `data/*_tree.json`, a list of rows
+    `[fine, coarse(, coarser)]`, one per finest class, 0-based (an object with only `paths` is read the same way).
+
+    Raises:
+        MissingInputError: no such file. InvalidInputError: not JSON, or not a tree (message names the problem).
+    """
+    path = resolve_source(source)
+    if not path.is_file():
+        raise MissingInputError(f"No taxonomy file at {path}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"Cannot read the taxonomy {source} as JSON: {error}") from error
+    try:
+        if isinstance(data, dict) and "levels" in data:
+            settings = taxonomy_from_levels(data["levels"])
+            if (
+                "paths" in data
+                and taxonomy_from_paths(data["paths"])["hierarchy_parents"] != settings["hierarchy_parents"]
+            ):
+                raise InvalidInputError("The taxonomy's `paths` disagree with its levels' `parent` lists.")
+        elif isinstance(data, dict) and "paths" in data:
+            settings = taxonomy_from_paths(data["paths"])
+        elif isinstance(data, list):
+            settings = taxonomy_from_paths(data)
+        else:
+            raise InvalidInputError(
+                "A taxonomy is an object with `levels` (finest first) or a list of rows [fine, coarse(, coarser)]."
+            )
+        CastConfig(**settings)  # the config's own checks: one parent per class, a child per parent
+    except ValueError as error:  # InvalidInputError too
+        raise InvalidInputError(f"Taxonomy {source}: {error}") from error
+    return settings
+
+
+def hcast_class_counts(state):
+    """Classes per label level, finest first, read off the H-CAST head shapes (`head`, `family_head`,
+    `manufacturer_head`); None when the checkpoint has no `family_head.*` (not H-CAST)."""
+    has_family, has_manufacturer = "family_head.weight" in state, "manufacturer_head.weight" in state
+    if not has_family and not has_manufacturer:
+        return None
+    if not has_family:
+        raise InvalidInputError(
+            "The checkpoint has `manufacturer_head.*` but no `family_head.*`: not an H-CAST model."
+        )
+    prefixes = HCAST_HEADS if has_manufacturer else HCAST_HEADS[:2]
+    counts = []
+    for prefix in prefixes:
+        weight = state.get(prefix + "weight")
+        if weight is None or weight[1].dim() != 2 or prefix + "bias" not in state:
+            raise InvalidInputError(f"The H-CAST checkpoint lacks the level head `{prefix}weight` / `{prefix}bias`.")
+        counts.append(weight[1].shape[0])
+    return tuple(counts)
+
+
+def hcast_settings(counts, taxonomy):
+    """The config fields of an H-CAST checkpoint with `counts` classes per level (its taxonomy, as `read_taxonomy`
+    returns it, checked against the heads) and a line for the report saying what was checked."""
+    heads = ", ".join(f"{prefix[:-1]} [{count}]" for prefix, count in zip(HCAST_HEADS, counts))
+    if taxonomy is None:
+        raise InvalidInputError(
+            f"This is an H-CAST checkpoint ({len(counts)} label levels: {heads}); pass its taxonomy with --taxonomy "
+            "(a taxonomy.json with `levels`, or H-CAST's data/*_tree.json rows [fine, coarse(, coarser)])."
+        )
+    declared = tuple(taxonomy["hierarchy_num_labels"])
+    if declared != tuple(counts):
+        raise InvalidInputError(
+            f"The taxonomy has {declared} classes per level (finest first), but the checkpoint's heads have "
+            f"{tuple(counts)} ({heads}); use the taxonomy the model was trained with."
+        )
+    names = taxonomy.get("hierarchy_level_names") or [f"rank{level}" for level in range(len(counts))]
+    path = " -> ".join(f"{name} ({count})" for name, count in zip(names, counts))
+    return dict(taxonomy), f"H-CAST taxonomy: {path}; matches the level heads {heads}"
+
+
+def convert_state(checkpoint, preset=None, overrides=None, taxonomy=None):
+    """Convert a loaded original checkpoint. Returns (model, report).
+
+    `taxonomy`: the taxonomy of an H-CAST checkpoint (as `read_taxonomy` returns it; required for those)."""
     source_format, state, extras, dropped = split_checkpoint(checkpoint)
     segmentation = any(key.startswith("block_fusion.") for key in state)  # cast_seg.py
     inferred = infer_architecture(state)
@@ -265,11 +476,19 @@ def convert_state(checkpoint, preset=None, overrides=None):
     if extras:
         projection = (extras["projector.6.weight"][1].shape[0], extras["projector.0.weight"][1].shape[0])
     num_labels = head[1].shape[0] if head is not None and head[1].dim() == 2 else None
+    checks = []
+    hierarchy_counts = hcast_class_counts(state)
+    if hierarchy_counts is not None:
+        settings, check = hcast_settings(hierarchy_counts, taxonomy)
+        # Class counts and names come with the taxonomy (no `num_labels`).
+        overrides, num_labels, checks = {**settings, **(overrides or {})}, None, [check]
     if segmentation:
         num_labels, overrides = segmentation_settings(extras, num_labels, overrides)
     config = build_config(inferred, preset, overrides, num_labels=num_labels, projection=projection)
 
-    if segmentation:
+    if hierarchy_counts is not None:
+        model_class, prefix = CastForHierarchicalImageClassification, "cast."
+    elif segmentation:
         model_class, prefix = CastForSemanticSegmentation, "cast."
     elif extras:
         model_class, prefix = CastForSelfSupervisedPretraining, "cast."
@@ -277,13 +496,19 @@ def convert_state(checkpoint, preset=None, overrides=None):
         model_class, prefix = CastForImageClassification, "cast."
     else:
         model_class, prefix = CastModel, ""
-    report = ConversionReport(source_format, model_class.__name__, config, dropped=dict(dropped))
+    report = ConversionReport(source_format, model_class.__name__, config, dropped=dict(dropped), checks=checks)
     mapped = map_backbone(state, config, report, prefix, local_block_indices=segmentation)
     if segmentation:
         mapped.update(map_segmentation_extras(state, extras, report))
         extras = {}
+    level_heads = HCAST_HEADS[: len(hierarchy_counts)] if hierarchy_counts is not None else ()
     for key, (original_key, value) in state.items():
-        if key.startswith("head."):
+        level = next((index for index, head_prefix in enumerate(level_heads) if key.startswith(head_prefix)), None)
+        if level is not None:  # H-CAST's head of label level `level` (finest first)
+            new_key = f"classifier.{level}." + key[len(level_heads[level]) :]
+            mapped[new_key] = value
+            report.kept[original_key] = new_key
+        elif key.startswith("head."):
             if num_labels is not None:
                 mapped["classifier." + key[len("head.") :]] = value
                 report.kept[original_key] = "classifier." + key[len("head.") :]
@@ -390,10 +615,12 @@ def image_processor_for(config, source_format):
     return CastImageProcessor(**settings)
 
 
-def convert_checkpoint(path, output_dir, preset=None, overrides=None, allow_argparse_namespace=False):
-    """Load, convert and `save_pretrained` an original checkpoint together with its image processor."""
+def convert_checkpoint(path, output_dir, preset=None, overrides=None, allow_argparse_namespace=False, taxonomy=None):
+    """Load, convert and `save_pretrained` an original checkpoint together with its image processor. `path` and
+    `taxonomy` (the taxonomy file of an H-CAST checkpoint, see `read_taxonomy`) are local paths or `hf://` Hub
+    paths."""
     checkpoint = load_original_checkpoint(path, allow_argparse_namespace)
-    model, report = convert_state(checkpoint, preset, overrides)
+    model, report = convert_state(checkpoint, preset, overrides, read_taxonomy(taxonomy) if taxonomy else None)
     model.save_pretrained(output_dir)
     image_processor_for(model.config, report.source_format).save_pretrained(output_dir)
     return model, report
@@ -404,10 +631,14 @@ def publish_converted(output_dir, repo_id, report, private=False):
     from .hub import push_folder_to_hub, write_model_card
 
     objective = {
+        "hcast": "H-CAST hierarchical classification (converted from the authors' checkpoint)",
         "moco": "MoCo-v3 self-supervised pre-training (converted from the authors' checkpoint)",
         "deit": "DeiT-style supervised training (converted from the authors' checkpoint)",
         "linear-probe": "linear probe on a MoCo-v3 backbone (converted from the authors' checkpoint)",
-    }.get(report.source_format, "converted from the authors' checkpoint")
+    }.get(
+        "hcast" if report.model_class == CastForHierarchicalImageClassification.__name__ else report.source_format,
+        "converted from the authors' checkpoint",
+    )
     write_model_card(
         output_dir,
         repo_id=repo_id,
@@ -435,6 +666,11 @@ __all__ = [
     "convert_state",
     "image_processor_for",
     "load_original_checkpoint",
+    "parse_hub_path",
     "parse_overrides",
     "publish_converted",
+    "read_taxonomy",
+    "resolve_source",
+    "taxonomy_from_levels",
+    "taxonomy_from_paths",
 ]

@@ -8,9 +8,8 @@ nothing else, so with `hf_hierseg` installed `pipeline(task, model=folder)` runs
 is *shared* is made self-contained instead: `push_folder_to_hub` (behind the converter's `--push-to-hub` and the
 trainers' `--push_to_hub`) uploads the folder with every core module, the `auto_map` of every CAST Auto class and
 `custom_pipelines` for `hierarchical-segmentation`, `zero-shot-hierarchical-segmentation` and `image-segmentation`
-(see `shared_files`), leaving the local
-folder as it was; `add_remote_code` does the same in place, for a folder shared by copying it. There, without the
-package, `pipeline("hierarchical-segmentation", model=repo, trust_remote_code=True)` works; with the package,
+(H-CAST checkpoints also `hierarchical-image-classification`; see `shared_files`), leaving the local folder as it
+was; `add_remote_code` does the same in place, for a folder shared by copying it. There, without the package, `pipeline("hierarchical-segmentation", model=repo, trust_remote_code=True)` works; with the package,
 pass `trust_remote_code=True` too, or load the model and hand it to the pipeline. `strip_remote_code` turns a
 saved folder into a plain one (no code files, no `auto_map`), as the bundled default model is.
 """
@@ -27,10 +26,12 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS as HUB_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from . import AUTO_CLASSES
+from . import AUTO_CLASSES, HIERARCHICAL_AUTO_CLASS
 from .configuration_cast import CastConfig
+from .modeling_cast import CastForHierarchicalImageClassification
 from .pipelines import (
     CastImageSegmentationPipeline,
+    HierarchicalImageClassificationPipeline,
     HierarchicalSegmentationPipeline,
     ZeroShotHierarchicalSegmentationPipeline,
 )
@@ -50,6 +51,7 @@ PIPELINE_TAGS = ("image-feature-extraction", "image-classification", "image-segm
 # Architecture suffix in config.json -> (Auto class of the usage snippet, default pipeline tag).
 TASK_OF_ARCHITECTURE = {
     "ForImageClassification": ("AutoModelForImageClassification", "image-classification"),
+    "ForHierarchicalImageClassification": (HIERARCHICAL_AUTO_CLASS, "image-classification"),
     "ForSemanticSegmentation": ("AutoModelForSemanticSegmentation", "image-segmentation"),
 }
 # Not published by `push_folder_to_hub`: training states (accelerate checkpoints) and caches.
@@ -61,6 +63,9 @@ SHARED_PIPELINES = {
     "image-segmentation": CastImageSegmentationPipeline,
 }
 SEGMENTATION_ARCHITECTURE = "CastForSemanticSegmentation"
+HIERARCHICAL_ARCHITECTURE = CastForHierarchicalImageClassification.__name__
+# Task -> pipeline class added to the `custom_pipelines` of shared H-CAST repos only (it needs a taxonomy).
+HIERARCHICAL_PIPELINES = {"hierarchical-image-classification": HierarchicalImageClassificationPipeline}
 CONFIG_FILES = ("config.json", "preprocessor_config.json")
 REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 
@@ -279,16 +284,21 @@ def remote_code_files():
 def custom_pipelines(architectures=()):
     """The `custom_pipelines` entry of a shared CAST repo. `pt` names the Auto class `pipeline()` loads the model
     with: a `CastForSemanticSegmentation` checkpoint feeds `image-segmentation` through its head, others paint the
-    segments of a hierarchy level."""
+    segments of a hierarchy level. An H-CAST checkpoint (`CastForHierarchicalImageClassification`) also gets
+    `hierarchical-image-classification`, loaded with the Auto class its `auto_map` names it under."""
     segmentation_model = "AutoModelForSemanticSegmentation" if SEGMENTATION_ARCHITECTURE in architectures else None
     auto_models = {
         "hierarchical-segmentation": "AutoModel",
         "zero-shot-hierarchical-segmentation": "AutoModel",
         "image-segmentation": segmentation_model or "AutoModel",
+        **dict.fromkeys(HIERARCHICAL_PIPELINES, HIERARCHICAL_AUTO_CLASS),
     }
+    pipelines = dict(SHARED_PIPELINES)
+    if HIERARCHICAL_ARCHITECTURE in architectures:
+        pipelines.update(HIERARCHICAL_PIPELINES)
     return {
         task: {"impl": class_reference(pipeline_class), "pt": [auto_models[task]], "type": "image"}
-        for task, pipeline_class in SHARED_PIPELINES.items()
+        for task, pipeline_class in pipelines.items()
     }
 
 
@@ -315,8 +325,11 @@ def shared_files(folder):
         return {}
     processor_class = AUTO_CLASSES["AutoImageProcessor"]
     model_auto_map = {auto: class_reference(cls) for auto, cls in AUTO_CLASSES.items() if cls is not processor_class}
+    architectures = config.get("architectures") or ()
+    if HIERARCHICAL_ARCHITECTURE in architectures:  # H-CAST takes the classification Auto class
+        model_auto_map[HIERARCHICAL_AUTO_CLASS] = class_reference(CastForHierarchicalImageClassification)
     config["auto_map"] = {**config.get("auto_map", {}), **model_auto_map}
-    config["custom_pipelines"] = custom_pipelines(config.get("architectures") or ())
+    config["custom_pipelines"] = custom_pipelines(architectures)
     files = {path.name: path for path in remote_code_files()}
     files["config.json"] = _json_text(config)
     processor_path = folder / "preprocessor_config.json"

@@ -32,10 +32,9 @@ from .superpixels import (
 
 # PIL's decompression-bomb threshold: larger inputs (or resize targets) are refused before any allocation.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-# Most superpixels (one model token each) the processor computes for an image: 84x the 196 of a 224x224 view, an
-# image of about 2000x2000 pixels at the default density. More would make the model's attention allocate tens of
-# GiB. (To merge with the cost guard of issue 19.)
-MAX_SUPERPIXELS = 16_384
+# Most superpixels (= level-1 tokens) accepted per image: 196 per 224x224 pixels reach it at about 4.2 megapixels
+# (e.g. 2048x2048). Tokens grow with the area and attention with their square (see `check_superpixel_count`).
+DEFAULT_MAX_SUPERPIXELS = 16_384
 
 
 class CastImageProcessorKwargs(ImagesKwargs, total=False):
@@ -53,6 +52,9 @@ class CastImageProcessorKwargs(ImagesKwargs, total=False):
         Threads computing superpixels (default: all cores). Results do not depend on it.
     max_image_pixels (`int`, *optional*, defaults to 89478485):
         Largest image (input or resize target) accepted, checked before allocating it.
+    max_superpixels (`int`, *optional*, defaults to 16384):
+        Most superpixels (the model's level-1 tokens) accepted per image, estimated from the processed size before
+        resizing or computing them; `None` disables the check. See `check_superpixel_count`.
     """
 
     superpixel_method: str | None
@@ -61,6 +63,7 @@ class CastImageProcessorKwargs(ImagesKwargs, total=False):
     superpixel_reference_size: int | None
     num_workers: int | None
     max_image_pixels: int | None
+    max_superpixels: int | None
 
 
 class CastImageProcessor(PilBackend):
@@ -106,6 +109,7 @@ class CastImageProcessor(PilBackend):
     superpixel_reference_size = REFERENCE_SIZE
     num_workers = None
     max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+    max_superpixels = DEFAULT_MAX_SUPERPIXELS
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -239,14 +243,20 @@ class CastImageProcessor(PilBackend):
         superpixel_reference_size=REFERENCE_SIZE,
         num_workers=None,
         max_image_pixels=None,
+        max_superpixels=DEFAULT_MAX_SUPERPIXELS,
         return_tensors=None,
         **kwargs,
     ) -> BatchFeature:
         _check_superpixel_settings(superpixel_method, superpixel_recipe, num_superpixels)
-        if superpixels is None:  # before resizing anything
-            for image in images:
-                height, width = _output_size(*image.shape[:2], do_resize, size, do_center_crop, crop_size)
-                _check_superpixel_budget(height, width, num_superpixels, superpixel_reference_size)
+        if superpixels is None:  # before resizing any image or computing superpixels
+            for index, image in enumerate(images):
+                height, width = image.shape[:2]
+                if do_resize:
+                    height, width = _resize_output_size(height, width, size)
+                if do_center_crop:
+                    height, width = crop_size.height, crop_size.width
+                count = scaled_num_superpixels(height, width, num_superpixels, superpixel_reference_size)
+                check_superpixel_count(count, max_superpixels, f"Image {index} ({height}x{width} pixels processed)")
         crops, pixel_values = [], []
         for image in images:
             if do_resize:
@@ -268,6 +278,8 @@ class CastImageProcessor(PilBackend):
                 if do_center_crop:
                     label_map = self.center_crop(label_map, crop_size, fill_value=-1)
                 label_maps.append(relabel_consecutive(label_map))
+                count = int(label_maps[-1].max()) + 1
+                check_superpixel_count(count, max_superpixels, f"superpixels[{len(label_maps) - 1}]", estimated=False)
             superpixels = label_maps
         else:
             superpixels = self._compute_superpixels(
@@ -315,30 +327,19 @@ class CastImageProcessor(PilBackend):
         Returns:
             A list over images of lists of int64 `[height, width]` tensors: level 0 (the superpixels as the model
             saw them: a superpixel without a token takes the label of its grid cell), then levels 1..L. Every
-            level-l region is a union of level-(l-1) regions.
+            level-l region is a union of level-(l-1) regions. All levels of the batch are painted at once and
+            resized in one call (one per image when the target sizes differ); see `segment_statistics` for the
+            segments' areas, bounding boxes and parents.
         """
-        hierarchy = getattr(outputs, "hierarchy", None)
-        if hierarchy is None:
-            raise ValueError("`outputs` has no `hierarchy`: pass the outputs of a CAST model.")
-        superpixels = torch.as_tensor(superpixels).long().to(hierarchy[0].device)
-        if superpixels.dim() != 3 or superpixels.shape[0] != hierarchy[0].shape[0]:
-            raise ValueError(
-                f"superpixels must be [B, H, W] with B = {hierarchy[0].shape[0]}, got {tuple(superpixels.shape)}."
-            )
-        if superpixels.max() >= hierarchy[0].shape[1] or superpixels.min() < 0:
-            raise ValueError(f"superpixel labels must lie in 0..{hierarchy[0].shape[1] - 1} (the model's segments).")
-        if hasattr(outputs, "hierarchy_maps"):  # knows how its model pooled segments (stride-8 grid or full size)
-            level_maps = outputs.hierarchy_maps(superpixels)  # L+1 x [B, H, W]
+        level_maps = hierarchy_level_maps(outputs, superpixels)  # [B, L + 1, H, W]
+        target_sizes = _check_target_sizes(target_sizes, level_maps.shape[0])
+        if target_sizes is None:
+            resized = list(level_maps)
+        elif len(set(target_sizes)) == 1:
+            resized = list(resize_label_maps(level_maps, target_sizes[0]))
         else:
-            level_maps = paint_hierarchy(hierarchy, superpixels)
-        target_sizes = _check_target_sizes(target_sizes, superpixels.shape[0])
-        results = []
-        for index in range(superpixels.shape[0]):
-            maps = [level_map[index] for level_map in level_maps]
-            if target_sizes is not None:
-                maps = [resize_label_maps(level_map, target_sizes[index]) for level_map in maps]
-            results.append(maps)
-        return results
+            resized = [resize_label_maps(maps, size) for maps, size in zip(level_maps, target_sizes)]
+        return [list(maps) for maps in resized]
 
     def post_process_semantic_segmentation(self, outputs, target_sizes=None, superpixels=None):
         """Class label maps from segmentation logits.
@@ -372,6 +373,157 @@ class CastImageProcessor(PilBackend):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Post-processing helpers (shared with the pipelines)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def hierarchy_level_maps(outputs, superpixels):
+    """The label maps of every level, painted at the model's resolution: int64 `[B, L + 1, H, W]` (level 0, the
+    superpixels as the model saw them, first). Checks `superpixels` against the model's `hierarchy`."""
+    hierarchy = getattr(outputs, "hierarchy", None)
+    if hierarchy is None:
+        raise ValueError("`outputs` has no `hierarchy`: pass the outputs of a CAST model.")
+    superpixels = torch.as_tensor(superpixels).long().to(hierarchy[0].device)
+    if superpixels.dim() != 3 or superpixels.shape[0] != hierarchy[0].shape[0]:
+        raise ValueError(
+            f"superpixels must be [B, H, W] with B = {hierarchy[0].shape[0]}, got {tuple(superpixels.shape)}."
+        )
+    if superpixels.max() >= hierarchy[0].shape[1] or superpixels.min() < 0:
+        raise ValueError(f"superpixel labels must lie in 0..{hierarchy[0].shape[1] - 1} (the model's segments).")
+    if hasattr(outputs, "hierarchy_maps"):  # knows how its model pooled segments (stride-8 grid or full size)
+        level_maps = outputs.hierarchy_maps(superpixels)  # L+1 x [B, H, W]
+    else:
+        level_maps = paint_hierarchy(hierarchy, superpixels)
+    return torch.stack(level_maps, dim=1)
+
+
+def nearest_sampling_indices(source_size, target_size):
+    """The rows `[height]` and columns `[width]` (int64, non-decreasing) of a `source_size` map that
+    `segment_ops.resize_label_maps` samples for `target_size = (height, width)`: `maps[..., rows[:, None], cols]`
+    is that resize (found by resizing the row and column numbers with it, so the two never disagree)."""
+    source_height, source_width = (int(v) for v in source_size)
+    height, width = (int(v) for v in target_size)
+    rows = resize_label_maps(torch.arange(source_height).unsqueeze(1), (height, 1))[:, 0]
+    columns = resize_label_maps(torch.arange(source_width).unsqueeze(0), (1, width))[0]
+    return rows, columns
+
+
+def segment_statistics(label_maps, target_sizes=None, with_parents=True):
+    """Area, bounding box and parent of every segment of every level of a batch, as they are once each image's maps
+    are resized (nearest, `segment_ops.resize_label_maps`) to its target size, computed without resizing.
+
+    The levels must be functions of level 0 (every level-0 segment lies in one segment of each level: true of
+    `hierarchy_level_maps`, and of a single level). So one pass over the pixels finds each level-0 segment's label
+    at every level, its area (a pixel counts as often as the resize copies it) and its first / last target row and
+    column (bincounts); every level's segments then follow by reductions over the level-0 segments, for all images
+    and levels at once.
+
+    Args:
+        label_maps (int `[B, L, H, W]`): non-negative label maps, level 0 first (e.g. `hierarchy_level_maps`).
+        target_sizes (list of `(height, width)`, *optional*): per image; default `(H, W)` (no resize).
+        with_parents (`bool`): also the parents (the segment of level l + 1 that holds each level-l segment).
+
+    Returns:
+        dict of int64 tensors, with S = the largest label + 1: `areas` `[B, L, S]` (0 for labels absent after the
+        resize), `boxes` `[B, L, S, 4]` (`x0, y0, x1, y1` in target pixels, ends exclusive; 0 for absent labels)
+        and, with `with_parents`, `parents` `[B, L, S]` (-1 at the last level and for absent labels).
+    """
+    label_maps = label_maps.long()
+    batch, num_levels, height, width = label_maps.shape
+    device = label_maps.device
+    target_sizes = _check_target_sizes(target_sizes, batch) or [(height, width)] * batch
+    level0 = label_maps[:, 0].reshape(batch, height * width)  # [B, P]
+    num_parts = int(level0.max()) + 1  # level-0 labels
+    num_labels = max(num_parts, int(label_maps.max()) + 1)
+    # The label of each level-0 segment at every level: [B, L, S0].
+    labels_of_parts = torch.zeros(batch, num_levels, num_parts, dtype=torch.long, device=device)
+    labels_of_parts.scatter_(2, level0.unsqueeze(1).expand(-1, num_levels, -1), label_maps.flatten(2))
+
+    # Level-0 segments at the target size: areas and the target rows / columns their pixels are copied to.
+    samplings = {size: _sampling_of((height, width), size) for size in set(target_sizes)}  # counts, first, end
+    row_counts, row_first, row_end = (torch.stack([samplings[s][0][i] for s in target_sizes]) for i in range(3))
+    column_counts, column_first, column_end = (
+        torch.stack([samplings[s][1][i] for s in target_sizes]) for i in range(3)
+    )  # [B, H] and [B, W] each
+    copies = (row_counts[:, :, None] * column_counts[:, None, :]).to(device).reshape(-1)  # [B * P]
+    part_index = (level0 + num_parts * torch.arange(batch, device=device).unsqueeze(1)).reshape(-1)  # [B * P]
+    part_areas = torch.bincount(part_index, weights=copies.double(), minlength=batch * num_parts)
+    part_areas = part_areas.long().reshape(batch, num_parts)
+    # x0, y0 (amin) and x1, y1 (amax) of every level-0 segment over the pixels the resize copies: [B * S0, 4].
+    dropped = copies == 0
+    part_boxes = []
+    for values, reduce in (
+        (column_first[:, None, :], "amin"),
+        (row_first[:, :, None], "amin"),
+        (column_end[:, None, :], "amax"),
+        (row_end[:, :, None], "amax"),
+    ):
+        values = values.to(device).expand(batch, height, width).reshape(-1)
+        unused = torch.iinfo(torch.long).max if reduce == "amin" else -1
+        values = values.masked_fill(dropped, unused)
+        part_boxes.append(
+            torch.full((batch * num_parts,), unused, device=device).scatter_reduce_(0, part_index, values, reduce)
+        )
+    part_boxes = torch.stack(part_boxes, dim=-1).reshape(batch, num_parts, 4)
+
+    # Every level: reductions over its level-0 segments (those the resize keeps).
+    present = (part_areas > 0).unsqueeze(1).expand(-1, num_levels, -1)  # [B, L, S0]
+    offsets = torch.arange(batch * num_levels, device=device).reshape(batch, num_levels, 1) * num_labels
+    index = (labels_of_parts + offsets)[present]  # [M], the segment of each kept level-0 segment at each level
+    total = batch * num_levels * num_labels
+    weights = part_areas.unsqueeze(1).expand(-1, num_levels, -1)[present].double()
+    areas = torch.bincount(index, weights=weights, minlength=total).long()
+    corners = part_boxes.unsqueeze(1).expand(-1, num_levels, -1, -1)[present]  # [M, 4]
+    boxes = torch.zeros(total, 4, dtype=torch.long, device=device)
+    boxes[:, :2].scatter_reduce_(0, index[:, None].expand(-1, 2), corners[:, :2], reduce="amin", include_self=False)
+    boxes[:, 2:].scatter_reduce_(0, index[:, None].expand(-1, 2), corners[:, 2:], reduce="amax", include_self=False)
+    result = {
+        "areas": areas.reshape(batch, num_levels, num_labels),
+        "boxes": boxes.reshape(batch, num_levels, num_labels, 4),
+    }
+    if with_parents:
+        parents = torch.full((total,), -1, dtype=torch.long, device=device)
+        if num_levels > 1:  # the parent of a level-l segment: the level-(l + 1) label of any of its parts
+            coarse = torch.cat([labels_of_parts[:, 1:], torch.full_like(labels_of_parts[:, :1], -1)], dim=1)
+            parents.scatter_reduce_(0, index, coarse[present], reduce="amax", include_self=True)
+        result["parents"] = parents.reshape(batch, num_levels, num_labels)
+    return result
+
+
+def _sampling_of(source_size, target_size):
+    """How `resize_label_maps` from `source_size` to `target_size` copies rows and columns: for each axis, int64
+    `[source length]` tensors of copy counts, first target index and end (one past the last; = first if none)."""
+    sampled = nearest_sampling_indices(source_size, target_size)
+    axes = []
+    for indices, length in zip(sampled, source_size):
+        positions = torch.arange(length)
+        first = torch.searchsorted(indices, positions, right=False)
+        end = torch.searchsorted(indices, positions, right=True)
+        axes.append((end - first, first, end))
+    return axes
+
+
+def check_superpixel_count(count, max_superpixels, what, estimated=True):
+    """Refuse an image whose superpixel count (CAST's level-1 token count) exceeds `max_superpixels`.
+
+    The cost model: tokens grow with the image area (`num_superpixels` per `superpixel_reference_size`^2 pixels,
+    196 per 224^2 by default), and every ViT block's attention holds a tokens x tokens score map per head and image,
+    so attention memory and time grow with the square of the count (the model checks its own limit on that memory,
+    `config.max_attention_memory`)."""
+    if max_superpixels is None or count <= max_superpixels:
+        return
+    map_gib = count * count * 4 / 2**30
+    about = "about " if estimated else ""
+    raise ValueError(
+        f"{what} would have {about}{count:,} superpixels, more than max_superpixels={max_superpixels:,}. CAST makes "
+        f"one token per superpixel (the count grows with the image area) and its attention memory grows with the "
+        f"square of the token count: one {count:,} x {count:,} float32 attention map is {map_gib:.1f} GiB per head "
+        "and image. Resize the image (do_resize=True, or a smaller `size`), request fewer superpixels "
+        "(num_superpixels), or raise max_superpixels (None disables this check)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------
 
@@ -387,28 +539,6 @@ def _check_image_size(height, width, max_image_pixels, what="image"):
         raise ValueError(
             f"The {what} has {height}x{width} = {height * width} pixels, more than max_image_pixels="
             f"{max_image_pixels}: downscale it first or raise max_image_pixels."
-        )
-
-
-def _output_size(height, width, do_resize, size, do_center_crop, crop_size):
-    """`(height, width)` of an input image after the resize and the centre crop."""
-    if do_resize:
-        height, width = _resize_output_size(height, width, size)
-    if do_center_crop and crop_size is not None and crop_size.height and crop_size.width:
-        height, width = crop_size.height, crop_size.width
-    return height, width
-
-
-def _check_superpixel_budget(height, width, num_superpixels, reference_size):
-    """Refuse an image that would get more than `MAX_SUPERPIXELS` superpixels (model tokens), before any of it is
-    resized or segmented."""
-    count = scaled_num_superpixels(height, width, num_superpixels, reference_size)
-    if count > MAX_SUPERPIXELS:
-        raise ValueError(
-            f"A {height}x{width} image would get about {count} superpixels (one model token each: the attention "
-            f"would need tens of GiB), more than the {MAX_SUPERPIXELS} the processor computes. Resize it "
-            "(do_resize=True, the default, or a smaller `size`), centre-crop it, or request fewer superpixels "
-            "(num_superpixels)."
         )
 
 
@@ -574,4 +704,10 @@ def _check_target_sizes(target_sizes, batch_size):
     return [tuple(int(v) for v in target_size) for target_size in target_sizes]
 
 
-__all__ = ["CastImageProcessor"]
+__all__ = [
+    "CastImageProcessor",
+    "check_superpixel_count",
+    "hierarchy_level_maps",
+    "nearest_sampling_indices",
+    "segment_statistics",
+]

@@ -5,8 +5,9 @@
     model, processor = load_model_and_processor("path/to/folder", device="cpu")
 
 The class follows the checkpoint: a segmentation checkpoint loads as `CastForSemanticSegmentation` (its encoder
-differs), a classifier as `CastForImageClassification` when `classifier=True`, anything else as `CastModel`. Without
-`trust_remote_code` the package's classes are used; with it, the Auto classes run the code stored with the model.
+differs), a classifier as `CastForImageClassification` (an H-CAST one as `CastForHierarchicalImageClassification`)
+when `classifier=True`, anything else as `CastModel`. Without `trust_remote_code` the package's classes are used;
+with it, the Auto classes run the code stored with the model.
 The user's mistakes (a folder that does not exist, a Hub id that cannot be found, a model that is not CAST, a device
 this machine lacks) raise `errors.MissingInputError` / `errors.InvalidInputError` with a message naming the problem.
 """
@@ -28,17 +29,24 @@ from .configuration_cast import check_is_cast
 from .default_model import default_model_path
 from .errors import InvalidInputError, MissingInputError
 from .image_processing_cast import CastImageProcessor
-from .modeling_cast import CastForImageClassification, CastForSemanticSegmentation, CastModel
+from .modeling_cast import (
+    CastForHierarchicalImageClassification,
+    CastForImageClassification,
+    CastForSemanticSegmentation,
+    CastModel,
+)
 
 
 CONFIG_FILE = "config.json"
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 SEGMENTATION_ARCHITECTURE = "CastForSemanticSegmentation"
 CLASSIFIER_ARCHITECTURE = "CastForImageClassification"
+HIERARCHICAL_ARCHITECTURE = "CastForHierarchicalImageClassification"
 # (package class, Auto class) per kind of checkpoint.
 MODEL_CLASSES = {
     "segmentation": (CastForSemanticSegmentation, AutoModelForSemanticSegmentation),
     "classifier": (CastForImageClassification, AutoModelForImageClassification),
+    "hierarchical": (CastForHierarchicalImageClassification, AutoModelForImageClassification),
     "backbone": (CastModel, AutoModel),
 }
 
@@ -111,11 +119,13 @@ def load_cast_config(source, trust_remote_code=False):
 
 
 def checkpoint_kind(config, classifier=False):
-    """`"segmentation"`, `"classifier"` (only when `classifier` is wanted) or `"backbone"`, from
+    """`"segmentation"`, `"classifier"` / `"hierarchical"` (only when `classifier` is wanted) or `"backbone"`, from
     `config.architectures`."""
     architectures = config.architectures or ()
     if SEGMENTATION_ARCHITECTURE in architectures:
         return "segmentation"
+    if classifier and HIERARCHICAL_ARCHITECTURE in architectures:
+        return "hierarchical"
     if classifier and CLASSIFIER_ARCHITECTURE in architectures:
         return "classifier"
     return "backbone"

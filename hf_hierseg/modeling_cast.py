@@ -38,6 +38,9 @@ logger = logging.get_logger(__name__)
 
 # Dropout between the fused BatchNorm and the projection (hard-coded in the original BlockFusion).
 FUSION_DROPOUT = 0.2
+# Largest estimated attention memory of a forward accepted by default, in bytes (`config.max_attention_memory`
+# overrides it, None disables the check): see `check_attention_memory`.
+DEFAULT_MAX_ATTENTION_MEMORY = 16 * 2**30
 SEGMENTATION_HEAD_TYPES = ("linear", "mlp_projector")
 
 
@@ -439,6 +442,52 @@ class CastEncoder(nn.ModuleList):
 # --- models -------------------------------------------------------------------------------------------------------
 
 
+def check_attention_memory(config, pixel_values, superpixels, pool_at_full_resolution=False):
+    """Refuse, before anything is allocated, a batch whose forward would need more memory than
+    `config.max_attention_memory` bytes (default `DEFAULT_MAX_ATTENTION_MEMORY`, 16 GiB; None disables the check).
+
+    The cost model: one token per superpixel id (N = the largest id the model samples + 1), so N grows with the image
+    area; every ViT block holds a [B, heads, 1 + N, 1 + N] attention map, so memory (and time) grow with N^2. Pooling
+    segments at full resolution also holds the ConvStem features upsampled to [B, H, W, C]. Eager code only: skipped
+    while compiling, exporting or tracing (the shapes are fixed there)."""
+    limit = getattr(config, "max_attention_memory", DEFAULT_MAX_ATTENTION_MEMORY)
+    if limit is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    batch, _, height, width = pixel_values.shape
+    stride = 1 if pool_at_full_resolution else config.patch_size
+    num_tokens = max(int(superpixels[:, ::stride, ::stride].max()) + 1, config.num_clusters[0])
+    element = pixel_values.element_size()
+    heads = config.num_attention_heads
+    attention = batch * heads * (1 + num_tokens) ** 2 * element
+    pooling = batch * height * width * config.hidden_size * element if pool_at_full_resolution else 0
+    if max(attention, pooling) <= limit:
+        return
+    if attention >= pooling:
+        need = (
+            f"{_format_bytes(attention)} per attention map (batch {batch} x {heads} heads x {1 + num_tokens:,}^2 "
+            f"tokens x {element} bytes)"
+        )
+    else:
+        need = (
+            f"{_format_bytes(pooling)} for the features pooled at full resolution (batch {batch} x {height}x{width} "
+            f"pixels x {config.hidden_size} channels x {element} bytes)"
+        )
+    raise ValueError(
+        f"This batch would need about {need}, more than config.max_attention_memory = {_format_bytes(limit)}. CAST "
+        f"makes one token per superpixel ({num_tokens:,} here, for {height}x{width}-pixel images): the count grows with "
+        "the image area and attention memory with its square. Resize the images (CastImageProcessor with "
+        "do_resize=True, or a smaller `size`), request fewer superpixels (num_superpixels), pass fewer images per "
+        "batch, or raise config.max_attention_memory (None disables this check)."
+    )
+
+
+def _format_bytes(count):
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
 class CastPreTrainedModel(PreTrainedModel):
     config_class = CastConfig
     config: CastConfig
@@ -579,6 +628,7 @@ class CastModel(CastPreTrainedModel):
         superpixels (`torch.LongTensor` of shape `[B, H, W]`): superpixel id per pixel (consecutive from 0).
         """
         self._validate_inputs(pixel_values, superpixels)
+        check_attention_memory(self.config, pixel_values, superpixels, self.embeddings.pool_at_full_resolution)
         embeddings, padding_mask, _ = self.embeddings(pixel_values, superpixels)
         encoded = self.levels(embeddings, padding_mask, **kwargs)
         final = encoded.level_hidden_states[-1]
@@ -889,6 +939,7 @@ class CastBackbone(BackboneMixin, CastPreTrainedModel):
         if superpixels is None and torch.is_tensor(pixel_values) and pixel_values.dim() == 4:
             superpixels = default_superpixels(pixel_values)
         self._validate_inputs(pixel_values, superpixels)
+        check_attention_memory(self.config, pixel_values, superpixels)
         embeddings, padding_mask, stem = self.embeddings(pixel_values, superpixels)
         encoded = self.levels(embeddings, padding_mask, **kwargs)
         grid_labels = resize_labels_nearest(superpixels, stem.shape[1:3])  # [B, h, w], level-1 token of each cell
@@ -905,14 +956,170 @@ class CastBackbone(BackboneMixin, CastPreTrainedModel):
         return BackboneOutput(feature_maps=feature_maps)
 
 
+# --- hierarchical classification (H-CAST) -------------------------------------------------------------------------
+
+
+@dataclass
+class CastHierarchicalImageClassifierOutput(CastImageClassifierOutput):
+    """
+    Outputs of [`CastForHierarchicalImageClassification`]: [`CastImageClassifierOutput`] (whose `logits` are the
+    finest level's) plus the logits of every label level.
+
+    Args:
+        loss (`[]`, *optional*): the H-CAST loss (`hierarchical_classification_loss`) when `labels` are given.
+        logits (`[B, n_0]`): logits of the finest level, `logits_per_level[0]`.
+        logits_per_level (L x `[B, n_k]`): logits of each label level, finest first.
+    """
+
+    logits_per_level: tuple[torch.FloatTensor, ...] | None = None
+
+
+def hierarchy_targets(labels, num_labels_per_level, label_smoothing=0.0):
+    """Dense targets per label level, finest first: L x float `[B, n_k]`.
+
+    `labels` is either int64 `[B, L]` (class ids, finest first; each one-hot target smoothed as
+    `one_hot * (1 - label_smoothing) + label_smoothing / n_k`), or dense targets (e.g. after Mixup / CutMix, already
+    smoothed): a float `[B, sum(n_k)]` tensor of the levels' targets side by side, finest first, or a sequence of L
+    float `[B, n_k]` tensors. Raises a `ValueError` naming the problem for anything else."""
+    counts = tuple(num_labels_per_level)
+    if isinstance(labels, (list, tuple)):
+        if len(labels) != len(counts) or any(
+            not torch.is_tensor(t) or t.dim() != 2 or t.shape[1] != n for t, n in zip(labels, counts)
+        ):
+            raise ValueError(
+                f"Dense `labels` given per level must be {len(counts)} float tensors [B, n_k], n = {counts}."
+            )
+        return [t.float() for t in labels]
+    if not torch.is_tensor(labels):
+        raise ValueError(f"`labels` must be a tensor, got {type(labels).__name__}.")
+    if labels.is_floating_point():
+        if labels.dim() != 2 or labels.shape[1] != sum(counts):
+            raise ValueError(
+                f"Dense `labels` must be [B, {sum(counts)}] (the targets of the levels {counts} side by side, finest "
+                f"first), got shape {tuple(labels.shape)}."
+            )
+        return list(labels.float().split(counts, dim=1))
+    if labels.dtype == torch.bool or labels.dim() != 2 or labels.shape[1] != len(counts):
+        raise ValueError(
+            f"`labels` must be int64 [B, {len(counts)}] (one class id per label level, finest first) or dense float "
+            f"targets, got {labels.dtype} of shape {tuple(labels.shape)}."
+        )
+    limits = torch.tensor(counts, device=labels.device)
+    if labels.numel() and bool(((labels < 0) | (labels >= limits)).any()):
+        raise ValueError(f"`labels` hold class ids outside the levels' ranges 0..n_k - 1 for n = {counts}.")
+    targets = []
+    for level, count in enumerate(counts):
+        one_hot = F.one_hot(labels[:, level].long(), count).float()
+        targets.append(one_hot * (1.0 - label_smoothing) + label_smoothing / count)
+    return targets
+
+
+def soft_target_cross_entropy(logits, targets):
+    """Cross-entropy with dense targets: `mean_b sum_c -targets[b, c] * log_softmax(logits[b])[c]` (timm's
+    SoftTargetCrossEntropy; plain cross-entropy for one-hot targets)."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def tree_path_kl(logits_per_level, targets_per_level):
+    """H-CAST's tree-path KL term: one softmax over the logits of all levels side by side, against the levels'
+    targets side by side normalised to sum 1 per row (mass 1/L on each level's true class for one-hot targets),
+    `KL(q || softmax)` averaged over the batch. Levels are concatenated coarsest first, as the authors do (the value
+    does not depend on the order, only its float rounding does)."""
+    joint_log_probs = F.log_softmax(torch.cat([z.float() for z in reversed(logits_per_level)], dim=1), dim=1)
+    joint_targets = torch.cat(list(reversed(targets_per_level)), dim=1)
+    joint_targets = joint_targets / joint_targets.sum(dim=1, keepdim=True)
+    return F.kl_div(joint_log_probs, joint_targets, reduction="batchmean")
+
+
+def hierarchical_classification_loss(labels, logits_per_level, config, **kwargs):
+    """The H-CAST loss: the sum over levels of the cross-entropy with each level's target, plus
+    `config.tree_path_kl_weight` x `tree_path_kl`. Targets from `hierarchy_targets` (one-hot labels smoothed by
+    `config.hierarchy_label_smoothing`)."""
+    targets = hierarchy_targets(labels, config.hierarchy_num_labels, config.hierarchy_label_smoothing)
+    cross_entropy = sum(soft_target_cross_entropy(z, t) for z, t in zip(logits_per_level, targets))
+    return cross_entropy + config.tree_path_kl_weight * tree_path_kl(logits_per_level, targets)
+
+
+class CastForHierarchicalImageClassification(CastPreTrainedModel):
+    """H-CAST (Park, Zhang, Yu, Beery & Huang, ICLR 2025): CAST with one linear head per level of a taxonomy, each
+    reading the CLS token of the CAST level `config.hierarchy_cast_levels` names, so that fine labels are read where
+    the segments are fine and coarse labels where they are coarse. By default, as the authors: with 3 label levels
+    the finest reads level 2's CLS token after its blocks, the middle level 3's (both without a norm) and the
+    coarsest the final-normed CLS token (the image embedding); with 2 label levels, levels 3 and 4.
+
+    The taxonomy is in the config (`hierarchy_num_labels`, finest first, `hierarchy_parents`, `hierarchy_id2label`);
+    `config.id2label` and `logits` are the finest level's. Loss: `hierarchical_classification_loss`, through
+    `self.loss_function`.
+    """
+
+    def __init__(self, config: CastConfig):
+        super().__init__(config)
+        if not config.hierarchy_num_labels:
+            raise ValueError(
+                "CastForHierarchicalImageClassification needs a taxonomy: set `hierarchy_num_labels` (classes per "
+                "level, finest first) and `hierarchy_parents` in the CastConfig (`config.set_taxonomy(...)`)."
+            )
+        config.validate_taxonomy()  # also when the fields were set as attributes (e.g. from_pretrained kwargs)
+        self.cast = CastModel(config)
+        # One Linear per label level, finest first (`classifier.<k>`).
+        self.classifier = nn.ModuleList(nn.Linear(config.hidden_size, count) for count in config.hierarchy_num_labels)
+        self.loss_function = hierarchical_classification_loss
+        self.post_init()
+
+    def _init_weights(self, module):
+        """The level heads as the authors' (timm's ViT init: truncated normal, zero bias); the rest as CAST."""
+        if isinstance(module, nn.Linear) and any(module is head for head in getattr(self, "classifier", ())):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+    def level_features(self, outputs):
+        """The CLS feature each label level reads, finest first: L x `[B, C]` (the CLS token after a level's
+        blocks; for level 4 the final-normed one, `pooler_output`)."""
+        return [
+            outputs.pooler_output if level == NUM_LEVELS else outputs.level_hidden_states[level - 1][:, 0]
+            for level in self.config.hierarchy_cast_levels
+        ]
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        superpixels: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CastHierarchicalImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `[B, L]`, *optional*): class ids per label level, finest first; or dense
+            targets (see `hierarchy_targets`).
+        """
+        outputs = self.cast(pixel_values, superpixels, return_dict=True, **kwargs)
+        logits_per_level = tuple(head(feature) for head, feature in zip(self.classifier, self.level_features(outputs)))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits_per_level, self.config, **kwargs)
+        return CastHierarchicalImageClassifierOutput(
+            loss=loss,
+            logits=logits_per_level[0],
+            logits_per_level=logits_per_level,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            pooler_output=outputs.pooler_output,
+            **outputs.hierarchy_fields(),
+        )
+
+
 __all__ = [
     "CastBackbone",
     "CastBlockFusion",
     "CastEmbeddings",
     "CastEncoder",
+    "CastForHierarchicalImageClassification",
     "CastForImageClassification",
     "CastForSelfSupervisedPretraining",
     "CastForSemanticSegmentation",
+    "CastHierarchicalImageClassifierOutput",
     "CastHierarchyOutput",
     "CastImageClassifierOutput",
     "CastModel",
@@ -920,5 +1127,10 @@ __all__ = [
     "CastPreTrainedModel",
     "CastSelfSupervisedOutput",
     "CastSemanticSegmenterOutput",
+    "check_attention_memory",
     "default_superpixels",
+    "hierarchical_classification_loss",
+    "hierarchy_targets",
+    "soft_target_cross_entropy",
+    "tree_path_kl",
 ]

@@ -1,7 +1,8 @@
-"""Convert an original CAST checkpoint (MoCo-v3, DeiT or bare state dict) to a `save_pretrained` directory.
+"""Convert an original CAST checkpoint (MoCo-v3, DeiT, H-CAST or bare state dict) to a `save_pretrained` directory.
 
 Same as `hf-hierseg convert`: --checkpoint PATH --output DIR [--preset NAME] [--set key=value ...]
-[--allow-argparse-namespace] [--push-to-hub REPO].
+[--taxonomy TAXONOMY.json] [--allow-argparse-namespace] [--push-to-hub REPO]. PATH and TAXONOMY may be Hub files,
+hf://<owner>/<repo>[@<revision>]/<path in the repo>.
 """
 
 import sys

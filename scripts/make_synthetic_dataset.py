@@ -7,7 +7,7 @@ Example:
 
 import argparse
 
-from hf_hierseg.evaluation.synthetic import write_synthetic_dataset
+from hf_hierseg.evaluation.synthetic import VARIANTS, write_synthetic_dataset
 
 
 def main(argv=None):
@@ -21,6 +21,12 @@ def main(argv=None):
     parser.add_argument("--format", choices=("imagefolder", "parquet"), default="imagefolder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_distractors", type=int, default=1, help="at most this many clutter blobs per image")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="contrasting",
+        help="contrasting: one object, colour unlike the background; camouflage: 2-3 objects in the background's palette",
+    )
     args = parser.parse_args(argv)
     output = write_synthetic_dataset(
         args.output_dir,
@@ -30,6 +36,7 @@ def main(argv=None):
         format=args.format,
         seed=args.seed,
         max_distractors=args.max_distractors,
+        variant=args.variant,
     )
     print(f"Wrote {args.format} dataset to {output}")
 

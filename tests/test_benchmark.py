@@ -191,3 +191,49 @@ def test_segment_sums_equal_a_loop():
             chosen = labels[image] == label
             assert counts[image, label] == chosen.sum()
             np.testing.assert_allclose(sums[image, label].numpy(), features[image][chosen].sum(0).numpy(), atol=1e-5)
+
+
+# -- the segmentation benchmark (`hf-hierseg benchmark segment`) -------------------------------------------------------
+
+
+def test_segment_benchmark_reports_every_stage_with_ratios(tmp_path):
+    from hf_hierseg import CastConfig, CastImageProcessor, CastModel
+    from hf_hierseg.apps.benchmark_segment import (
+        STAGES,
+        SegmentBenchmarkSettings,
+        format_segment_report,
+        run_segment_benchmark,
+    )
+
+    torch.manual_seed(0)
+    config = {key: value for key, value in TINY_CAST.items() if not key.startswith("projection")}
+    CastModel(CastConfig(**config)).save_pretrained(tmp_path)
+    CastImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(tmp_path)
+    messages = []
+    report = run_segment_benchmark(
+        SegmentBenchmarkSettings(num_photos=3, batch_size=2, repeats=1, threads=1, model=str(tmp_path)),
+        log=messages.append,
+    )
+    assert set(report["best_ms"]) == set(STAGES) and all(report["best_ms"][stage] > 0 for stage in STAGES)
+    reference = report["best_ms"]["processor"] + report["best_ms"]["forward"]
+    for stage in STAGES:
+        assert report["ratio"][stage] == pytest.approx(report["best_ms"][stage] / reference)
+        assert report["median_ms"][stage] >= report["best_ms"][stage] and report["cpu_ms"][stage] > 0
+    assert report["targets"]["pipeline"] == {"max_ratio": 1.5, "met": report["ratio"]["pipeline"] <= 1.5}
+    assert report["targets"]["segment"]["met"] == (report["ratio"]["segment"] <= 4.0)
+    assert report["photos"]["count"] == 3 and len(messages) == 3  # the setting line and two rounds
+    text = format_segment_report(report)
+    for title in ("processor + forward", "post-processing", "writing (1 thread)", "pipeline", "hf-hierseg segment",
+                  "  --outputs labels,json"):  # fmt: skip
+        assert f"\n{title} " in text
+    assert "target <= 1.5:" in text and "target <= 4:" in text and "PNG encoding (5 pictures)" in text
+    assert set(report["writing_parts_ms"]) == {
+        "overlay_labels",
+        "draw_hierarchy",
+        "encode_png",
+        "dumps",
+        "write_atomic",
+    }
+    assert report["writing_parts_ms"]["encode_png"] > 0
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        SegmentBenchmarkSettings(batch_size=0)

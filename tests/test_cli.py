@@ -70,7 +70,8 @@ def test_top_level_help_lists_every_subcommand(capsys):
 @pytest.mark.parametrize(
     "argv",
     [[name, "--help"] for name in SUBCOMMANDS]
-    + [["evaluate", "classification", "--help"], ["evaluate", "segmentation", "--help"]],
+    + [["evaluate", "classification", "--help"], ["evaluate", "segmentation", "--help"]]
+    + [["benchmark", "throughput", "--help"], ["benchmark", "segment", "--help"]],
 )
 def test_every_subcommand_has_help(argv, capsys):
     status, out, err = run(argv, capsys)
@@ -86,6 +87,9 @@ def test_every_subcommand_has_help(argv, capsys):
         ["segment"],
         ["segment", "a.png"],
         ["segment", "a.png", "--out", "out", "--levels", "9"],
+        ["segment", "--out", "out"],
+        ["segment", "a.png", "--dataset_name", "photos", "--out", "out"],
+        ["segment", "a.png", "--out", "out", "--index-format", "csv"],
         ["embed", "a.png", "--out", "e.npy", "--batch-size", "0"],
         ["convert", "--output", "out"],
         ["train-moco", "--output_dir", "out", "--per_device_train_batch_size", "0"],
@@ -95,6 +99,7 @@ def test_every_subcommand_has_help(argv, capsys):
         ["evaluate", "regression"],
         ["evaluate", "classification", "--bogus"],
         ["benchmark", "--threads", "x"],
+        ["benchmark", "segment", "--batch-size", "x"],
     ],
 )
 def test_wrong_arguments_give_one_line(argv, capsys):
@@ -240,6 +245,39 @@ def test_segment_writes_overlays_and_the_hierarchy(tmp_path, model_dir, images, 
                 else:
                     assert segment["parent"] is None
     assert f"{images[0]} ->" in stdout
+
+
+def test_segment_globs_outputs_and_mistakes(tmp_path, model_dir, images, capsys):
+    out = tmp_path / "pictures"
+    pattern = str(images[0].parent / "picture*.png")
+    status, stdout, err = run(
+        ["segment", pattern, "--out", out, "--model", model_dir, "--outputs", "pictures"], capsys
+    )
+    assert status == 0, err
+    names = sorted(path.name for path in out.iterdir())
+    expected = [
+        f"picture{i}_{kind}.png" for i in (0, 1) for kind in ("hierarchy", "level1", "level2", "level3", "level4")
+    ]
+    assert names == sorted(expected + ["index.jsonl"])  # pictures only, and the index
+    assert "process 0 of 1: 2 photos segmented, 0 complete from an earlier run, 0 undecodable" in err
+    status, _, err = run(["segment", pattern, "--out", out, "--model", model_dir, "--outputs", "pictures"], capsys)
+    assert status == 0 and "0 photos segmented, 2 complete from an earlier run" in err
+    choices = "overlays, hierarchy, labels, json, pictures, all"
+    for argv, message in [
+        (
+            [pattern, "--outputs", "overlays,masks"],
+            f"unknown output 'masks' in --outputs 'overlays,masks': choose from {choices}",
+        ),
+        ([tmp_path / "none-*.png"], f"no images match {tmp_path / 'none-*.png'}"),
+    ]:
+        status, _, err = run(["segment", *argv, "--out", out, "--model", model_dir], capsys)
+        assert status == 1 and err.strip().splitlines() == [f"hf-hierseg segment: error: {message}"], err
+
+
+def test_benchmark_help_names_its_kinds(capsys):
+    status, out, _ = run(["benchmark", "--help"], capsys)
+    assert status == 0 and out.startswith("usage: hf-hierseg benchmark [-h] [--batch-sizes")
+    assert "`hf-hierseg benchmark segment`" in " ".join(out.split())
 
 
 def test_embed_pooled_and_per_token(tmp_path, model_dir, images, capsys):

@@ -551,7 +551,9 @@ def test_a_huge_photo_at_native_resolution_is_refused_before_any_large_allocatio
     processor = CastImageProcessor()
     tracemalloc.start()
     try:
-        with pytest.raises(ValueError, match=r"4000x6000 image would get about 93750 superpixels.*do_resize=True"):
+        with pytest.raises(
+            ValueError, match=r"4000x6000 pixels processed\) would have about 93,750 superpixels.*do_resize=True"
+        ):
             processor(images=photo, do_resize=False, do_center_crop=False, input_data_format="channels_last")
         _, peak = tracemalloc.get_traced_memory()
     finally:

@@ -14,6 +14,7 @@ from transformers import AutoImageProcessor
 from hf_hierseg.configuration_cast import CastConfig
 from hf_hierseg.hierarchy import compose_hierarchy
 from hf_hierseg.image_processing_cast import CastImageProcessor
+from hf_hierseg.segment_ops import resize_label_maps
 from hf_hierseg.superpixels import IMAGENET_MEAN, IMAGENET_STD, denormalize_to_uint8, grid_superpixels
 
 
@@ -500,3 +501,81 @@ def test_hierarchical_post_processing_on_real_model_outputs():
         superpixels = inputs["superpixels"][index]
         has_token = torch.isin(superpixels, superpixels[::8, ::8].unique())
         assert torch.equal(maps[0][has_token], superpixels[has_token])
+
+
+def previous_hierarchical_post_processing(outputs, superpixels, target_sizes):
+    """`post_process_hierarchical_segmentation` before it resized a batch at once (kept here as the reference):
+    each level of each image resized on its own."""
+    level_maps = outputs.hierarchy_maps(torch.as_tensor(superpixels))
+    return [
+        [resize_label_maps(level_map[index], size) for level_map in level_maps]
+        for index, size in enumerate(target_sizes)
+    ]
+
+
+def test_hierarchical_post_processing_equals_the_previous_one_on_real_photos():
+    from hf_hierseg import load_default
+    from hf_hierseg.evaluation import real_photos
+
+    try:
+        photos = [photo["image"] for photo in real_photos.load_imagenet_photos()[:3]]
+        photos.append(real_photos.load_voc_photo()["image"])
+    except real_photos.RealPhotosUnavailableError as error:
+        pytest.skip(f"real photos unavailable: {error}")
+    model, processor = load_default()
+    inputs = processor(photos, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    for target_sizes in ([(p.height, p.width) for p in photos], [(375, 500)] * 4, [(100, 61), (160, 160)] * 2):
+        results = processor.post_process_hierarchical_segmentation(outputs, inputs["superpixels"], target_sizes)
+        expected = previous_hierarchical_post_processing(outputs, inputs["superpixels"], target_sizes)
+        for maps, reference in zip(results, expected, strict=True):
+            assert len(maps) == len(reference) == 5
+            for level_map, reference_map in zip(maps, reference):
+                assert level_map.dtype == torch.int64 and torch.equal(level_map, reference_map)
+
+
+def brute_force_statistics(label_maps, size):
+    """Areas, boxes and parents of every level of one image's maps resized to `size`, straight from the pixels."""
+    resized = resize_label_maps(label_maps, size).numpy()
+    statistics = []
+    for level, segmentation in enumerate(resized):
+        segments = {}
+        for i in np.unique(segmentation):
+            rows, cols = np.nonzero(segmentation == i)
+            parent = None
+            if level + 1 < len(resized):
+                (parent,) = set(resized[level + 1][segmentation == i].tolist())
+            box = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+            segments[int(i)] = (len(rows), box, parent)
+        statistics.append(segments)
+    return statistics
+
+
+@pytest.mark.parametrize("sizes", [[(40, 30), (40, 30)], [(97, 61), (13, 9)], [(40, 30), (200, 7)]])
+def test_segment_statistics_equal_counting_the_resized_pixels(sizes):
+    from hf_hierseg.image_processing_cast import segment_statistics
+
+    generator = torch.Generator().manual_seed(len(sizes[1]) + sizes[1][0])
+    fine = torch.randint(0, 30, (2, 40, 30), generator=generator)
+    fine[1, :, 10:] = 7  # image 1 misses most labels
+    maps = [fine]
+    for count in (12, 5, 2):  # nested: each level a function of the previous
+        maps.append(torch.gather(torch.randint(0, count, (2, 30), generator=generator), 1, maps[-1].flatten(1)))
+        maps[-1] = maps[-1].reshape(fine.shape)
+    label_maps = torch.stack(maps, dim=1)  # [2, 4, 40, 30]
+    statistics = segment_statistics(label_maps, sizes)
+    num_labels = statistics["areas"].shape[-1]
+    assert num_labels == 30 and statistics["boxes"].shape == (2, 4, 30, 4)
+    for image, size in enumerate(sizes):
+        expected = brute_force_statistics(label_maps[image], size)
+        for level, segments in enumerate(expected):
+            areas = statistics["areas"][image, level]
+            assert sorted(torch.nonzero(areas)[:, 0].tolist()) == sorted(segments)
+            for i, (area, box, parent) in segments.items():
+                assert areas[i] == area
+                assert statistics["boxes"][image, level, i].tolist() == box
+                assert statistics["parents"][image, level, i] == (-1 if parent is None else parent)
+            absent = [i for i in range(num_labels) if i not in segments]
+            assert (statistics["parents"][image, level, absent] == -1).all()
+    assert "parents" not in segment_statistics(label_maps[:, :1], with_parents=False)

@@ -5,6 +5,7 @@ model=folder)` on saved folders without trust_remote_code and without reading st
 import builtins
 import io
 import json
+import pickle
 import sys
 
 import numpy as np
@@ -18,7 +19,13 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from hf_hierseg import CastConfig, CastForImageClassification, CastForSemanticSegmentation, CastModel
 from hf_hierseg.hierarchy import paint_hierarchy
 from hf_hierseg.image_processing_cast import CastImageProcessor
-from hf_hierseg.pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline
+from hf_hierseg.pipelines import (
+    CastImageSegmentationPipeline,
+    HierarchicalSegmentationPipeline,
+    LazyMask,
+    whole_image_size,
+)
+from hf_hierseg.segment_ops import resize_label_maps
 
 
 def tiny_config(**kwargs):
@@ -334,3 +341,127 @@ def test_four_pipelines_on_a_segmentation_folder(saved_folders, images, no_stdin
         1,
         24,
     )
+
+
+# -- the same outputs as the previous post-processing, on real photos with the bundled model ---------------------------
+
+
+def previous_hierarchical_postprocess(label_maps, size, levels):
+    """The pipeline's post-processing before it ran in tensor ops (kept here as the reference): the maps resized,
+    then per level `np.unique` for ids and areas, unique (segment, parent) pairs, one full-size mask per segment, and
+    the bounding box `hf-hierseg segment` took from `np.nonzero`."""
+    label_maps = resize_label_maps(label_maps, size).numpy()
+    result = []
+    for level in levels:
+        segmentation = label_maps[level]
+        ids, areas = np.unique(segmentation, return_counts=True)
+        parents = {}
+        if level < 4:
+            pairs = np.unique(np.stack([segmentation.ravel(), label_maps[level + 1].ravel()], axis=1), axis=0)
+            parents = {int(child): int(parent) for child, parent in pairs}
+        segments = []
+        for i, area in zip(ids, areas):
+            rows, cols = np.nonzero(segmentation == i)
+            bbox = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+            mask = Image.fromarray(((segmentation == i) * 255).astype(np.uint8))
+            segments.append(
+                {"id": int(i), "parent": parents.get(int(i)), "area": int(area), "bbox": bbox, "mask": mask}
+            )
+        result.append({"level": level, "segmentation": segmentation, "segments": segments})
+    return result
+
+
+@pytest.fixture(scope="module")
+def real_photos_and_model():
+    from hf_hierseg import load_default
+    from hf_hierseg.evaluation import real_photos
+
+    try:
+        photos = [photo["image"] for photo in real_photos.load_imagenet_photos()[:7]]
+        photos.append(real_photos.load_voc_photo()["image"])
+    except real_photos.RealPhotosUnavailableError as error:
+        pytest.skip(f"real photos unavailable: {error}")
+    # Photos smaller than the model's 160x160 input too (the resize then drops pixels), and odd sizes.
+    photos += [photos[1].resize((97, 61)), photos[2].resize((1001, 333)), photos[3].resize((160, 159))]
+    return photos, *load_default()
+
+
+def test_hierarchical_segmentation_equals_the_previous_post_processing_on_real_photos(real_photos_and_model):
+    photos, model, processor = real_photos_and_model
+    segmenter = HierarchicalSegmentationPipeline(model=model, image_processor=processor)
+    results = segmenter(photos, levels=[0, 1, 2, 3, 4], batch_size=4)
+    lean = segmenter(photos[:4], levels=[2, 4], batch_size=4, return_masks=False)
+    for start in range(0, len(photos), 4):  # the model on the same batches (batch partners matter here)
+        batch = photos[start : start + 4]
+        inputs = processor(batch, return_tensors="pt", **whole_image_size(processor))
+        with torch.no_grad():
+            outputs = model(**inputs)
+        label_maps = torch.stack(outputs.hierarchy_maps(inputs["superpixels"]), dim=1)
+        for index, picture in enumerate(batch):
+            result = results[start + index]
+            assert result["size"] == (picture.height, picture.width)
+            expected = previous_hierarchical_postprocess(label_maps[index], result["size"], range(5))
+            for entry, reference in zip(result["levels"], expected, strict=True):
+                assert entry["level"] == reference["level"]
+                assert entry["segmentation"].dtype == np.int64
+                np.testing.assert_array_equal(entry["segmentation"], reference["segmentation"])
+                assert len(entry["segments"]) == len(reference["segments"])
+                for segment, reference_segment in zip(entry["segments"], reference["segments"]):
+                    fields = ("id", "parent", "area", "bbox")
+                    assert [segment[key] for key in fields] == [reference_segment[key] for key in fields]
+                    assert segment["mask"].mode == "L" and segment["mask"].size == reference_segment["mask"].size
+                    np.testing.assert_array_equal(np.asarray(segment["mask"]), np.asarray(reference_segment["mask"]))
+                    assert (
+                        segment["mask"] == reference_segment["mask"] and reference_segment["mask"] == segment["mask"]
+                    )
+            if start + index < len(lean):  # label maps only: the same maps and segments, no masks
+                for entry, full in zip(lean[start + index]["levels"], (result["levels"][2], result["levels"][4])):
+                    np.testing.assert_array_equal(entry["segmentation"], full["segmentation"])
+                    assert entry["segments"] == [{k: v for k, v in s.items() if k != "mask"} for s in full["segments"]]
+
+
+def test_image_segmentation_equals_the_previous_post_processing_on_real_photos(real_photos_and_model):
+    photos, model, processor = real_photos_and_model
+    segment = CastImageSegmentationPipeline(model=model, image_processor=processor)
+    photos = photos[6:10]
+    results = segment(photos, level=2, batch_size=4)
+    inputs = processor(photos, return_tensors="pt", **whole_image_size(processor))
+    with torch.no_grad():
+        outputs = model(**inputs)
+    level_maps = outputs.hierarchy_maps(inputs["superpixels"])[2]
+    for picture, result, label_map in zip(photos, results, level_maps, strict=True):
+        segmentation = resize_label_maps(label_map, (picture.height, picture.width)).numpy()
+        ids = np.unique(segmentation)
+        assert [r["label"] for r in result] == [f"level2-{i}" for i in ids]
+        for r, i in zip(result, ids):
+            np.testing.assert_array_equal(np.asarray(r["mask"]), (segmentation == i) * 255)
+
+
+def test_lazy_masks_are_pil_images_computed_once():
+    segmentation = np.array([[0, 0, 3], [3, 3, 0]])
+    mask = LazyMask(segmentation, 3)
+    assert isinstance(mask, Image.Image) and mask.mode == "L" and mask.size == (3, 2)
+    assert mask.__dict__.get("_im") is None  # nothing computed yet
+    expected = np.array([[0, 0, 255], [255, 255, 0]], dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(mask), expected)
+    computed = mask.im
+    assert mask.im is computed and mask.getpixel((2, 0)) == 255
+    assert mask == Image.fromarray(expected) and mask != Image.fromarray(255 - expected)
+    assert mask.resize((6, 4), Image.NEAREST).size == (6, 4)
+    buffer = io.BytesIO()
+    LazyMask(segmentation, 0).save(buffer, format="PNG")
+    np.testing.assert_array_equal(np.asarray(Image.open(buffer)), 255 - expected)
+    restored = pickle.loads(pickle.dumps(LazyMask(segmentation, 3)))
+    np.testing.assert_array_equal(np.asarray(restored), expected)
+    assert LazyMask(segmentation, 3).copy() == mask
+
+
+def test_batches_from_a_generator_come_back_in_order(classifier, images):
+    segmenter = HierarchicalSegmentationPipeline(model=classifier, image_processor=tiny_processor())
+    pictures, paths = images
+    listed = segmenter(paths * 2, levels=[1], batch_size=2)
+    streamed = list(segmenter((path for path in paths * 2), levels=[1], batch_size=2))
+    assert len(streamed) == len(listed) == 6
+    for one, other in zip(listed, streamed):
+        assert one["size"] == other["size"]
+        np.testing.assert_array_equal(one["levels"][0]["segmentation"], other["levels"][0]["segmentation"])

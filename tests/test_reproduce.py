@@ -1,13 +1,29 @@
-"""The CPU-scale reproduction (hf_hierseg.apps.reproduce) on a tiny setting: one training step per model."""
+"""The CPU-scale reproduction (hf_hierseg.apps.reproduce) and the decisive part-whole run (hf_hierseg.apps.part_whole)
+on tiny settings: one training step per model."""
 
+import dataclasses
 import json
+import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from transformers import ViTForImageClassification
+from PIL import Image
+from transformers import ViTForImageClassification, ViTModel
 
-from hf_hierseg import CastForImageClassification
+from hf_hierseg import CastForImageClassification, CastForSelfSupervisedPretraining
+from hf_hierseg.apps.benchmark_throughput import VitForMoco
+from hf_hierseg.apps.part_whole import (
+    OBJECTIVES,
+    PartWholeSettings,
+    VitMocoObjective,
+    adjusted_rand_index,
+    colour_clusters,
+    object_instances,
+    part_whole_run,
+)
+from hf_hierseg.apps.part_whole import prepare_data as part_whole_prepare_data
 from hf_hierseg.apps.reproduce import (
     MASKS,
     ReproductionSettings,
@@ -16,6 +32,8 @@ from hf_hierseg.apps.reproduce import (
     reproduce_small,
     vit_config,
 )
+from hf_hierseg.errors import InvalidInputError
+from hf_hierseg.evaluation.baselines import make_vit_like
 from hf_hierseg.training.loop import read_metrics
 
 
@@ -121,3 +139,119 @@ def test_prepare_data_refuses_a_folder_with_other_settings(reproduction):
     other = ReproductionSettings(**{**TINY.__dict__, "num_train_images": 9})
     with pytest.raises(ValueError, match="other settings"):
         prepare_data(other, reproduction.dir / "data")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The decisive part-whole run (hf_hierseg.apps.part_whole)
+# --------------------------------------------------------------------------------------------------------------
+
+PART_WHOLE_TINY = PartWholeSettings(
+    num_train_images=8,
+    num_test_images=3,
+    num_memory_images=4,
+    hidden_size=24,
+    num_attention_heads=4,
+    graph_pooling_num_heads=4,
+    num_clusters=(16, 8, 4, 2),
+    supervised_steps=1,
+    moco_steps=1,
+    batch_size=4,
+    warmup_steps=0,
+    projection_dim=16,
+    projection_hidden_dim=32,
+    vit_max_fit_pixels=256,
+    dataloader_num_workers=0,
+    eval_batch_size=8,
+)
+
+
+def test_adjusted_rand_index_by_hand():
+    a = np.array([[0, 0], [1, 1]])
+    assert adjusted_rand_index(a, a) == 1.0 and adjusted_rand_index(a, 5 - a) == 1.0
+    # Contingency [[2, 0, 0], [0, 1, 1]]: pairs together in both 1, rows 2, columns 1, of 6: (1 - 1/3) / (3/2 - 1/3).
+    assert adjusted_rand_index(a, np.array([[0, 0], [1, 2]])) == pytest.approx(4 / 7)
+    instances = object_instances(np.array([[3, 3, 0, 3], [0, 0, 0, 3]]))
+    assert len(np.unique(instances)) == 3 and instances[0, 0] == instances[0, 1] != instances[0, 3]
+    image = Image.fromarray(
+        np.kron(np.array([[[255, 0, 0], [0, 0, 255]]], dtype=np.uint8), np.ones((4, 4, 1), np.uint8))
+    )
+    assert adjusted_rand_index(colour_clusters(image, 2), np.kron(np.array([[0, 1]]), np.ones((4, 4), int))) == 1.0
+
+
+def test_vit_moco_objective_trains_the_vit_and_follows_it_with_the_momentum_encoder():
+    settings = PART_WHOLE_TINY
+    torch.manual_seed(0)
+    config = make_vit_like(settings.cast_config(), patch_size=8)
+    objective = VitMocoObjective(VitForMoco(config, 16, 32), temperature=0.2, base_momentum=0.5)
+    module = objective.training_module().train()
+    accelerator = SimpleNamespace(num_processes=1)
+    before = [parameter.clone() for parameter in module.momentum_backbone.parameters()]
+    loss, _ = objective.compute_loss(module, {"pixel_values": torch.randn(4, 2, 3, 64, 64)}, 0, 0, accelerator)
+    loss.backward()
+    torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1).step()
+    metrics = objective.after_optimizer_step(module, 1, 10, accelerator)
+    assert 0.5 < metrics["momentum"] < 1.0 and loss.item() > 0
+    base = list(module.model.vit.parameters())
+    moved = [(after - old).abs().max().item() for old, after in zip(before, module.momentum_backbone.parameters())]
+    assert max(moved) > 0 and all(not p.requires_grad for p in module.momentum_backbone.parameters())
+    # k <- m k + (1 - m) q for every backbone weight.
+    m = metrics["momentum"]
+    for old, after, query in zip(before, module.momentum_backbone.parameters(), base):
+        torch.testing.assert_close(after, m * old + (1 - m) * query.detach())
+    assert isinstance(objective.pretrained_model(module, accelerator), ViTModel)
+
+
+@pytest.fixture(scope="module")
+def part_whole(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("part_whole")
+    return SimpleNamespace(dir=output_dir, results=part_whole_run(output_dir, PART_WHOLE_TINY))
+
+
+@pytest.mark.slow
+def test_part_whole_results_and_report(part_whole):
+    results = part_whole.results
+    groups = [(run["model"], run["objective"], run["seed"]) for run in results["runs"]]
+    trained = [(model, objective, seed) for seed in (0, 1) for objective in OBJECTIVES for model in ("CAST", "ViT")]
+    assert groups == trained + [("CAST", "untrained", 0), ("ViT", "untrained", 0)]
+    for run in results["runs"]:
+        for section in ("retrieval", "object", "part", "follows"):
+            assert len(run[section]) == 4
+        for score, clusters in zip(run["retrieval"], PART_WHOLE_TINY.num_clusters):
+            assert 1 <= score["num_segments"] <= clusters and 0.0 <= score["mean_iou"] <= 1.0
+            assert score["memory_size"] >= 4
+        for score in run["follows"]:
+            assert -1.0 <= score["ari_colour"] <= 1.0 and -1.0 <= score["ari_instances"] <= 1.0
+        if run["objective"] != "untrained":
+            assert run["training"]["cpu_seconds"] > 0
+    assert results["floors"]["retrieval"]["label"] == 0  # background is the most frequent label
+    assert set(results["cpu_seconds"]) == {"data", "training", "evaluation", "total"}
+    saved = json.loads((part_whole.dir / "results.json").read_text())
+    assert json.dumps(saved) == json.dumps(results)  # (NaN per-class IoUs of absent classes compare unequal)
+    report = (part_whole.dir / "results.md").read_text()
+    assert report.count("| CAST | moco |") == 5 and report.count("| ViT/8 + k-means | untrained |") == 5
+    assert "| *floor: all background* |" in report and report.count("| *floor: grid* |") == 4
+    # Two seeds: the mean and each seed's value.
+    assert re.search(r"\| CAST \| supervised \| \d\.\d{3} \(\d\.\d{3} / \d\.\d{3}\) \|", report)
+    # Every model folder trained with its objective and seed.
+    cast = CastForSelfSupervisedPretraining.from_pretrained(part_whole.dir / "cast_moco_seed1")
+    assert cast.config.projection_dim == 16 and cast.config.pooling_dropout_prob == 0.0
+    vit = ViTModel.from_pretrained(part_whole.dir / "vit_moco_seed0")
+    assert vit.config.hidden_size == 24 and vit.config.patch_size == 8
+    assert read_metrics(part_whole.dir / "vit_supervised_seed1" / "metrics.jsonl")[-1]["step"] == 1
+
+
+@pytest.mark.slow
+def test_part_whole_data_are_camouflage_and_reused(part_whole):
+    info = json.loads((part_whole.dir / "data" / "synthetic_info.json").read_text())
+    assert info["variant"] == "camouflage" and info["splits"] == {"train": 8, "test": 3}
+    assert part_whole_prepare_data(PART_WHOLE_TINY, part_whole.dir / "data") == part_whole.dir / "data"
+    with pytest.raises(InvalidInputError, match="other settings"):
+        part_whole_prepare_data(dataclasses.replace(PART_WHOLE_TINY, variant="contrasting"), part_whole.dir / "data")
+
+
+def test_part_whole_settings_are_checked_and_shared_with_the_reproduction():
+    with pytest.raises(InvalidInputError, match="objectives"):
+        PartWholeSettings(objectives=("moco", "dino"))
+    reproduction = PART_WHOLE_TINY.reproduction_settings(seed=3)
+    assert (reproduction.seed, reproduction.train_steps, reproduction.hidden_size) == (3, 1, 24)
+    assert "projection_dim=16" in PART_WHOLE_TINY.moco_config_overrides()

@@ -1,5 +1,6 @@
 """The synthetic part-whole dataset: determinism, mask consistency, shape-not-colour classes, datasets loading."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,9 +10,17 @@ import cv2
 import datasets
 import numpy as np
 import pytest
+import torch
+from transformers import ViTModel
 
+from hf_hierseg import CastModel
+from hf_hierseg.apps.reproduce import ReproductionSettings, vit_config
+from hf_hierseg.evaluation.metrics import evaluate_hierarchy
+from hf_hierseg.evaluation.segment_retrieval import grid_partition, superpixel_grid_partition
+from hf_hierseg.evaluation.segmentation_eval import predict_cast_levels, predict_vit_levels, segmentation_processor
 from hf_hierseg.evaluation.synthetic import (
     CLASS_NAMES,
+    INFO_FILE,
     PART_NAMES,
     SHAPE_PARTS,
     generate_example,
@@ -81,6 +90,58 @@ def test_colour_does_not_tell_classes_apart_but_shape_does():
     assert nearest_centroid_accuracy(train_shape, train_labels, test_shape, test_labels) > 0.8
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The camouflage variant
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_camouflage_examples_are_deterministic_and_show_several_objects_of_the_class():
+    first = arrays(generate_example(4, seed=2, variant="camouflage"))
+    again = arrays(generate_example(4, seed=2, variant="camouflage"))
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+    assert not np.array_equal(first["image"], arrays(generate_example(4, seed=2))["image"])  # not the default
+    objects = []
+    for index in range(2 * len(CLASS_NAMES)):
+        example = generate_example(index, variant="camouflage")
+        label, name = example["label"], example["label_name"]
+        image, object_mask, part_mask = (arrays(example)[k] for k in ("image", "object_mask", "part_mask"))
+        assert image.shape == (64, 64, 3) and set(np.unique(object_mask)) == {0, label + 1}
+        np.testing.assert_array_equal(object_mask > 0, part_mask > 0)
+        assert set(np.unique(part_mask)) - {0} == {PART_NAMES.index(f"{name}/{part}") for part in SHAPE_PARTS[name]}
+        objects.append(cv2.connectedComponents((object_mask > 0).astype(np.uint8), connectivity=8)[0] - 1)
+    assert min(objects) >= 1 and max(objects) <= 3 and np.mean(objects) >= 2
+
+
+def colour_split_iou(example):
+    """IoU with the object mask of the better of the two clusters of 2-means of the pixel colours."""
+    pixels = np.asarray(example["image"], dtype=np.float32).reshape(-1, 3)
+    on_object = np.asarray(example["object_mask"]).ravel() > 0
+    cv2.setRNGSeed(0)
+    _, labels, _ = cv2.kmeans(pixels, 2, None, (cv2.TERM_CRITERIA_MAX_ITER, 20, 0), 3, cv2.KMEANS_PP_CENTERS)
+    clusters = [labels.ravel() == k for k in (0, 1)]
+    return max((cluster & on_object).sum() / (cluster | on_object).sum() for cluster in clusters)
+
+
+def test_colour_gives_the_object_away_in_the_contrasting_variant_only():
+    # Two colour clusters: one of them is the object in the contrasting images; in the camouflage images neither is
+    # (object pixels are ~11 % of the image, and share the background's palette).
+    contrasting = [colour_split_iou(generate_example(index)) for index in range(30)]
+    camouflage = [colour_split_iou(generate_example(index, variant="camouflage")) for index in range(30)]
+    assert np.mean(contrasting) > 0.85 and np.mean(camouflage) < 0.3
+
+
+def test_camouflage_dataset_records_its_variant(tmp_path):
+    output = write_synthetic_dataset(tmp_path / "camo", num_images=3, num_test_images=1, variant="camouflage")
+    assert json.loads((output / INFO_FILE).read_text())["variant"] == "camouflage"
+    row = load_synthetic_dataset(output, split="train")[2]
+    np.testing.assert_array_equal(np.asarray(row["image"]), arrays(generate_example(2, variant="camouflage"))["image"])
+    with pytest.raises(ValueError, match="variant"):
+        generate_example(0, variant="plain")
+    with pytest.raises(ValueError, match="variant"):
+        write_synthetic_dataset(tmp_path / "bad", num_images=1, variant="plain")
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         generate_example(0, image_size=16)
@@ -133,3 +194,38 @@ def test_cli_writes_a_dataset(tmp_path):
     files = sorted(p.name for p in (tmp_path / "out" / "data").iterdir())
     assert files == ["test-00000-of-00001.parquet", "train-00000-of-00001.parquet"]
     assert (tmp_path / "out" / "synthetic_info.json").is_file()
+
+
+@pytest.mark.slow
+def test_untrained_models_score_near_their_floor_on_camouflage_only():
+    # Majority-label mIoU of untrained CAST and ViT + k-means (the reproduction's sizes) against the content-blind
+    # floors: a grid of as many cells (ViT), CAST's superpixels grouped by that grid (CAST). In the contrasting images
+    # colour alone groups the object, so the ViT's coarse levels lie far above the grid; in the camouflage images
+    # neither model lies far above its floor.
+    settings = ReproductionSettings()
+    torch.manual_seed(0)
+    cast = CastModel(settings.cast_config()).eval()
+    torch.manual_seed(0)
+    vit = ViTModel(vit_config(settings, 6), add_pooling_layer=False).eval()
+    processor = segmentation_processor(64, superpixel_method="seeds", num_superpixels=600, seeds_recipe="supervised")
+    gaps = {}
+    for variant in ("contrasting", "camouflage"):
+        examples = [generate_example(index, split="test", variant=variant) for index in range(24)]
+        images = [example["image"] for example in examples]
+        masks = [np.asarray(example["object_mask"]).astype(np.int64) for example in examples]
+        sizes = [mask.shape for mask in masks]
+        cast_maps = predict_cast_levels(cast, images, processor, sizes, levels=(0, 1, 2, 3, 4))
+        vit_maps = predict_vit_levels(vit, images, settings.num_clusters, sizes, max_fit_pixels=1024)
+        grid = [[grid_partition(64, 64, k) for _ in masks] for k in settings.num_clusters]
+        grouped = [[superpixel_grid_partition(sp, k) for sp in cast_maps[0]] for k in settings.num_clusters]
+
+        def majority(maps):
+            return np.array([score["majority_mean_iou"] for score in evaluate_hierarchy(maps, masks, 7)])
+
+        gaps[variant] = {
+            "vit": majority(vit_maps) - majority(grid),
+            "cast": majority(cast_maps[1:]) - majority(grouped),
+        }
+    assert (gaps["contrasting"]["vit"][2:] > 0.25).all()  # levels 3 and 4: colour gives the object away
+    assert (gaps["camouflage"]["vit"] < 0.15).all()
+    assert (gaps["camouflage"]["cast"][1:] < 0.1).all()

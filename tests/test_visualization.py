@@ -2,6 +2,8 @@
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
 import pytest
 import torch
 
@@ -122,3 +124,76 @@ def test_segment_image_example_draws_the_hierarchy_of_a_tiny_model(tmp_path):
                   "--cell_size", "64"])  # fmt: skip
     grid = PIL.Image.open(tmp_path / "out.png")
     assert grid.size == (5 * (64 + 4) + 4, 2 * (64 + 4) + 14 + 4)  # superpixels + 4 levels, two rows
+
+
+# -- the same pictures as the straightforward implementations, on real photos --------------------------------------
+
+
+def previous_overlay_labels(image, labels, alpha=0.5):
+    """`overlay_labels` before the lookup table: the blend in float64, rounded, boundaries drawn."""
+    image = np.asarray(image)
+    blended = (1.0 - alpha) * image.astype(np.float64) + alpha * label_palette(int(labels.max()) + 1)[labels]
+    return overlay_boundaries(np.rint(blended).astype(np.uint8), labels)
+
+
+def previous_region_mean_colors(image, labels):
+    """`region_mean_colors` by `np.unique`."""
+    image = np.asarray(image)
+    _, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    counts = np.bincount(inverse)
+    pixels = image.reshape(-1, 3).astype(np.float64)
+    sums = np.stack([np.bincount(inverse, weights=pixels[:, c], minlength=len(counts)) for c in range(3)], axis=1)
+    return np.rint(sums / counts[:, None]).astype(np.uint8)[inverse].reshape(image.shape)
+
+
+def previous_draw_hierarchy(image, level_maps, titles, cell_size=224, margin=4):
+    """`draw_hierarchy` before drawing at the cell size: full-size pictures, then PIL's nearest resize."""
+    image = np.asarray(image)
+    cell_height, cell_width = cell_size, max(1, round(image.shape[1] * cell_size / image.shape[0]))
+    font = PIL.ImageFont.load_default(size=max(10, cell_height // 14))
+    title_height = max(14, cell_height // 10)
+    grid = PIL.Image.new(
+        "RGB",
+        (len(level_maps) * (cell_width + margin) + margin, 2 * (cell_height + margin) + title_height + margin),
+        (255, 255, 255),
+    )
+    draw = PIL.ImageDraw.Draw(grid)
+    for column, (labels, title) in enumerate(zip(level_maps, titles)):
+        left = margin + column * (cell_width + margin)
+        draw.text((left, margin // 2), title, fill=(0, 0, 0), font=font)
+        pictures = (overlay_boundaries(image, labels), previous_region_mean_colors(image, labels))
+        for row, picture in enumerate(pictures):
+            cell = PIL.Image.fromarray(picture).resize((cell_width, cell_height), PIL.Image.NEAREST)
+            grid.paste(cell, (left, title_height + margin + row * (cell_height + margin)))
+    return grid
+
+
+def test_pictures_equal_the_straightforward_implementations_on_real_photos():
+    from hf_hierseg.evaluation import real_photos
+
+    try:
+        photos = [real_photos.load_voc_photo()["image"]] + [p["image"] for p in real_photos.load_imagenet_photos()[:2]]
+    except real_photos.RealPhotosUnavailableError as error:
+        pytest.skip(f"real photos unavailable: {error}")
+    rng = np.random.default_rng(0)
+    for photo in photos:
+        width, height = photo.size
+        level_maps = []
+        for count, grid in ((60, 23), (20, 11), (6, 5)):  # blocky maps of many sizes, as resized hierarchies are
+            coarse = rng.integers(0, count, (grid, grid + 3)).astype(np.int32)
+            level_maps.append(np.asarray(PIL.Image.fromarray(coarse).resize((width, height), PIL.Image.NEAREST)))
+        level_maps[0] = level_maps[0].astype(np.int64) * 10**6 + 7  # sparse, large ids
+        for alpha in (0.5, 0.3):
+            np.testing.assert_array_equal(overlay_labels(photo, level_maps[1], alpha),
+                                          previous_overlay_labels(photo, level_maps[1], alpha))  # fmt: skip
+        for labels in level_maps:
+            np.testing.assert_array_equal(
+                region_mean_colors(photo, labels), previous_region_mean_colors(photo, labels)
+            )
+        titles = ["a", "b", "c"]
+        for cell_size in (224, 97):
+            np.testing.assert_array_equal(
+                np.asarray(draw_hierarchy(photo, level_maps, titles, cell_size=cell_size)),
+                np.asarray(previous_draw_hierarchy(photo, level_maps, titles, cell_size=cell_size)),
+            )

@@ -20,7 +20,7 @@ from ..evaluation import real_photos
 from ..evaluation.synthetic import generate_example
 from ..loading import load_model_and_processor
 from ..pipelines import HierarchicalSegmentationPipeline
-from .segment_images import write_segmentations
+from .bulk_segment import write_segmentations
 
 
 # ImageNet photos of the foolbox wheel shown by the demo (file stems): a dog on grass, a car on rocks, strawberries.

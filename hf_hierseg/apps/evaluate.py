@@ -1,10 +1,11 @@
-"""`hf-hierseg evaluate segmentation | classification | open-vocabulary`: the evaluations of `hf_hierseg.evaluation`
-from the command line (also `scripts/evaluate_segmentation.py`, `scripts/evaluate_classification.py` and
-`scripts/evaluate_open_vocabulary.py`).
+"""`hf-hierseg evaluate segmentation | classification | open-vocabulary | segment-retrieval`: the evaluations of
+`hf_hierseg.evaluation` from the command line (also `scripts/evaluate_segmentation.py`,
+`scripts/evaluate_classification.py`, `scripts/evaluate_open_vocabulary.py` and
+`scripts/evaluate_segment_retrieval.py`).
 
-Each evaluation has a parser factory (`segmentation_parser`, `classification_parser`, `open_vocabulary_parser`) and a
-runner taking the parsed arguments (`run_segmentation`, `run_classification`, `run_open_vocabulary`);
-`hf_hierseg.cli` and the scripts pair them.
+Each evaluation has a parser factory (`segmentation_parser`, `classification_parser`, `open_vocabulary_parser`,
+`segment_retrieval_parser`) and a runner taking the parsed arguments (`run_segmentation`, `run_classification`,
+`run_open_vocabulary`, `run_segment_retrieval`); `hf_hierseg.cli` and the scripts pair them.
 """
 
 import argparse
@@ -16,6 +17,15 @@ from ..evaluation.open_vocabulary import (
     PAPER_IMAGE_SIZE,
     format_open_vocabulary_report,
     run_open_vocabulary_evaluation,
+)
+from ..evaluation.segment_retrieval import (
+    CAST_EMBEDDINGS,
+    PAPER_LEVEL,
+    PAPER_TOP_K,
+    VIEW_GEOMETRIES,
+    VIT_EMBEDDINGS,
+    format_segment_retrieval_report,
+    run_segment_retrieval_evaluation,
 )
 from ..evaluation.segmentation_eval import (
     VIT_BASELINE_PATCH_SIZE,
@@ -305,14 +315,119 @@ def run_open_vocabulary(args):
     return 0
 
 
+SEGMENT_RETRIEVAL_DESCRIPTION = """\
+Unsupervised semantic segmentation by nearest-neighbour retrieval, the authors' VOC protocol (scripts/spml/nn_cast.sh
+of twke18/CAST): CAST's segments of a level (default 4) with their prototypes (normalised sum of the pixels'
+normalised segment embeddings) form, over the memory split's images, a memory labelled by each segment's majority
+mask label; every segment of the query split takes the majority label of its 20 most similar memory segments; mIoU
+over the query masks (confusion summed over the dataset), beside the ViT + k-means baseline with the same retrieval
+and the floor of labelling every pixel with the most frequent label.
+
+    hf-hierseg evaluate segment-retrieval --model_name_or_path outputs/part_whole_small/cast_moco_seed0 \\
+        --dataset_name outputs/part_whole_small/data --levels 1 2 3 4 \\
+        --vit_model outputs/part_whole_small/vit_moco_seed0 --output_json outputs/retrieval.json
+
+The authors' VOC setting: a converted MoCo `cast_seg` checkpoint (its BlockFusion + projector give the `fused`
+embeddings), `--dataset_name` a VOC dataset with image and class-mask columns (`--memory_split train`,
+`--query_split validation`), `--ignore_index 255 --num_labels 21 --geometry longest_edge --image_size 512
+--num_superpixels 262` (the authors' 1024 SEEDS superpixels on a ~500 x 375 image). Paper: 38.4 mIoU (CAST-S).
+"""
+
+
+def segment_retrieval_parser():
+    parser = argparse.ArgumentParser(
+        description=SEGMENT_RETRIEVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="CAST model folder or Hub id")
+    parser.add_argument("--dataset_name", required=True, help="image + mask dataset (folder or Hub id)")
+    parser.add_argument("--memory_split", default="train", help="split whose segments form the memory")
+    parser.add_argument("--query_split", default="test", help="split whose segments are labelled and scored")
+    parser.add_argument("--mask_column", default="object_mask")
+    parser.add_argument("--image_column", default=None, help="default: the first Image column")
+    parser.add_argument("--max_memory_samples", type=int, default=None)
+    parser.add_argument("--max_query_samples", type=int, default=None)
+    parser.add_argument("--num_labels", type=int, default=None, help="classes in the masks (default: inferred)")
+    parser.add_argument("--ignore_index", type=int, default=None, help="mask value that is not a class (VOC: 255)")
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=(PAPER_LEVEL,), help="CAST levels whose segments are retrieved"
+    )
+    parser.add_argument("--top_k", type=int, default=PAPER_TOP_K, help="nearest memory segments that vote")
+    parser.add_argument(
+        "--embedding",
+        choices=CAST_EMBEDDINGS,
+        default=None,
+        help="CAST segment embedding (default: fused for a segmentation model, else levels)",
+    )
+    parser.add_argument("--image_size", type=int, default=None, help="view size (default: the model's image size)")
+    parser.add_argument(
+        "--geometry",
+        choices=VIEW_GEOMETRIES,
+        default="square",
+        help="square views, or the longer side --image_size with the aspect kept (the authors')",
+    )
+    parser.add_argument("--vit_model", default=None, help="ViT folder for the baseline (default: random weights)")
+    parser.add_argument("--no_vit", action="store_true", help="skip the ViT + k-means baseline")
+    parser.add_argument(
+        "--vit_patch_size",
+        type=int,
+        default=VIT_BASELINE_PATCH_SIZE,
+        help="patch size of the random ViT (ignored with --vit_model)",
+    )
+    parser.add_argument("--vit_embedding", choices=VIT_EMBEDDINGS, default="levels", help="ViT segment embedding")
+    parser.add_argument("--vit_max_fit_pixels", type=int, default=4096)
+    add_superpixel_arguments(parser)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed (and random ViT initialisation)")
+    parser.add_argument("--output_json", default=None, help="write the settings and every score here")
+    return parser
+
+
+def run_segment_retrieval(args):
+    """Run `segment_retrieval_parser`'s arguments: print the report (and write --output_json). Returns 0."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    run = run_segment_retrieval_evaluation(
+        args.model_name_or_path,
+        args.dataset_name,
+        memory_split=args.memory_split,
+        query_split=args.query_split,
+        mask_column=args.mask_column,
+        image_column=args.image_column,
+        max_memory_samples=args.max_memory_samples,
+        max_query_samples=args.max_query_samples,
+        num_labels=args.num_labels,
+        ignore_index=args.ignore_index,
+        levels=tuple(args.levels),
+        top_k=args.top_k,
+        embedding=args.embedding,
+        image_size=args.image_size,
+        geometry=args.geometry,
+        vit_model=args.vit_model,
+        skip_vit=args.no_vit,
+        vit_patch_size=args.vit_patch_size,
+        vit_embedding=args.vit_embedding,
+        vit_max_fit_pixels=args.vit_max_fit_pixels,
+        superpixel_method=args.superpixel_method,
+        num_superpixels=args.num_superpixels,
+        seeds_recipe=args.seeds_recipe,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    print(format_segment_retrieval_report(run))
+    if args.output_json:
+        print(f"\nScores written to {write_json(run, args.output_json)}")
+    return 0
+
+
 EVALUATIONS = {
     "segmentation": (segmentation_parser, run_segmentation),
     "classification": (classification_parser, run_classification),
     "open_vocabulary": (open_vocabulary_parser, run_open_vocabulary),
+    "segment_retrieval": (segment_retrieval_parser, run_segment_retrieval),
 }
 
 
 def main(kind, argv=None):
-    """Parse `argv` for the evaluation `kind` ("segmentation", "classification" or "open_vocabulary") and run it."""
+    """Parse `argv` for the evaluation `kind` ("segmentation", "classification", "open_vocabulary" or
+    "segment_retrieval") and run it."""
     parser_factory, runner = EVALUATIONS[kind]
     return runner(parser_factory().parse_args(argv))

@@ -1,5 +1,5 @@
 """Evaluation: metrics, offline `evaluate` modules, the ViT + k-means baseline, evaluation data, the segmentation,
-classification and open-vocabulary evaluations run by `hf-hierseg evaluate` (`hf_hierseg.apps.evaluate`)."""
+classification, open-vocabulary and segment-retrieval evaluations run by `hf-hierseg evaluate` (`hf_hierseg.apps.evaluate`)."""
 
 from .baselines import (
     evaluate_vit_baseline,
@@ -12,6 +12,7 @@ from .classification_eval import classification_processor, evaluate_classificati
 from .metrics import (
     boundary_fscore,
     evaluate_hierarchy,
+    hierarchical_accuracy,
     knn_accuracy,
     majority_mean_iou,
     mean_iou,
@@ -28,6 +29,12 @@ from .open_vocabulary import (
     run_open_vocabulary_evaluation,
 )
 from .real_photos import RealPhotosUnavailableError, load_arc2017_photo, load_imagenet_photos, load_voc_photo
+from .segment_retrieval import (
+    CastRetrievalSegments,
+    VitRetrievalSegments,
+    evaluate_segment_retrieval,
+    run_segment_retrieval_evaluation,
+)
 from .segmentation_eval import (
     evaluate_cast_hierarchy,
     evaluate_segmentation,
@@ -41,6 +48,7 @@ from .synthetic import CLASS_NAMES, PART_NAMES, generate_example, load_synthetic
 __all__ = [
     "boundary_fscore",
     "evaluate_hierarchy",
+    "hierarchical_accuracy",
     "knn_accuracy",
     "majority_mean_iou",
     "mean_iou",
@@ -76,4 +84,8 @@ __all__ = [
     "run_classification_evaluation",
     "classification_processor",
     "segmentation_processor",
+    "CastRetrievalSegments",
+    "VitRetrievalSegments",
+    "evaluate_segment_retrieval",
+    "run_segment_retrieval_evaluation",
 ]

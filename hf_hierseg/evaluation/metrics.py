@@ -370,6 +370,51 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20,
     return {"knn_accuracy": correct / test.shape[0]}
 
 
+def _level_labels(array, name):
+    array = _to_numpy(array)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] < 2:
+        raise ValueError(
+            f"`{name}` must be [num_samples, num_levels] class ids (finest level first, >= 2 levels, >= 1 sample), "
+            f"got shape {array.shape}."
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"`{name}` must hold integer class ids, got dtype {array.dtype}.")
+    return array
+
+
+def hierarchical_accuracy(predictions, references, paths):
+    """Accuracy of hierarchical classification along a taxonomy (H-CAST's evaluation).
+
+    Args:
+        predictions: `[N, L]` predicted class ids per label level, finest first (e.g. the argmax of each level's
+            logits).
+        references: `[N, L]` true class ids, finest first.
+        paths: the taxonomy as its root-to-leaf paths, one row `[fine, ..., coarsest]` per finest class (H-CAST's
+            `data/*_tree.json`; `CastConfig.hierarchy_paths()`).
+
+    Returns:
+        dict with `top1_accuracy_per_level` (list, finest first), `full_path_accuracy` (all L levels right),
+        `tree_consistency` (fraction of samples whose predicted tuple is a row of `paths`, the authors' TICE check
+        `[pred, family_pred] in trees`), `tice` (tree-based inconsistency error, `1 - tree_consistency`) and
+        `num_samples`.
+    """
+    predictions, references = _level_labels(predictions, "predictions"), _level_labels(references, "references")
+    if predictions.shape != references.shape:
+        raise ValueError(f"`predictions` {predictions.shape} and `references` {references.shape} must have one shape.")
+    rows = {tuple(int(value) for value in row) for row in paths}
+    if not rows or any(len(row) != predictions.shape[1] for row in rows):
+        raise ValueError(f"`paths` must be non-empty rows of {predictions.shape[1]} class ids (one per level).")
+    correct = predictions == references
+    consistency = float(np.mean([tuple(int(value) for value in row) in rows for row in predictions]))
+    return {
+        "top1_accuracy_per_level": [float(level) for level in correct.mean(axis=0)],
+        "full_path_accuracy": float(correct.all(axis=1).mean()),
+        "tree_consistency": consistency,
+        "tice": 1.0 - consistency,
+        "num_samples": int(predictions.shape[0]),
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Unsupervised segmentation: matching predicted regions to ground-truth regions
 # --------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,23 @@
 """A synthetic part-whole dataset for CPU-scale experiments: textured shapes on textured backgrounds.
 
-Every image shows one object of a shape class (house, mushroom, snowman, ...) made of two named parts, placed at a
-random position, scale, aspect and rotation on a textured background with small textured distractor blobs.
-Textures and colours are drawn independently of the class, so only the shape (the arrangement of the parts) tells
-the classes apart. Each example has:
+Two variants (`VARIANTS`):
+
+- `"contrasting"` (the default, the original set): every image shows one object of a shape class (house, mushroom,
+  snowman, ...) made of two named parts, placed at a random position, scale, aspect and rotation on a textured
+  background with small textured distractor blobs. Textures and colours are drawn independently of the class, so
+  only the shape (the arrangement of the parts) tells the classes apart; but the object's colour is drawn to
+  contrast with the background's, so colour (and position: one object, near the centre) alone separates object
+  from background.
+- `"camouflage"`: object and background share colour and texture statistics. Each image draws a palette of
+  `CAMOUFLAGE_PALETTE_SIZE` textures; the background is a mosaic of Voronoi cells and ellipses each filled with a
+  palette texture, and 2 or 3 objects of the image's class (bounding circles apart, so they rarely touch; fewer
+  when no room is found; random scale, aspect and rotation) have
+  each part filled with a palette texture too (the two parts of an object with different textures, each unlike the
+  background under it, so the silhouette and the part layout stay visible). A region's colour and texture say
+  nothing about whether it is object or background, or which parts belong together: only shapes and their layout
+  do.
+
+Each example has:
 
 - `image`: RGB PIL image;
 - `object_mask`: PIL "L" image, 0 = background, `label + 1` on the object (a semantic mask with
@@ -11,7 +25,7 @@ the classes apart. Each example has:
 - `part_mask`: PIL "L" image, 0 = background, else the index of the part in `PART_NAMES` ("house/roof", ...);
 - `label` / `label_name`: the class.
 
-Examples are deterministic: example `i` of a split depends only on `(seed, split, i, image_size)`.
+Examples are deterministic: example `i` of a split depends only on `(seed, split, i, image_size, variant)`.
 """
 
 import json
@@ -37,6 +51,9 @@ PART_NAMES = ("background",) + tuple(f"{name}/{part}" for name, parts in SHAPE_P
 SPLITS = ("train", "validation", "test")
 TEXTURES = ("solid", "stripes", "checker", "dots", "noise")
 MIN_IMAGE_SIZE = 32
+VARIANTS = ("contrasting", "camouflage")
+CAMOUFLAGE_PALETTE_SIZE = 4
+CAMOUFLAGE_OBJECTS = (2, 3)  # objects per image, at least and at most
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -133,17 +150,29 @@ def _example_rng(seed, split, index):
     return np.random.default_rng([int(seed), SPLITS.index(split), int(index)])
 
 
-def generate_example(index, seed=0, split="train", image_size=64, max_distractors=1):
-    """Example `index` of `split` (a dict with `image`, `object_mask`, `part_mask`, `label`, `label_name`).
+def _object_coordinates(x, y, centre, scale, aspect, angle):
+    """Object coordinates `(u, v)` of the pixel grid for an object of height `scale`, width `scale * aspect`,
+    rotated by `angle` (radians) about `centre` (x, y)."""
+    dx, dy = x - centre[0], y - centre[1]
+    u = (dx * math.cos(angle) + dy * math.sin(angle)) / (scale * aspect)
+    v = (-dx * math.sin(angle) + dy * math.cos(angle)) / scale
+    return u, v
 
-    The class is `index % len(CLASS_NAMES)` (balanced classes); everything else is drawn from a generator seeded by
-    `(seed, split, index)`.
-    """
-    if int(image_size) < MIN_IMAGE_SIZE:
-        raise ValueError(f"`image_size` must be at least {MIN_IMAGE_SIZE}, got {image_size}.")
-    rng = _example_rng(seed, split, index)
-    size = int(image_size)
-    label = int(index) % len(CLASS_NAMES)
+
+def _example_dict(image, part_mask, label):
+    """The example of a float `[S, S, 3]` image in [0, 1] (already noisy) and its part mask."""
+    object_mask = np.where(part_mask > 0, label + 1, 0).astype(np.uint8)
+    return {
+        "image": Image.fromarray((image * 255).round().astype(np.uint8)),
+        "object_mask": Image.fromarray(object_mask),
+        "part_mask": Image.fromarray(part_mask),
+        "label": label,
+        "label_name": CLASS_NAMES[label],
+    }
+
+
+def _contrasting_example(rng, size, label, max_distractors):
+    """One object whose colour contrasts with the background (the `"contrasting"` variant)."""
     name = CLASS_NAMES[label]
     background_colour, object_colour = _contrasting_colours(rng)
 
@@ -161,9 +190,7 @@ def generate_example(index, seed=0, split="train", image_size=64, max_distractor
     angle = math.radians(rng.uniform(-25, 25))
     margin = max(0.0, size / 2 - 0.5 * scale * max(aspect, 1.0))
     centre = size / 2 + rng.uniform(-margin, margin, size=2)
-    dx, dy = x - centre[0], y - centre[1]
-    u = (dx * math.cos(angle) + dy * math.sin(angle)) / (scale * aspect)
-    v = (-dx * math.sin(angle) + dy * math.cos(angle)) / scale
+    u, v = _object_coordinates(x, y, centre, scale, aspect, angle)
 
     part_mask = np.zeros((size, size), dtype=np.uint8)
     shared_texture = _random_texture(rng, size, object_colour) if rng.uniform() < 0.5 else None
@@ -171,16 +198,87 @@ def generate_example(index, seed=0, split="train", image_size=64, max_distractor
         texture = shared_texture if shared_texture is not None else _random_texture(rng, size, object_colour)
         image[part] = texture[part]
         part_mask[part] = PART_NAMES.index(f"{name}/{part_name}")
-    object_mask = np.where(part_mask > 0, label + 1, 0).astype(np.uint8)
 
     image = np.clip(image + rng.normal(0, 0.02, size=image.shape), 0, 1)
-    return {
-        "image": Image.fromarray((image * 255).round().astype(np.uint8)),
-        "object_mask": Image.fromarray(object_mask),
-        "part_mask": Image.fromarray(part_mask),
-        "label": label,
-        "label_name": name,
-    }
+    return _example_dict(image, part_mask, label)
+
+
+def _camouflage_background(rng, size, x, y, num_textures):
+    """Palette index `[S, S]` of a background mosaic: Voronoi cells and 1-2 ellipses, each a random palette texture."""
+    seeds = rng.uniform(0, size, size=(int(rng.integers(5, 10)), 2))
+    distance = (x[..., None] - seeds[:, 0]) ** 2 + (y[..., None] - seeds[:, 1]) ** 2  # [S, S, cells]
+    texture_index = rng.integers(num_textures, size=len(seeds))[distance.argmin(-1)]
+    for _ in range(int(rng.integers(1, 3))):
+        centre = rng.uniform(0, size, size=2)
+        radii = rng.uniform(0.08, 0.18, size=2) * size
+        blob = ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 <= 1
+        texture_index[blob] = rng.integers(num_textures)
+    return texture_index
+
+
+def _place_objects(rng, size, num_objects, attempts=50):
+    """Up to `num_objects` placements `(centre, scale, aspect, angle)` whose bounding circles do not overlap (the
+    first always fits; a later one that finds no room in `attempts` draws is left out)."""
+    placements, circles = [], []
+    for _ in range(num_objects):
+        for _ in range(attempts):
+            scale = rng.uniform(0.3, 0.42) * size
+            aspect = rng.uniform(0.8, 1.25)
+            angle = math.radians(rng.uniform(-25, 25))
+            radius = 0.5 * scale * max(aspect, 1.0)
+            centre = rng.uniform(radius, size - radius, size=2)
+            if all(np.hypot(*(centre - other)) >= radius + other_radius for other, other_radius in circles):
+                placements.append((centre, scale, aspect, angle))
+                circles.append((centre, radius))
+                break
+    return placements
+
+
+def _camouflage_example(rng, size, label):
+    """2-3 objects of class `label` whose parts wear the background's palette (the `"camouflage"` variant)."""
+    name = CLASS_NAMES[label]
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    num_textures = CAMOUFLAGE_PALETTE_SIZE
+    palette = np.stack([_random_texture(rng, size, rng.uniform(0, 1, size=3)) for _ in range(num_textures)])
+    texture_index = _camouflage_background(rng, size, x, y, num_textures)
+
+    part_mask = np.zeros((size, size), dtype=np.uint8)
+    low, high = CAMOUFLAGE_OBJECTS
+    for centre, scale, aspect, angle in _place_objects(rng, size, int(rng.integers(low, high + 1))):
+        u, v = _object_coordinates(x, y, centre, scale, aspect, angle)
+        used = []
+        for part_name, part in zip(SHAPE_PARTS[name], _shape_parts(name, u, v)):
+            if not part.any():
+                continue
+            # A texture unlike the one under the part (its outline shows) and unlike the object's other part.
+            under = np.bincount(texture_index[part], minlength=num_textures).argmax()
+            choices = [index for index in range(num_textures) if index != under and index not in used]
+            used.append(choices[rng.integers(len(choices))])
+            texture_index[part] = used[-1]
+            part_mask[part] = PART_NAMES.index(f"{name}/{part_name}")
+
+    rows, columns = np.indices((size, size))
+    image = palette[texture_index, rows, columns]  # [S, S, 3]
+    image = np.clip(image + rng.normal(0, 0.02, size=image.shape), 0, 1)
+    return _example_dict(image, part_mask, label)
+
+
+def generate_example(index, seed=0, split="train", image_size=64, max_distractors=1, variant="contrasting"):
+    """Example `index` of `split` (a dict with `image`, `object_mask`, `part_mask`, `label`, `label_name`).
+
+    The class is `index % len(CLASS_NAMES)` (balanced classes); everything else is drawn from a generator seeded by
+    `(seed, split, index)`. `variant` is one of `VARIANTS` (see the module docstring); `max_distractors` applies to
+    `"contrasting"` only.
+    """
+    if int(image_size) < MIN_IMAGE_SIZE:
+        raise ValueError(f"`image_size` must be at least {MIN_IMAGE_SIZE}, got {image_size}.")
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown synthetic variant {variant!r}; choose one of {VARIANTS}.")
+    rng = _example_rng(seed, split, index)
+    label = int(index) % len(CLASS_NAMES)
+    if variant == "camouflage":
+        return _camouflage_example(rng, int(image_size), label)
+    return _contrasting_example(rng, int(image_size), label, max_distractors)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,8 +354,10 @@ def write_synthetic_dataset(
     seed=0,
     max_distractors=1,
     shard_size=1000,
+    variant="contrasting",
 ):
-    """Write the dataset with a `train` split of `num_images` and a `test` split (default `num_images // 5`).
+    """Write the dataset with a `train` split of `num_images` and a `test` split (default `num_images // 5`), of the
+    synthetic `variant` (one of `VARIANTS`, see the module docstring).
 
     Formats (both load offline with `datasets.load_dataset(format, data_dir=output_dir)`, `streaming=True` too):
 
@@ -273,6 +373,8 @@ def write_synthetic_dataset(
         raise ValueError(f"`num_images` must be at least 1, got {num_images}.")
     if int(image_size) < MIN_IMAGE_SIZE:
         raise ValueError(f"`image_size` must be at least {MIN_IMAGE_SIZE}, got {image_size}.")
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown synthetic variant {variant!r}; choose one of {VARIANTS}.")
     num_test_images = max(1, int(num_images) // 5) if num_test_images is None else int(num_test_images)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +383,8 @@ def write_synthetic_dataset(
         if num_examples == 0:
             continue
         examples = (
-            (index, generate_example(index, seed, split, image_size, max_distractors)) for index in range(num_examples)
+            (index, generate_example(index, seed, split, image_size, max_distractors, variant))
+            for index in range(num_examples)
         )
         if format == "imagefolder":
             _write_imagefolder_split(output_dir / split, examples)
@@ -289,6 +392,7 @@ def write_synthetic_dataset(
             _write_parquet_split(output_dir / "data", split, examples, num_examples, shard_size)
     info = {
         "format": format,
+        "variant": variant,
         "seed": int(seed),
         "image_size": int(image_size),
         "max_distractors": int(max_distractors),
@@ -319,6 +423,7 @@ def load_synthetic_dataset(path, split=None, streaming=False):
 
 
 __all__ = [
+    "VARIANTS",
     "SHAPE_PARTS",
     "CLASS_NAMES",
     "PART_NAMES",

@@ -11,8 +11,8 @@ Settings are dataclasses (`arguments`) parsed with transformers' `HfArgumentPars
 
     train_moco(*moco_parser().parse_args_into_dataclasses())
 
-Entry points: `scripts/train_moco.py`, `scripts/train_supervised.py`, `scripts/finetune_peft.py` and
-`scripts/train_segmentation.py`; the pieces (augmentations, data streams, objectives, loop, checkpoints) are
+Entry points: `scripts/train_moco.py`, `scripts/train_supervised.py`, `scripts/finetune_peft.py`,
+`scripts/train_segmentation.py` and `scripts/train_hierarchical.py` (H-CAST, `hierarchical`); the pieces (augmentations, data streams, objectives, loop, checkpoints) are
 importable from their modules.
 """
 

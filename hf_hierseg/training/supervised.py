@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..modeling_cast import soft_target_cross_entropy
+
 
 def smooth_one_hot(labels, num_labels, smoothing=0.0):
     """int64 [B] -> float [B, num_labels]: 1 - smoothing + smoothing / K on the label, smoothing / K elsewhere."""
@@ -70,10 +72,6 @@ def mixup_cutmix(
         mixed = pixel_values * lam + partner_pixels * (1.0 - lam)
         mode = "mixup"
     return mixed, targets * lam + partner_targets * (1.0 - lam), lam, mode
-
-
-def soft_target_cross_entropy(logits, targets):
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 class ModelEma:

@@ -7,7 +7,14 @@ local path needs neither the Hub nor a network connection.
 from pathlib import Path
 
 
-METRIC_NAMES = ("mean_iou", "per_image_jaccard", "boundary_fscore", "top_k_accuracy", "segment_matching")
+METRIC_NAMES = (
+    "mean_iou",
+    "per_image_jaccard",
+    "boundary_fscore",
+    "top_k_accuracy",
+    "segment_matching",
+    "hierarchical_accuracy",
+)
 
 
 def metric_path(name):
