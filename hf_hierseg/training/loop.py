@@ -4,7 +4,10 @@ One loop for 1 or N processes (`accelerate launch`), mixed precision from the la
 clipping, warm-up + cosine learning rate, metrics to a JSON-lines file / TensorBoard and stdout, atomic checkpoints
 every `checkpointing_steps` that `--resume_from_checkpoint latest` restores exactly (model, optimizer, scheduler,
 scaler, RNG, data position), and at the end a `save_pretrained` folder with the image processor and a model card,
-optionally pushed to the Hub.
+optionally pushed to the Hub. Faults: SIGTERM / SIGUSR1 stop the run after its step with a checkpoint (exit status
+75, `interruption`), broken checkpoints are skipped when resuming and a full disk leaves the earlier ones intact
+(`checkpointing`), non-finite losses stop the run or are skipped (`--max_nonfinite_steps`); every process takes
+the same decisions (one all-reduce of the stop and non-finite flags per step).
 
 An *objective* (`MocoObjective`, `SupervisedObjective`) provides `training_module()`, `compute_loss(module, batch,
 step, micro_step, accelerator) -> (loss, metrics)`, `after_optimizer_step(module, step, total_steps, accelerator)
