@@ -5,13 +5,27 @@ Masks become integer class-id maps (`mask_to_class_ids`): palette ("P") and gray
 values; RGB(A) colour masks need a `palette` (one colour per class id) unless their three channels are equal
 (grayscale saved as RGB). Ids must lie in `0..num_labels-1` or equal the ignore index (255 by default), else a
 `ValueError` names them.
+
+Local data are checked when they are loaded: an unreadable parquet / webdataset shard (not parquet, truncated) is
+skipped with a warning naming it and why (an error if every shard of a split is unreadable), and an image folder
+whose class sub-folders include one without images is an error (it would silently not be a class).
 """
 
+import logging
 import os
+import tarfile
 
 import datasets
 import numpy as np
+import pyarrow.parquet
+from datasets.data_files import DataFilesDict, get_data_patterns
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
+
+from .errors import InvalidInputError
+
+
+logger = logging.getLogger(__name__)
 
 
 LABEL_COLUMN_NAMES = ("label", "labels", "cls", "class", "target")
@@ -38,8 +52,11 @@ def load_image_datasets(
     `dataset_name`: anything `datasets.load_dataset` takes: a Hub id, or a local folder of images (imagefolder,
     class sub-folders give labels), of parquet files with an `Image` column, or of webdataset `.tar` shards.
     `train_dir` / `validation_dir`: image folders. Returns a `DatasetDict` (or `IterableDatasetDict` if streaming).
+    Local data are checked first (see the module docstring).
     """
     if dataset_name is not None:
+        if os.path.isdir(dataset_name):
+            return load_local_folder(dataset_name, dataset_config_name, streaming, cache_dir)
         return datasets.load_dataset(
             dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir, token=token
         )
@@ -50,8 +67,112 @@ def load_image_datasets(
         if folder is not None:
             if not os.path.isdir(folder):
                 raise ValueError(f"--{split if split == 'train' else 'validation'}_dir {folder!r} is not a folder.")
+            check_class_folders(folder)
             data_files[split] = os.path.join(folder, "**")
-    return datasets.load_dataset("imagefolder", data_files=data_files, streaming=streaming, cache_dir=cache_dir)
+    return load_prepared("imagefolder", None, data_files, streaming, cache_dir)
+
+
+SHARD_BUILDERS = {".parquet": "parquet", ".tar": "webdataset"}
+
+
+def shard_problem(path):
+    """Why the parquet / webdataset shard at `path` cannot be read (None if it can): the parquet footer, the tar
+    member headers (a truncated file fails here)."""
+    try:
+        if path.endswith(".parquet"):
+            pyarrow.parquet.ParquetFile(path).close()
+        else:
+            with tarfile.open(path) as archive:
+                for _ in archive:
+                    pass
+    except Exception as error:  # pyarrow and tarfile raise their own types
+        return f"{type(error).__name__}: {' '.join(str(error).split())}"
+    return None
+
+
+def readable_shards(folder):
+    """{split: shard paths} of a local folder of parquet or webdataset shards without the unreadable ones (each
+    skipped with a warning), the builder name ("parquet" / "webdataset"), and whether any was skipped; (None, None,
+    False) for a folder of other files."""
+    try:
+        data_files = DataFilesDict.from_patterns(get_data_patterns(folder), base_path=folder)
+    except datasets.data_files.EmptyDatasetError:
+        return None, None, False
+    shards = {
+        str(split): [path for path in files if os.path.splitext(path)[1] in SHARD_BUILDERS]
+        for split, files in data_files.items()
+    }
+    builders = {SHARD_BUILDERS[os.path.splitext(path)[1]] for files in shards.values() for path in files}
+    if len(builders) != 1:
+        return None, None, False
+    readable, skipped = {}, False
+    for split, files in shards.items():
+        readable[split] = []
+        for path in files:
+            problem = shard_problem(path)
+            if problem is None:
+                readable[split].append(path)
+            else:
+                skipped = True
+                logger.warning("Skipping the unreadable shard %s (%s).", path, problem)
+        if not readable[split]:
+            raise InvalidInputError(
+                f"Every shard of split {split!r} of {folder} is unreadable ({len(files)} skipped, see the "
+                "warnings): fix or replace them."
+            )
+    return readable, builders.pop(), skipped
+
+
+def load_local_folder(folder, config_name, streaming, cache_dir):
+    """A local `--dataset_name` folder: its readable shards, or an image folder whose class folders hold images."""
+    shards, builder, skipped = readable_shards(folder)
+    if skipped:
+        return load_prepared(builder, None, shards, streaming, cache_dir)
+    if shards is None:
+        check_class_folders(folder)
+    return load_prepared(folder, config_name, None, streaming, cache_dir)
+
+
+def load_prepared(path, config_name, data_files, streaming, cache_dir):
+    """`datasets.load_dataset`; a file that fails while a map-style dataset is prepared is an `InvalidInputError`
+    (`datasets` logs the file's name)."""
+    try:
+        return datasets.load_dataset(
+            path, config_name, data_files=data_files, streaming=streaming, cache_dir=cache_dir
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = error.__cause__
+        raise InvalidInputError(
+            f"Could not prepare the dataset {path}: {type(cause).__name__}: {' '.join(str(cause).split())} (the "
+            "file is named in the log above). Fix or remove it."
+        ) from error
+
+
+def empty_class_folders(root):
+    """Sub-folders without any image (`datasets` image extensions, recursively) beside sub-folders with images,
+    anywhere under `root`: class folders that would silently not be classes. Hidden folders (".", "_") are left
+    out."""
+    extensions = tuple(ImageFolder.EXTENSIONS)
+    holds_images, empty = {}, []
+    for folder, subfolders, files in os.walk(root, topdown=False):
+        subfolders = [name for name in subfolders if not name.startswith((".", "_"))]
+        children = [holds_images.get(os.path.join(folder, name), False) for name in subfolders]
+        if any(children):
+            empty += [os.path.join(folder, name) for name, full in zip(subfolders, children) if not full]
+        holds_images[folder] = any(children) or any(name.lower().endswith(extensions) for name in files)
+    return sorted(empty)
+
+
+def check_class_folders(root):
+    """Raise an `InvalidInputError` naming the class folders of the image folder `root` that hold no image."""
+    empty = empty_class_folders(root)
+    if empty:
+        shown = ", ".join(os.path.relpath(path, root) for path in empty[:10])
+        raise InvalidInputError(
+            f"The image folder {root} has {len(empty)} class folder(s) without images: {shown}. They would not be "
+            "classes (the labels are the folders that hold images); add images (.png, .jpg, ... as `datasets` "
+            "reads them) or remove the folders."
+        )
 
 
 def image_column_of(dataset, name=None):
@@ -256,6 +377,8 @@ __all__ = [
     "LABEL_COLUMN_NAMES",
     "IMAGE_COLUMN_NAMES",
     "UndecodableImageError",
+    "check_class_folders",
+    "empty_class_folders",
     "load_image_datasets",
     "image_column_of",
     "label_column_of",

@@ -591,7 +591,8 @@ def _pil_to_rgb(image):
 def _array_to_rgb(array, input_data_format=None, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """8-bit RGB `[H, W, 3]` from a numpy / torch image `[H, W]`, `[H, W, C]` or `[C, H, W]` with C in 1, 3, 4."""
     if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
+        array = array.detach().cpu()
+        array = (array.float() if array.dtype == torch.bfloat16 else array).numpy()  # numpy has no bfloat16
     if array.ndim == 2:
         array = array[:, :, None]
     elif array.ndim == 3:

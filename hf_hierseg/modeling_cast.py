@@ -319,7 +319,8 @@ class CastEmbeddings(nn.Module):
     def forward(self, pixel_values, superpixels):
         """Returns embeddings [B, 1 + S, C] (CLS first), the padding mask [B, S] and the ConvStem grid [B, h, w, C].
         S = (largest label over the batch) + 1, at least `num_clusters[0]`: token k is superpixel id k."""
-        stem = self.patch_embeddings(pixel_values)  # [B, H / 8, W / 8, C]
+        # Inputs of another float dtype follow the weights' (as DINOv2's embeddings do).
+        stem = self.patch_embeddings(pixel_values.to(self.cls_token.dtype))  # [B, H / 8, W / 8, C]
         labels, features = self.pooling_grid(stem, superpixels)
         num_segments = max(int(labels.max()) + 1, self.config.num_clusters[0])
         positions = self.position_grid(*labels.shape[-2:])
@@ -546,6 +547,8 @@ class CastPreTrainedModel(PreTrainedModel):
             raise ValueError(f"`pixel_values` must be a 4-D tensor [B, C, H, W], got {shape}.")
         if not pixel_values.is_floating_point():
             raise ValueError(f"`pixel_values` must be a float tensor, got {pixel_values.dtype}.")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("`pixel_values` is an empty batch (0 images): pass at least one image.")
         if pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"`pixel_values` has {pixel_values.shape[1]} channels at dim 1, the model expects "
@@ -645,6 +648,37 @@ class CastForImageClassification(CastPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
+    def validate_class_labels(self, labels, batch_size):
+        """Integer `labels` are class ids (single-label classification, as the loss reads them when `problem_type`
+        is not set and there are several labels): `[B]` in `0..num_labels-1` (or -100, ignored), returned as int64.
+        Float labels are the targets of the other problem types and are left to the loss."""
+        if not torch.is_tensor(labels) or labels.dtype == torch.bool or labels.is_complex():
+            kind = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
+            raise TypeError(f"`labels` must be an integer tensor [B] of class ids (or float targets), got {kind}.")
+        single_label = self.config.problem_type == "single_label_classification" or (
+            self.config.problem_type is None and self.num_labels > 1
+        )
+        if labels.is_floating_point():
+            if self.config.problem_type == "single_label_classification":
+                raise TypeError(
+                    f"`labels` must be integer class ids for single-label classification, got {labels.dtype}."
+                )
+            return labels
+        if not single_label:
+            return labels
+        labels = labels.long()  # (uint8 labels compare with -100 as 156)
+        if tuple(labels.shape) != (batch_size,):
+            raise ValueError(
+                f"`labels` must be one class id per image, shape ({batch_size},), got {tuple(labels.shape)}."
+            )
+        counted = labels[labels != -100]
+        if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= self.num_labels):
+            raise ValueError(
+                f"`labels` holds class ids in [{int(counted.min())}, {int(counted.max())}], but the model has "
+                f"{self.num_labels} labels (0..{self.num_labels - 1}; -100 is ignored)."
+            )
+        return labels
+
     @can_return_tuple
     def forward(
         self,
@@ -660,6 +694,7 @@ class CastForImageClassification(CastPreTrainedModel):
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
+            labels = self.validate_class_labels(labels, logits.shape[0])
             loss = self.loss_function(labels, logits, self.config, **kwargs)
         return CastImageClassifierOutput(
             loss=loss,
@@ -817,7 +852,8 @@ class CastForSemanticSegmentation(CastPreTrainedModel):
                 f"`labels` shape {tuple(labels.shape)} does not match the images and superpixels "
                 f"{tuple(superpixels.shape)}: give one [H, W] class map per image at the image's size."
             )
-        valid = labels[labels != self.ignore_index]
+        ids = labels.long()  # an int8 -1 would compare equal to the ignore index 255, a uint8 156 to -100
+        valid = ids[ids != self.ignore_index]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.num_labels):
             raise ValueError(
                 f"`labels` holds class ids in [{int(valid.min())}, {int(valid.max())}], but the model has "

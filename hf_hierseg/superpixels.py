@@ -156,6 +156,8 @@ def slic_superpixels(image, num_superpixels=DEFAULT_NUM_SUPERPIXELS, ruler=10.0,
     check_rgb_uint8(image)
     height, width = image.shape[:2]
     region_size = max(1, round(math.sqrt(height * width / max(int(num_superpixels), 1))))
+    # OpenCV's SLIC crashes (segmentation fault) on regions of twice the image's shorter side or more.
+    region_size = min(region_size, 2 * min(height, width) - 1)
     lab = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2LAB)
     slic = cv2.ximgproc.createSuperpixelSLIC(lab, cv2.ximgproc.SLICO, region_size, float(ruler))
     slic.iterate(num_iterations)

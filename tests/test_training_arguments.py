@@ -49,6 +49,7 @@ COMMON = {
     "lr_scheduler_type": "cosine",
     "num_warmup_steps": 0,
     "seed": 0,
+    "max_nonfinite_steps": 0,
     "checkpointing_steps": None,
     "checkpoints_total_limit": 3,
     "resume_from_checkpoint": None,
@@ -58,6 +59,7 @@ COMMON = {
     "hub_model_id": None,
     "hub_token": None,
     "hub_private_repo": False,
+    "preemption_timeout": 300.0,
 }
 EVALUATION = {
     "validation_split_name": None,

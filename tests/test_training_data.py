@@ -8,6 +8,7 @@ from itertools import islice
 
 import datasets
 import numpy as np
+import pyarrow.parquet
 import pytest
 import torch
 from PIL import Image
@@ -250,3 +251,114 @@ def test_batches_per_epoch_counts_what_an_epoch_yields(tmp_path):
         SuperpixelBatches(
             datasets.load_dataset(str(root), split="train", streaming=True), identify, 2, "image"
         ).batches_per_epoch(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data faults beyond single corrupt images
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def corrupt_data_pages(path):
+    """Overwrite the first data page of a parquet file: its footer still reads, its rows do not."""
+    data = bytearray(path.read_bytes())
+    offset = pyarrow.parquet.ParquetFile(path).metadata.row_group(0).column(0).data_page_offset
+    data[offset : offset + 200] = b"\xff" * 200
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_unreadable_parquet_shards_are_skipped_with_a_warning_naming_them(tmp_path, streaming, caplog):
+    root = write_parquet_shards(tmp_path / "parquet", num_images=12, num_shards=3)
+    garbage, truncated = root / "train-00000-of-00003.parquet", root / "train-00002-of-00003.parquet"
+    garbage.write_bytes(b"not a parquet file")
+    truncated.write_bytes(truncated.read_bytes()[:-20])
+    with caplog.at_level("WARNING", logger="hf_hierseg.image_datasets"):
+        split = load_image_datasets(dataset_name=str(root), streaming=streaming)["train"]
+    warnings = [
+        record.getMessage() for record in caplog.records if "Skipping the unreadable shard" in record.getMessage()
+    ]
+    assert len(warnings) == 2
+    assert str(garbage) in warnings[0] and "magic bytes" in warnings[0] and str(truncated) in warnings[1]
+    batches = SuperpixelBatches(split, identify, 2, "image", "label", drop_last=False)
+    assert sorted(run_epoch(batches)[0]) == [4, 5, 6, 7]  # the images of the readable shard
+
+
+def test_an_unreadable_webdataset_shard_is_skipped(tmp_path, caplog):
+    root = write_webdataset_shards(tmp_path / "wds", num_images=8, num_shards=2)
+    broken = root / "train-00001.tar"
+    broken.write_bytes(broken.read_bytes()[:700])  # cut inside its first member
+    with caplog.at_level("WARNING", logger="hf_hierseg.image_datasets"):
+        split = load_image_datasets(dataset_name=str(root), streaming=True)["train"]
+    assert any(str(broken) in record.getMessage() and "ReadError" in record.getMessage() for record in caplog.records)
+    batches = SuperpixelBatches(split, identify, 2, "png", "cls", drop_last=False)
+    assert sorted(run_epoch(batches)[0]) == [0, 1, 2, 3]
+
+
+def test_a_split_without_readable_shards_is_an_error(tmp_path):
+    root = write_parquet_shards(tmp_path / "parquet", num_images=4, num_shards=2)
+    for path in root.iterdir():
+        path.write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"Every shard of split 'train' of .* is unreadable \(2 skipped"):
+        load_image_datasets(dataset_name=str(root))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_shard_that_fails_half_way_is_a_clear_error(tmp_path, streaming):
+    """Its footer reads (so it is not skipped when loading), its rows do not."""
+    root = write_parquet_shards(tmp_path / "parquet", num_images=8, num_shards=1)
+    corrupt_data_pages(next(root.iterdir()))
+    if not streaming:
+        with pytest.raises(ValueError, match=r"Could not prepare the dataset .*OSError.*Fix or remove it"):
+            load_image_datasets(dataset_name=str(root))
+        return
+    split = load_image_datasets(dataset_name=str(root), streaming=True)["train"]
+    batches = SuperpixelBatches(split, identify, 2, "image", shuffle=False)
+    with pytest.raises(ValueError, match=r"Reading the streamed data failed on rank 0 .*OSError.*shard is unreadable"):
+        next(iter(TrainingBatches(batches)))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_parquet_dataset_whose_every_image_fails_is_an_error(tmp_path, streaming):
+    root = tmp_path / "parquet"
+    root.mkdir()
+    features = datasets.Features({"image": datasets.Image()})
+    rows = [{"image": {"bytes": truncated_png(), "path": None}} for _ in range(4)]
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(root / "train-00000-of-00001.parquet"))
+    split = load_image_datasets(dataset_name=str(root), streaming=streaming)["train"]
+    training = TrainingBatches(SuperpixelBatches(split, identify, 1, "image"))
+    with pytest.raises(ValueError, match=r"no batch.*4 skipped"):
+        next(iter(training))
+
+
+def test_an_evaluation_split_whose_every_image_fails_is_an_error(tmp_path):
+    from accelerate import Accelerator
+
+    from hf_hierseg.training.recipes import Evaluator
+    from hf_hierseg.training.supervised import evaluate_classifier
+
+    folder = tmp_path / "broken" / "only_class"
+    folder.mkdir(parents=True)
+    for index in range(3):
+        (folder / f"{index}.png").write_bytes(truncated_png())
+    split = load_image_datasets(train_dir=str(tmp_path / "broken"))["train"]
+    batches = SuperpixelBatches(split, identify, 2, "image", "label", shuffle=False, drop_last=False)
+    evaluator = Evaluator(batches, evaluate_classifier)
+    with pytest.raises(ValueError, match=r"no image to evaluate \(3 undecodable image\(s\) skipped\)"):
+        evaluator(torch.nn.Linear(1, 1), Accelerator(cpu=True))
+
+
+@pytest.mark.parametrize("as_dataset_name", [False, True])
+def test_an_image_folder_class_without_images_is_an_error(tmp_path, as_dataset_name):
+    root = write_image_folder(tmp_path / "images")
+    (root / "emu").mkdir()
+    (root / "emu" / "notes.txt").write_text("no images yet")
+    (root / ".cache").mkdir()  # hidden folders are not classes
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) without images: emu\. They would not be classes"):
+        if as_dataset_name:
+            load_image_datasets(dataset_name=str(root))
+        else:
+            load_image_datasets(train_dir=str(root))
+    # A class whose images are all corrupt is a class: they are skipped one by one when training.
+    (root / "emu" / "broken.png").write_bytes(truncated_png())
+    split = load_image_datasets(train_dir=str(root))["train"]
+    assert label_names_of(split, "label") == ["cat", "dog", "emu"]

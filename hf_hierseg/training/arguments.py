@@ -18,6 +18,7 @@ from typing import Literal
 from transformers import HfArgumentParser
 
 from ..errors import InvalidInputError
+from .interruption import DEFAULT_STOP_TIMEOUT, PREEMPTED_EXIT_CODE
 
 
 class PositiveInt(int):
@@ -182,6 +183,14 @@ class OptimizationArguments:
     )
     num_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     seed: int = field(default=0, metadata={"help": "Seeds the initialisation, the data order and the augmentations."})
+    max_nonfinite_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Skip up to N steps in a row whose loss is NaN or infinite (e.g. fp16 overflow) before stopping; "
+            "a skipped step makes no update but counts towards --max_train_steps (its batches are used, the "
+            "learning-rate schedule moves on). 0: the first such step stops the run."
+        },
+    )
 
     def __post_init__(self):
         check_positive(
@@ -192,6 +201,7 @@ class OptimizationArguments:
             "max_train_steps",
             "gradient_accumulation_steps",
         )
+        check_non_negative(self, "max_nonfinite_steps")
 
 
 @dataclass
@@ -220,9 +230,19 @@ class OutputArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (default: output folder name)."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    preemption_timeout: float = field(
+        default=DEFAULT_STOP_TIMEOUT,
+        metadata={
+            "help": "After SIGTERM / SIGUSR1 the run finishes its step, saves a checkpoint and exits with status "
+            f"{PREEMPTED_EXIT_CODE}; if that takes longer than this many seconds it exits at once (a second "
+            "signal too). Resume with --resume_from_checkpoint latest."
+        },
+    )
 
     def __post_init__(self):
         check_positive(self, "logging_steps")
+        if not self.preemption_timeout > 0:
+            raise InvalidInputError(f"--preemption_timeout must be > 0 seconds, got {self.preemption_timeout!r}.")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from ..errors import InvalidInputError
 from ..image_datasets import UndecodableImageError, decode_image
+from .interruption import ignore_stop_signals
 
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,20 @@ class SuperpixelBatches(torch.utils.data.IterableDataset):
                 every = num_slots
         stream.set_epoch(self.epoch)
         # `iter(batch_size=1)` rather than `__iter__`: inside a worker, `__iter__` would split the shards again.
-        for index, rows in enumerate(stream.iter(batch_size=1)):
+        records, index = stream.iter(batch_size=1), -1
+        while True:
+            try:
+                rows = next(records)
+            except StopIteration:
+                return
+            except Exception as error:  # a shard that fails to read half-way (pyarrow, tarfile, ... errors)
+                raise InvalidInputError(
+                    f"Reading the streamed data failed on rank {self.rank} (worker slot {slot}, epoch {self.epoch}) "
+                    f"after {index + 1} records: {type(error).__name__}: {' '.join(str(error).split())}. "
+                    "A shard is unreadable: fix or remove it (local shards are checked, and skipped, when the "
+                    "dataset is loaded), then resume with --resume_from_checkpoint latest."
+                ) from error
+            index += 1
             if index % every != slot % every:
                 continue
             position = index // every
@@ -273,6 +287,7 @@ class TrainingBatches:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             timeout=self.worker_timeout if self.num_workers > 0 else 0,
+            worker_init_fn=ignore_stop_signals,  # SIGTERM / SIGUSR1 are the training process's to handle
             # Its own generator, so creating an iterator does not consume the global RNG (restored on resume).
             generator=torch.Generator().manual_seed(0),
         )
@@ -343,6 +358,7 @@ def evaluation_loader(batches: SuperpixelBatches, num_workers=0, worker_timeout=
         batch_size=None,
         num_workers=num_workers,
         timeout=worker_timeout if num_workers > 0 else 0,
+        worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(0),
     )
     for batch in loader:

@@ -4,7 +4,10 @@ One loop for 1 or N processes (`accelerate launch`), mixed precision from the la
 clipping, warm-up + cosine learning rate, metrics to a JSON-lines file / TensorBoard and stdout, atomic checkpoints
 every `checkpointing_steps` that `--resume_from_checkpoint latest` restores exactly (model, optimizer, scheduler,
 scaler, RNG, data position), and at the end a `save_pretrained` folder with the image processor and a model card,
-optionally pushed to the Hub.
+optionally pushed to the Hub. Faults: SIGTERM / SIGUSR1 stop the run after its step with a checkpoint (exit status
+75, `interruption`), broken checkpoints are skipped when resuming and a full disk leaves the earlier ones intact
+(`checkpointing`), non-finite losses stop the run or are skipped (`--max_nonfinite_steps`); every process takes
+the same decisions (one all-reduce of the stop and non-finite flags per step).
 
 An *objective* (`MocoObjective`, `SupervisedObjective`) provides `training_module()`, `compute_loss(module, batch,
 step, micro_step, accelerator) -> (loss, metrics)`, `after_optimizer_step(module, step, total_steps, accelerator)
@@ -20,6 +23,7 @@ import logging
 import math
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -31,7 +35,8 @@ from tqdm.auto import tqdm
 
 from .. import hub
 from ..errors import InvalidInputError
-from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
+from .interruption import StopSignals, TrainingPreempted
 from .optim import create_optimizer, create_scheduler
 
 
@@ -168,6 +173,60 @@ def sanitized_config(settings):
     }
 
 
+class NonFiniteLossError(InvalidInputError):
+    """A step's loss was NaN or infinite (more often in a row than `--max_nonfinite_steps` allows); the run stopped
+    before the step's update, and saved nothing after the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class NonFiniteSteps:
+    """Steps whose loss was not finite on some process: skipped (no update) up to `limit` in a row."""
+
+    limit: int = 0
+    in_a_row: int = 0
+    total: int = 0
+
+    def record(self, nonfinite):
+        """Count one step; True if it is one too many in a row (the run stops)."""
+        self.in_a_row = self.in_a_row + 1 if nonfinite else 0
+        self.total += int(nonfinite)
+        return self.in_a_row > self.limit
+
+    def state_dict(self):
+        return {"in_a_row": self.in_a_row, "total": self.total}
+
+    def load_state_dict(self, state):
+        self.in_a_row, self.total = state.get("in_a_row", 0), state.get("total", 0)
+
+
+BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
+
+def running_statistics(module):
+    """The buffers a training forward changes (BatchNorm running statistics and counts)."""
+    return [buffer for layer in module.modules() if isinstance(layer, BATCH_NORMS) for buffer in layer.buffers()]
+
+
+def processes_agree(accelerator, *flags):
+    """Each flag True if it is True on any process: one all-reduce for all, so every process takes the same
+    decisions (every process must call it)."""
+    values = torch.tensor([float(flag) for flag in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="sum")
+    return [bool(value > 0) for value in values.tolist()]
+
+
+def describe_losses(accelerator, losses, metrics):
+    """The losses of a step's micro-batches on every process, and this process's metrics of the step, for a
+    message (every process must call it)."""
+    gathered = accelerator.gather(torch.stack(losses).float()).reshape(accelerator.num_processes, -1)
+    per_process = "; ".join(
+        f"rank {rank}: {', '.join(f'{value:.4g}' for value in row)}" for rank, row in enumerate(gathered.tolist())
+    )
+    parts = ", ".join(f"{key}={values[-1]:.4g}" for key, values in metrics.items())
+    return f"micro-batch losses {per_process}" + (f"; {parts}" if parts else "")
+
+
 def train(
     accelerator,
     objective,
@@ -183,6 +242,11 @@ def train(
     hyperparameters=None,
 ):
     """Run the optimisation, then save (and push) the model. Returns the final metrics.
+
+    SIGTERM / SIGUSR1 stop the run after the current step with a checkpoint of it (`TrainingPreempted`, exit status
+    75: see `interruption`); a NaN / infinite loss skips the step's update up to `--max_nonfinite_steps` times in a
+    row, then raises `NonFiniteLossError` (a skipped step still counts towards `max_steps`: it consumes its batches
+    and moves the learning-rate schedule on, but changes no weight, optimiser state, momentum encoder or EMA).
 
     Args:
         accelerator: from `create_accelerator`.
@@ -207,111 +271,185 @@ def train(
         optimizer, optimization_args.lr_scheduler_type, optimization_args.num_warmup_steps, max_steps
     )
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    nonfinite_steps = NonFiniteSteps(optimization_args.max_nonfinite_steps)
 
     start_step = 0
-    checkpoint = resolve_checkpoint(output_args.resume_from_checkpoint, output_dir)
+    checkpoint = resume_checkpoint(accelerator, output_args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
-        start_step, data_state = load_checkpoint(accelerator, checkpoint)
+        start_step, data_state, loop_state = load_checkpoint(accelerator, checkpoint)
         if data_state is not None:
             training_batches.load_state_dict(data_state)
+        nonfinite_steps.load_state_dict(loop_state.get("nonfinite_steps", {}))
         objective.load_state(checkpoint)
         logger.info("Resumed from %s at step %d (epoch %d).", checkpoint, start_step, training_batches.position.epoch)
     elif output_args.resume_from_checkpoint == "latest":
         logger.info("No checkpoint in %s yet: starting from scratch.", output_dir)
     accelerator.init_trackers("train", config=hyperparameters or {})
 
+    def save(step):
+        return save_checkpoint(
+            accelerator,
+            output_dir,
+            step,
+            training_batches.state_dict(),
+            objective.save_state,
+            output_args.checkpoints_total_limit,
+            training_state={"nonfinite_steps": nonfinite_steps.state_dict()},
+        )
+
     keys_file = output_dir / f"sample_keys_rank{accelerator.process_index}.txt" if log_sample_keys else None
     progress = tqdm(
         total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc=objective.name
     )
     batches = iter(training_batches)
-    window_losses, window_metrics, window_start = [], {}, time.perf_counter()
+    window_losses, window_metrics, window_start, window_from = [], {}, time.perf_counter(), start_step
     module.train()
-    for step in range(start_step, max_steps):
-        for micro_step in range(accumulation):
-            batch, keys = next(batches)
-            batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
-            if keys_file is not None:
-                with open(keys_file, "a", encoding="utf-8") as handle:
-                    epoch = training_batches.position.epoch
-                    handle.writelines(f"{step + 1}\t{epoch}\t{key}\n" for key in keys)
-            # Gradients are synchronised across processes on the last micro-batch only.
-            sync = micro_step == accumulation - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(module):
-                loss, metrics = objective.compute_loss(module, batch, step, micro_step, accelerator)
-                accelerator.backward(loss / accumulation)
-            window_losses.append(loss.detach().float())
-            for key, value in metrics.items():
-                window_metrics.setdefault(key, []).append(float(value))
-        grad_norm = None
-        if optimization_args.max_grad_norm and optimization_args.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(module.parameters(), optimization_args.max_grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        completed = step + 1
-        step_metrics = objective.after_optimizer_step(module, completed, max_steps, accelerator)
-        progress.update(1)
+    with StopSignals(output_args.preemption_timeout) as stop_signals, contextlib.closing(progress):
+        for step in range(start_step, max_steps):
+            step_losses, batch_metrics = [], {}  # of this step's micro-batches
+            # A skipped step leaves the running statistics as they were (its forward may have made them NaN).
+            statistics = [buffer.clone() for buffer in running_statistics(module)] if nonfinite_steps.limit else []
+            for micro_step in range(accumulation):
+                batch, keys = next(batches)
+                batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+                if keys_file is not None:
+                    with open(keys_file, "a", encoding="utf-8") as handle:
+                        epoch = training_batches.position.epoch
+                        handle.writelines(f"{step + 1}\t{epoch}\t{key}\n" for key in keys)
+                # Gradients are synchronised across processes on the last micro-batch only.
+                sync = micro_step == accumulation - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(module):
+                    loss, metrics = objective.compute_loss(module, batch, step, micro_step, accelerator)
+                    accelerator.backward(loss / accumulation)
+                step_losses.append(loss.detach().float())
+                for key, value in metrics.items():
+                    batch_metrics.setdefault(key, []).append(float(value))
+            completed = step + 1
+            nonfinite = not bool(torch.isfinite(torch.stack(step_losses)).all())
+            stop, nonfinite = processes_agree(accelerator, stop_signals.requested, nonfinite)
 
-        if completed % output_args.logging_steps == 0 or completed == max_steps:
-            logged = {"learning_rate": learning_rate, **step_metrics}
-            if grad_norm is not None:
-                logged["grad_norm"] = float(grad_norm)
-            window_seconds = time.perf_counter() - window_start
-            logged = window_metrics_summary(
-                accelerator,
-                training_batches.position,
-                window_losses,
-                window_metrics,
-                logged,
-                len(window_losses) / accumulation / max(window_seconds, 1e-9),
-            )
-            log_metrics(accelerator, completed, max_steps, logged, progress)
-            progress.set_postfix(loss=f"{logged['loss']:.4f}")
-            window_losses, window_metrics, window_start = [], {}, time.perf_counter()
+            grad_norm, learning_rate = None, scheduler.get_last_lr()[0]
+            if nonfinite:
+                description = describe_losses(accelerator, step_losses, batch_metrics)
+                if nonfinite_steps.record(True):
+                    raise NonFiniteLossError(
+                        nonfinite_stop_message(completed, description, nonfinite_steps, output_dir)
+                    )
+                logger.warning(
+                    "Step %d: non-finite loss (%s); skipped without an update (%d of --max_nonfinite_steps=%d in a "
+                    "row, %d in all).",
+                    completed,
+                    description,
+                    nonfinite_steps.in_a_row,
+                    nonfinite_steps.limit,
+                    nonfinite_steps.total,
+                )
+                skip_update(accelerator, optimizer, running_statistics(module), statistics)
+                scheduler.step()
+                step_metrics = {}
+            else:
+                nonfinite_steps.record(False)
+                window_losses += step_losses
+                for key, values in batch_metrics.items():
+                    window_metrics.setdefault(key, []).extend(values)
+                if optimization_args.max_grad_norm and optimization_args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(module.parameters(), optimization_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_metrics = objective.after_optimizer_step(module, completed, max_steps, accelerator)
+            progress.update(1)
 
-        checkpointing_steps = output_args.checkpointing_steps
-        if checkpointing_steps and completed % checkpointing_steps == 0 and completed < max_steps:
-            save_checkpoint(
-                accelerator,
-                output_dir,
-                completed,
-                training_batches.state_dict(),
-                objective.save_state,
-                output_args.checkpoints_total_limit,
-            )
-        if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
-            log_metrics(
-                accelerator,
-                completed,
-                max_steps,
-                evaluate(objective.pretrained_model(module, accelerator), accelerator),
-                progress,
-            )
-    progress.close()
-    average_buffers(objective.training_module(), accelerator)
+            if completed % output_args.logging_steps == 0 or completed == max_steps or stop:
+                logged = {"learning_rate": learning_rate, **step_metrics}
+                if grad_norm is not None:
+                    logged["grad_norm"] = float(grad_norm)
+                if nonfinite_steps.total:
+                    logged["nonfinite_steps"] = nonfinite_steps.total
+                window_seconds = time.perf_counter() - window_start
+                logged = window_metrics_summary(
+                    accelerator,
+                    training_batches.position,
+                    window_losses,
+                    window_metrics,
+                    logged,
+                    (completed - window_from) / max(window_seconds, 1e-9),
+                )
+                log_metrics(accelerator, completed, max_steps, logged, progress)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}")
+                window_losses, window_metrics, window_start = [], {}, time.perf_counter()
+                window_from = completed
 
-    final_metrics = {"train_steps": max_steps, "train_epoch": training_batches.position.epoch}
-    if evaluate is not None:
-        final_metrics.update(evaluate(objective.pretrained_model(module, accelerator), accelerator))
-        log_metrics(accelerator, max_steps, max_steps, final_metrics)
-    if output_args.checkpointing_steps:
-        save_checkpoint(
-            accelerator,
-            output_dir,
-            max_steps,
-            training_batches.state_dict(),
-            objective.save_state,
-            output_args.checkpoints_total_limit,
-        )
-    model = objective.pretrained_model(module, accelerator)
-    write_run_summary(output_dir, accelerator, training_batches, model, max_steps)
-    if accelerator.is_main_process:
-        save_outputs(optimization_args, output_args, max_steps, objective, model, processor, final_metrics, card or {})
-    accelerator.wait_for_everyone()
+            checkpointing_steps = output_args.checkpointing_steps
+            periodic = checkpointing_steps and completed % checkpointing_steps == 0 and completed < max_steps
+            if periodic or stop:
+                saved = save(completed)
+            if stop:
+                logger.warning(
+                    "Stopped on %s after step %d/%d: saved %s. Continue with --resume_from_checkpoint latest.",
+                    signal_name(stop_signals.received),
+                    completed,
+                    max_steps,
+                    saved,
+                )
+                accelerator.end_training()
+                raise TrainingPreempted(completed, saved)
+            if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
+                log_metrics(
+                    accelerator,
+                    completed,
+                    max_steps,
+                    evaluate(objective.pretrained_model(module, accelerator), accelerator),
+                    progress,
+                )
+        progress.close()
+        average_buffers(objective.training_module(), accelerator)
+
+        final_metrics = {"train_steps": max_steps, "train_epoch": training_batches.position.epoch}
+        if nonfinite_steps.total:
+            final_metrics["nonfinite_steps"] = nonfinite_steps.total
+        if evaluate is not None:
+            final_metrics.update(evaluate(objective.pretrained_model(module, accelerator), accelerator))
+            log_metrics(accelerator, max_steps, max_steps, final_metrics)
+        if output_args.checkpointing_steps:
+            save(max_steps)
+        model = objective.pretrained_model(module, accelerator)
+        write_run_summary(output_dir, accelerator, training_batches, model, max_steps)
+        if accelerator.is_main_process:
+            save_outputs(
+                optimization_args, output_args, max_steps, objective, model, processor, final_metrics, card or {}
+            )
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_metrics
+
+
+def signal_name(number):
+    return signal.Signals(number).name if number is not None else "a signal to another process"
+
+
+@torch.no_grad()
+def skip_update(accelerator, optimizer, buffers, saved_buffers):
+    """Undo a skipped step: drop its gradients, put `saved_buffers` back into `buffers`; with fp16 back the loss
+    scale off, as `GradScaler` does on overflow."""
+    optimizer.zero_grad(set_to_none=True)
+    for buffer, saved in zip(buffers, saved_buffers, strict=True):
+        buffer.copy_(saved)
+    scaler = accelerator.scaler
+    if scaler is not None and scaler.is_enabled():
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+
+
+def nonfinite_stop_message(step, description, nonfinite_steps, output_dir):
+    newest = latest_checkpoint(output_dir)
+    limit = nonfinite_steps.limit
+    allowed = f"{limit} such step(s) in a row are skipped (--max_nonfinite_steps)" if limit else "none is skipped"
+    return (
+        f"The loss is not finite at step {step} ({description}); {allowed}. The run stopped before this step's "
+        f"update and saved nothing after the last good checkpoint ({newest.name if newest else 'none yet'}). Lower "
+        "--learning_rate, clip gradients with --max_grad_norm, check the data, or pass --max_nonfinite_steps N to "
+        "skip up to N steps in a row (e.g. fp16 overflow); resume with --resume_from_checkpoint latest."
+    )
 
 
 def window_metrics_summary(accelerator, position, losses, metrics, logged, steps_per_second):
@@ -319,7 +457,9 @@ def window_metrics_summary(accelerator, position, losses, metrics, logged, steps
     metrics, and the data counts summed over processes."""
     counts = torch.tensor([position.samples_seen, position.skipped_images], device=accelerator.device)
     counts = accelerator.reduce(counts, reduction="sum")
-    loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+    # Skipped (non-finite) steps are left out; a window of skipped steps only has no loss.
+    mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=accelerator.device)
+    loss = accelerator.reduce(mean, reduction="mean").item()
     return {
         "loss": loss,
         "epoch": position.epoch,
@@ -406,6 +546,8 @@ def steps_for_epochs(num_train_epochs, batches_per_epoch, gradient_accumulation_
 
 __all__ = [
     "JsonLinesTracker",
+    "NonFiniteLossError",
+    "NonFiniteSteps",
     "create_accelerator",
     "parameter_fingerprint",
     "read_metrics",

@@ -270,7 +270,18 @@ class Evaluator:
         self.ema = ema
 
     def evaluate(self, model, accelerator):
-        return self.metrics(model, evaluation_loader(self.batches, self.num_workers, self.worker_timeout), accelerator)
+        """`metrics` over the evaluation batches; an `InvalidInputError` if not one image could be evaluated (an
+        accuracy of nothing would read as 0)."""
+        metrics = self.metrics(
+            model, evaluation_loader(self.batches, self.num_workers, self.worker_timeout), accelerator
+        )
+        if metrics.get("eval_samples") == 0:
+            raise InvalidInputError(
+                f"The evaluation split gave no image to evaluate ({metrics.get('eval_skipped_images', 0)} "
+                "undecodable image(s) skipped): it is empty or none of its images decodes. Fix the data, or choose "
+                "another split (--validation_split_name, --train_val_split)."
+            )
+        return metrics
 
     def __call__(self, model, accelerator):
         metrics = self.evaluate(model, accelerator)
