@@ -114,7 +114,7 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip(
             "Chromium is not installed (no `chromium` / `chromedriver` on PATH): apt-get install chromium "
@@ -127,7 +127,9 @@ def browser():
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
         options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    home = tmp_path_factory.mktemp("browser_home")  # Chromium's caches (dconf, ...) stay out of the real HOME
+    service = Service(CHROMEDRIVER, env={**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache")})
+    driver = webdriver.Chrome(service=service, options=options)
     driver.set_page_load_timeout(WAIT)
     yield driver
     driver.quit()
@@ -156,7 +158,8 @@ def open_page(driver, url):
 
 
 def upload(driver, path, expected_status):
-    """Choose `path` in the upload field (clearing the previous file first) and wait for the status."""
+    """Choose `path` in the upload field (clearing the previous file first) and wait for a status that says
+    `expected_status` (each step expects its own words: the previous status may still show)."""
     from selenium.webdriver.common.by import By
 
     clear = driver.find_elements(By.CSS_SELECTOR, "#upload button[aria-label=Clear]")
@@ -223,8 +226,7 @@ def test_a_person_explores_the_hierarchy_in_chromium(server, browser, photos, tm
     from selenium.webdriver.common.by import By
 
     open_page(browser, server.url)
-    status = upload(browser, photos / "voc.jpg", "Segmented")
-    assert "voc.jpg" in status and "500x375 pixels" in status
+    upload(browser, photos / "voc.jpg", "Segmented voc.jpg (500x375 pixels, model input)")
     # The downloads: label maps of levels 0..4 at the photo's size and the JSON, read back through their links.
     links = wait_for(browser, lambda d: len(downloads(d)) == 6 and downloads(d), "the download links")
     assert sorted(links) == ["voc.json"] + [f"voc_level{level}_labels.png" for level in range(5)]
@@ -302,17 +304,17 @@ def test_bad_uploads_show_a_message_and_the_page_keeps_working(server, browser, 
     from selenium.webdriver.common.by import By
 
     open_page(browser, server.url)
-    assert "empty.png is empty (0 bytes)" in upload(browser, photos / "empty.png", "Error")
-    assert "notes.txt is not an image this app can read" in upload(browser, photos / "notes.txt", "Error")
+    upload(browser, photos / "empty.png", "Error: empty.png is empty (0 bytes)")
+    upload(browser, photos / "notes.txt", "Error: notes.txt is not an image this app can read")
     # The cost guard at full resolution: its message in the page.
     choice = [label for label in browser.find_elements(By.CSS_SELECTOR, "#resolution label") if "full" in label.text]
     choice[0].click()
-    message = upload(browser, photos / "huge.png", "Error")
+    message = upload(browser, photos / "huge.png", "Error: huge.png could not be segmented")
     assert "about 93,750 superpixels, more than max_superpixels=16,384" in message
     assert "Choose the 'model input' resolution" in message
     choice = [label for label in browser.find_elements(By.CSS_SELECTOR, "#resolution label") if "model" in label.text]
     choice[0].click()
-    assert "imagenet.png" in upload(browser, photos / "imagenet.png", "Segmented")
+    upload(browser, photos / "imagenet.png", "Segmented imagenet.png")
     assert server.process.poll() is None
 
 

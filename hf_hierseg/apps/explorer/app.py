@@ -347,7 +347,6 @@ class ExplorerServer:
             quiet=quiet,
             show_error=True,
             max_file_size=max_file_size,
-            allowed_paths=[str(self.workspace)],
             ssr_mode=False,
             theme=gr.themes.Default(**THEME_FONTS),
             footer_links=["api"],

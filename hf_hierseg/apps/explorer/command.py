@@ -98,7 +98,7 @@ def export_space_parser():
     parser = argparse.ArgumentParser(
         description="Write a Hugging Face Space that runs the hierarchy explorer: app.py, README.md (the Space "
         "header: sdk gradio, app_file app.py), requirements.txt, a copy of the hf_hierseg package and, for a model "
-        "folder, the model. Upload the folder to a Space (e.g. `huggingface-cli upload USER/SPACE DIR . "
+        "folder, the model. Upload the folder to a Space (e.g. `hf upload USER/SPACE DIR . "
         "--repo-type space`); `python DIR/app.py` runs it here.",
     )
     parser.add_argument("directory", metavar="DIR", help="folder to write (new or empty)")
