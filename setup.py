@@ -1,6 +1,8 @@
 from setuptools import find_packages, setup
 
 
+DEMO_REQUIREMENTS = ["gradio>=6.0,<7", "gradio_client>=2.0"]
+
 setup(
     name="hf_hierseg",
     version="0.1.0",
@@ -26,7 +28,18 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "tensorboard", "ruff", "import-linter>=2.1", "hypothesis"],
+        # The tests include the explorer's: its page served by Gradio, driven in Chromium through selenium.
+        "test": [
+            "pytest>=8",
+            "tensorboard",
+            "ruff",
+            "import-linter>=2.1",
+            "hypothesis",
+            *DEMO_REQUIREMENTS,
+            "selenium>=4.10",
+        ],
+        # The hierarchy explorer (`hf-hierseg serve`, `hf-hierseg export-space`).
+        "demo": DEMO_REQUIREMENTS,
     },
     entry_points={"console_scripts": ["hf-hierseg=hf_hierseg.cli:main"]},
 )

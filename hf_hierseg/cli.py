@@ -11,6 +11,8 @@
                                                       (also open-vocabulary, segment-retrieval)
     hf-hierseg benchmark --quick                      throughput against a ViT on this machine
     hf-hierseg benchmark segment                      what segmenting photos costs, stage by stage
+    hf-hierseg serve [--port 7860]                    the hierarchy explorer in the browser (the `demo` extra)
+    hf-hierseg export-space DIR                       the same explorer as a Hugging Face Space
 
 Every subcommand has `--help`. The user's own mistakes (wrong arguments; a missing file, folder, model or dataset; a
 model that is not CAST; a device this machine lacks: `hf_hierseg.errors`) give one line on stderr and exit status 2
@@ -150,6 +152,16 @@ DELEGATED_COMMANDS = {
         "segment a few real photos with the default model (the main job, out of the box)",
         "hf_hierseg.apps.demo:demo_parser",
         "hf_hierseg.apps.demo:run_demo_command",
+    ),
+    "serve": DelegatedCommand(
+        "the hierarchy explorer in the browser: click a region to see its parts and wholes (needs the demo extra)",
+        "hf_hierseg.apps.explorer.command:serve_parser",
+        "hf_hierseg.apps.explorer.command:run_serve_command",
+    ),
+    "export-space": DelegatedCommand(
+        "write a Hugging Face Space (app.py, README header, requirements) running the hierarchy explorer",
+        "hf_hierseg.apps.explorer.command:export_space_parser",
+        "hf_hierseg.apps.explorer.command:run_export_space_command",
     ),
     "train-moco": DelegatedCommand(
         "self-supervised MoCo-v3 pre-training (Accelerate)",

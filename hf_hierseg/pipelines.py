@@ -157,6 +157,21 @@ def lazy_masks(segmentation, ids):
     return [LazyMask(segmentation, segment_id) for segment_id in ids]
 
 
+def level_segments(statistics, level, index=0):
+    """The segments of one level of image `index`, from `segment_statistics` (`areas`, `parents`, `boxes`): a list
+    of `{"id", "parent", "area", "bbox"}` in increasing id order, for the ids present (area > 0); `parent` is `None`
+    at the last level."""
+    present = torch.nonzero(statistics["areas"][index, level] > 0)[:, 0]
+    ids = present.tolist()
+    areas = statistics["areas"][index, level, present].tolist()
+    parents = statistics["parents"][index, level, present].tolist()
+    boxes = statistics["boxes"][index, level, present].tolist()
+    return [
+        {"id": i, "parent": parent if parent >= 0 else None, "area": area, "bbox": box}
+        for i, area, parent, box in zip(ids, areas, parents, boxes)
+    ]
+
+
 def binary_mask(label_map, label):
     return Image.fromarray(((label_map == label) * 255).astype(np.uint8))  # 2-D uint8: mode "L"
 
@@ -302,17 +317,9 @@ class HierarchicalSegmentationPipeline(Pipeline):
         maps = resized_label_maps(model_outputs["label_maps"][0, list(levels)], (height, width))  # [n, h, w]
         result = []
         for segmentation, level in zip(maps, levels):
-            present = torch.nonzero(model_outputs["areas"][0, level] > 0)[:, 0]
-            ids = present.tolist()
-            areas = model_outputs["areas"][0, level, present].tolist()
-            parents = model_outputs["parents"][0, level, present].tolist()
-            boxes = model_outputs["boxes"][0, level, present].tolist()
-            segments = [
-                {"id": i, "parent": parent if parent >= 0 else None, "area": area, "bbox": box}
-                for i, area, parent, box in zip(ids, areas, parents, boxes)
-            ]
+            segments = level_segments(model_outputs, level)
             if return_masks:
-                for segment, mask in zip(segments, lazy_masks(segmentation, ids)):
+                for segment, mask in zip(segments, lazy_masks(segmentation, [segment["id"] for segment in segments])):
                     segment["mask"] = mask
             entry = {"level": level, "segmentation": segmentation, "segments": segments}
             if overlay:

