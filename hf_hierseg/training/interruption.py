@@ -15,6 +15,11 @@ again; nothing of the current step is saved, earlier checkpoints stay intact (th
 clean stop takes more than `timeout` seconds (a step, an evaluation and a checkpoint normally fit well within it; a
 hung collective does not), the process exits with status 128 + the signal number.
 
+On several processes, every rank has written its part of the checkpoint before any of them raises
+`TrainingPreempted`; a launcher that terminates the remaining ranks as soon as the first one exits (torchrun,
+`accelerate launch`) then finds a run that stopped cleanly: from there on a stop signal ends the process with
+`PREEMPTED_EXIT_CODE` at once, not as a kill.
+
 Only the process that installed the handlers acts on them. DataLoader workers (SLURM signals every process of a job
 step) ignore the signals: forked workers inherit the handler, which does nothing outside its own process, and
 `ignore_stop_signals` is the workers' `worker_init_fn`.
@@ -44,6 +49,11 @@ class TrainingPreempted(SystemExit):
 
     def __str__(self):
         return f"stopped on a signal after step {self.step}; resume from {self.checkpoint}"
+
+
+def exit_as_preempted(number, frame):
+    """Handler after a clean stop on several processes: this rank's checkpoint is complete, exit as preempted."""
+    os._exit(PREEMPTED_EXIT_CODE)
 
 
 def ignore_stop_signals(worker_id=None):
@@ -78,10 +88,13 @@ class StopSignals:
                 self.previous[number] = signal.signal(number, self.handle)
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, exc_type, exc_value, traceback):
         if self.watchdog is not None:
             self.watchdog.cancel()
+        stopped_cleanly = exc_type is not None and issubclass(exc_type, TrainingPreempted)
         for number, handler in self.previous.items():
+            if stopped_cleanly and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                handler = exit_as_preempted  # the launcher tearing down this rank after another one exited
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
         return False

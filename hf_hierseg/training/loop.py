@@ -392,6 +392,7 @@ def train(
                     max_steps,
                     saved,
                 )
+                accelerator.wait_for_everyone()  # every rank's part of the checkpoint is written before any exits
                 accelerator.end_training()
                 raise TrainingPreempted(completed, saved)
             if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
