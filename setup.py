@@ -2,6 +2,8 @@ from setuptools import find_packages, setup
 
 
 DEMO_REQUIREMENTS = ["gradio>=6.0,<7", "gradio_client>=2.0"]
+# ONNX export (`hf-hierseg export-onnx`, torch.onnx's dynamo exporter needs onnxscript) and ONNX Runtime inference.
+ONNX_REQUIREMENTS = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]
 
 setup(
     name="hf_hierseg",
@@ -37,9 +39,11 @@ setup(
             "hypothesis",
             *DEMO_REQUIREMENTS,
             "selenium>=4.10",
+            *ONNX_REQUIREMENTS,
         ],
         # The hierarchy explorer (`hf-hierseg serve`, `hf-hierseg export-space`).
         "demo": DEMO_REQUIREMENTS,
+        "onnx": ONNX_REQUIREMENTS,
     },
     entry_points={"console_scripts": ["hf-hierseg=hf_hierseg.cli:main"]},
 )
