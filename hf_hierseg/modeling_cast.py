@@ -5,6 +5,7 @@ levels (ViT blocks, then graph pooling) and the encoder over them, then the mode
 constructor switches: `CastModel`, the classification, self-supervised and segmentation heads, and `CastBackbone`.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -86,7 +87,11 @@ class CastHierarchyOutput(ModelOutput):
 
     def hierarchy_fields(self):
         """The fields declared here, by name: what every head copies from its backbone's output."""
-        return {field.name: getattr(self, field.name) for field in fields(CastHierarchyOutput)}
+        return {name: getattr(self, name) for name in HIERARCHY_FIELDS}
+
+
+# The field names of `CastHierarchyOutput`, read once (torch.compile cannot trace `dataclasses.fields`).
+HIERARCHY_FIELDS = tuple(field.name for field in fields(CastHierarchyOutput))
 
 
 @dataclass
@@ -499,6 +504,26 @@ def check_attention_memory(config, pixel_values, superpixels, pool_at_full_resol
     )
 
 
+@contextlib.contextmanager
+def dynamic_batch_compilation(*inputs):
+    """Compile a CAST model once for every batch size: marks dim 0 of `inputs` (e.g. `pixel_values` and
+    `superpixels`) dynamic and, while the context is open, lets torch treat sizes obliviously of their value, so the
+    graph is not specialised to batch 1 (torch otherwise specialises sizes 0 and 1, and recompiles for them). Open it
+    around the first call of the compiled model (the one that compiles); later calls of any batch size reuse the
+    graph. Needs a static token budget (`CastConfig.num_segment_tokens`) so that no other size follows the data::
+
+        compiled = torch.compile(model, fullgraph=True)
+        with dynamic_batch_compilation(pixel_values, superpixels):
+            compiled(pixel_values, superpixels)
+    """
+    from torch.fx.experimental import _config as fx_config
+
+    for tensor in inputs:
+        torch._dynamo.mark_dynamic(tensor, 0)
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
 def _format_bytes(count):
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if count >= size:
@@ -842,7 +867,8 @@ class CastBlockFusion(nn.Module):
             gather_to_segments(tokens, groups) for tokens, groups in zip(level_tokens[1:], hierarchy)
         ]
         fused = torch.cat([torch.cat(cls_tokens, dim=-1), torch.cat(segments, dim=-1)], dim=1)  # [B, 1 + N_1, 4C]
-        fused = self.batch_norm(fused.transpose(1, 2)).transpose(1, 2)
+        # BatchNorm over the 4C channels of all B * (1 + N_1) tokens (the statistics of [B, 4C, 1 + N_1]).
+        fused = self.batch_norm(fused.flatten(0, 1)).unflatten(0, fused.shape[:2])
         return self.projection(self.dropout(fused))
 
 
@@ -1189,6 +1215,7 @@ __all__ = [
     "CastSemanticSegmenterOutput",
     "check_attention_memory",
     "default_superpixels",
+    "dynamic_batch_compilation",
     "hierarchical_classification_loss",
     "hierarchy_targets",
     "soft_target_cross_entropy",
