@@ -61,7 +61,7 @@ def test_model_compiles_fullgraph_for_every_batch_size():
 def test_heads_compile_fullgraph(model_class):
     overrides = {}
     if model_class is CastForHierarchicalImageClassification:
-        overrides = dict(hierarchy_num_labels=(4, 2), hierarchy_parents=((0, 0, 1, 1),))
+        overrides = dict(hierarchy_num_labels=(5, 2), hierarchy_parents=((0, 0, 1, 1, 1),))
     check_compiled(static_model(model_class, **overrides), backend="eager", batch_sizes=(1, 3))
 
 
