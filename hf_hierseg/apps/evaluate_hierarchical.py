@@ -1,11 +1,8 @@
 """`hf-hierseg evaluate hierarchical`: H-CAST's evaluation of a hierarchical classifier from the command line (also
 `scripts/evaluate_hierarchical.py`): per-level top-1, full-path accuracy and tree consistency (TICE)."""
 
-import argparse
-
 from ..evaluation.hierarchical_eval import format_hierarchical_table, run_hierarchical_evaluation
-from ..evaluation.segmentation_eval import write_json
-from .evaluate import add_superpixel_arguments
+from .evaluate import add_superpixel_arguments, evaluation_parser, print_report
 
 
 DESCRIPTION = """\
@@ -22,7 +19,7 @@ Labels per level come from --label_columns (one column per level, finest first) 
 
 
 def hierarchical_parser():
-    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = evaluation_parser(DESCRIPTION)
     parser.add_argument("--model_name_or_path", required=True, help="H-CAST model folder or Hub id")
     parser.add_argument("--dataset_name", required=True, help="labelled image dataset (folder or Hub id)")
     parser.add_argument("--split", default="test")
@@ -57,12 +54,8 @@ def run_hierarchical(args):
         max_samples=args.max_samples,
         device=args.device,
     )
-    print(f"**{args.dataset_name} [{args.split}]**\n")
-    table = {args.model_name_or_path: run["results"]}
-    print(format_hierarchical_table(table, run["results"]["level_names"]))
-    if args.output_json:
-        print(f"\nScores written to {write_json(run, args.output_json)}")
-    return 0
+    table = format_hierarchical_table({args.model_name_or_path: run["results"]}, run["results"]["level_names"])
+    return print_report(f"**{args.dataset_name} [{args.split}]**\n\n{table}", run, args.output_json)
 
 
 __all__ = ["hierarchical_parser", "run_hierarchical"]

@@ -44,6 +44,28 @@ def embed_batch(model, pixel_values, superpixels):
     return outputs.pooler_output, getattr(outputs, "logits", None)
 
 
+def labelled_batches(examples, processor, labels_of, image_column="image", batch_size=64, max_samples=None):
+    """`(inputs, labels)` per batch of `batch_size` records of `examples` (a dataset or an iterable of dicts), at
+    most `max_samples` records: `inputs` is `processor` (a `CastImageProcessor`) of the RGB images, `labels` the
+    list of `labels_of(record)`."""
+    from ..image_datasets import decode_image
+
+    def processed(batch):
+        inputs = processor(images=[image for image, _ in batch], return_tensors="pt")
+        return inputs, [labels for _, labels in batch]
+
+    batch = []
+    for count, example in enumerate(examples):
+        if max_samples is not None and count >= max_samples:
+            break
+        batch.append((decode_image(example[image_column]), labels_of(example)))
+        if len(batch) == batch_size:
+            yield processed(batch)
+            batch = []
+    if batch:
+        yield processed(batch)
+
+
 def extract_features(
     model, examples, processor, image_column="image", label_column="label", batch_size=64, max_samples=None
 ):
@@ -54,30 +76,17 @@ def extract_features(
         dict with `features` float32 `[N, C]`, `logits` float32 `[N, K]` (None for a model without a classifier)
         and `labels` int64 `[N]`.
     """
-    from ..image_datasets import decode_image
-
     model.eval()
-    features, logits, labels, batch = [], [], [], []
-
-    def flush():
-        inputs = processor(images=[image for image, _ in batch], return_tensors="pt")
+    features, logits, labels = [], [], []
+    batches = labelled_batches(
+        examples, processor, lambda example: int(example[label_column]), image_column, batch_size, max_samples
+    )
+    for inputs, batch_labels in batches:
         batch_features, batch_logits = embed_batch(model, inputs["pixel_values"], inputs["superpixels"])
         features.append(batch_features.float())
         if batch_logits is not None:
             logits.append(batch_logits.float())
-        labels.extend(label for _, label in batch)
-        batch.clear()
-
-    for count, example in enumerate(examples):
-        if max_samples is not None and count >= max_samples:
-            break
-        image = example[image_column]
-        image = image.convert("RGB") if hasattr(image, "convert") else decode_image(image)
-        batch.append((image, int(example[label_column])))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+        labels.extend(batch_labels)
     if not labels:
         raise InvalidInputError("No examples to evaluate.")
     return {
@@ -213,6 +222,7 @@ __all__ = [
     "embed_batch",
     "evaluate_classification",
     "extract_features",
+    "labelled_batches",
     "format_classification_table",
     "run_classification_evaluation",
 ]

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..loading import load_cast_model, resolve_model_source
-from .classification_eval import classification_processor
+from .classification_eval import classification_processor, labelled_batches
 from .metrics import hierarchical_accuracy
 from .segmentation_eval import format_score, load_dataset_split
 from .views import superpixel_settings
@@ -68,29 +68,21 @@ def evaluate_hierarchical(
     Returns:
         the metrics of `hierarchical_accuracy`.
     """
-    from ..image_datasets import decode_image
-
     model.eval()
-    predictions, references, batch = [], [], []
-
-    def flush():
-        inputs = processor(images=[image for image, _ in batch], return_tensors="pt")
-        device = next(model.parameters()).device
+    device = next(model.parameters()).device
+    predictions, references = [], []
+    batches = labelled_batches(
+        examples,
+        processor,
+        lambda example: level_labels(example, paths, label_columns, label_column),
+        image_column,
+        batch_size,
+        max_samples,
+    )
+    for inputs, labels in batches:
         predicted = predict_levels(model, inputs["pixel_values"].to(device), inputs["superpixels"].to(device))
         predictions.append(predicted.cpu().numpy())
-        references.extend(labels for _, labels in batch)
-        batch.clear()
-
-    for count, example in enumerate(examples):
-        if max_samples is not None and count >= max_samples:
-            break
-        image = example[image_column]
-        image = image.convert("RGB") if hasattr(image, "convert") else decode_image(image)
-        batch.append((image, level_labels(example, paths, label_columns, label_column)))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+        references.extend(labels)
     if not references:
         raise InvalidInputError("No examples to evaluate.")
     return hierarchical_accuracy(np.concatenate(predictions), np.asarray(references, dtype=np.int64), paths)

@@ -370,8 +370,7 @@ class MaskPartDataset:
         for column in (self.image_column, *self.columns):
             if column not in example:
                 raise InvalidInputError(f"Column {column!r} is missing; the examples have {sorted(example)}.")
-        image = example[self.image_column]
-        image = image.convert("RGB") if isinstance(image, Image.Image) else decode_image(image)
+        image = decode_image(example[self.image_column])
         maps = []
         for column, lookup in zip(self.columns, self.lookups):
             values = mask_to_class_ids(decode_mask(example[column]))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import InvalidInputError, MissingInputError
 from ..loading import is_hub_id, load_cast_model, load_config, resolve_model_source
@@ -116,8 +115,7 @@ def read_image_mask_pairs(examples, mask_column, image_column=None, max_samples=
         for column in (image_column, mask_column):
             if column not in example:
                 raise InvalidInputError(f"Column {column!r} is missing; the examples have {sorted(example)}.")
-        image = example[image_column]
-        image = image.convert("RGB") if isinstance(image, Image.Image) else decode_image(image)
+        image = decode_image(example[image_column])
         mask = mask_to_class_ids(decode_mask(example[mask_column]))
         if mask.shape != (image.height, image.width):
             raise InvalidInputError(f"Mask {len(pairs)} is {mask.shape[::-1]} (W x H) but its image is {image.size}.")

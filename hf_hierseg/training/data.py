@@ -23,7 +23,6 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
-from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
 from ..errors import InvalidInputError
@@ -340,7 +339,7 @@ def datasets_transform(transform, image_column, label_column=None):
     def apply(examples):
         samples = []
         for index, value in enumerate(examples[image_column]):
-            image = value.convert("RGB") if isinstance(value, Image.Image) else decode_image(value)
+            image = decode_image(value)
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
             sample = transform(image, rng)
             if label_column is not None:

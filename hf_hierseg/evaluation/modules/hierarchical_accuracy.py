@@ -5,6 +5,7 @@ import datasets
 import evaluate
 import numpy as np
 
+from hf_hierseg.evaluation.metric_info import metric_info
 from hf_hierseg.evaluation.metrics import hierarchical_accuracy
 
 
@@ -25,16 +26,11 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class HierarchicalAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("int64")),
-                    "references": datasets.Sequence(datasets.Value("int64")),
-                }
-            ),
+        return metric_info(
+            _DESCRIPTION,
+            _KWARGS_DESCRIPTION,
+            predictions=datasets.Sequence(datasets.Value("int64")),
+            references=datasets.Sequence(datasets.Value("int64")),
         )
 
     def _compute(self, predictions, references, paths=None):

@@ -1,8 +1,8 @@
 """Unsupervised-segmentation matching as an offline `evaluate` metric."""
 
-import datasets
 import evaluate
 
+from hf_hierseg.evaluation.metric_info import label_map_feature, metric_info
 from hf_hierseg.evaluation.metrics import majority_mean_iou, segment_matching
 
 
@@ -26,16 +26,8 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class SegmentMatching(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-                }
-            ),
+        return metric_info(
+            _DESCRIPTION, _KWARGS_DESCRIPTION, predictions=label_map_feature(), references=label_map_feature()
         )
 
     def _compute(self, predictions, references, num_labels=None, ignore_index=None, exclude_labels=()):

@@ -4,6 +4,7 @@ import datasets
 import evaluate
 import numpy as np
 
+from hf_hierseg.evaluation.metric_info import metric_info
 from hf_hierseg.evaluation.metrics import top_k_accuracy
 
 
@@ -23,16 +24,11 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class TopKAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("float32")),
-                    "references": datasets.Value("int64"),
-                }
-            ),
+        return metric_info(
+            _DESCRIPTION,
+            _KWARGS_DESCRIPTION,
+            predictions=datasets.Sequence(datasets.Value("float32")),
+            references=datasets.Value("int64"),
         )
 
     def _compute(self, predictions, references, top_k=(1, 5)):
