@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: the `../shared` folder and a local Hugging Face Hub."""
+"""Shared pytest fixtures: the tiny CAST tester (tests/cast_testing.py) and a saved tiny model folder, the
+`../shared` folder and a local Hugging Face Hub."""
 
 import os
 import sys
@@ -9,10 +10,25 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # make tests/hub_server.py importable from any rootdir
 
+from cast_testing import CastModelTester  # noqa: E402
 from hub_server import HubServer  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cast_tester() -> CastModelTester:
+    """The tiny CAST of the test suite with its default settings (see `CastModelTester`)."""
+    return CastModelTester()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, cast_tester) -> Path:
+    """One folder per session holding the tester's `CastModel` (seed 0) and its `get_image_processor()`, as
+    `save_pretrained` writes them. Read-only: a test that writes into a model folder saves its own."""
+    folder, _ = cast_tester.save_model_folder(tmp_path_factory.mktemp("tiny_cast_model"))
+    return folder
 
 
 @pytest.fixture(scope="session")
