@@ -1,8 +1,10 @@
 """Shared pytest fixtures: the tiny CAST tester (tests/cast_testing.py) and a saved tiny model folder, the
 `../shared` folder and a local Hugging Face Hub."""
 
+import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,11 +26,17 @@ def cast_tester() -> CastModelTester:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_folder(tmp_path_factory, cast_tester) -> Path:
+def tiny_model_folder(tmp_path_factory, cast_tester) -> Iterator[Path]:
     """One folder per session holding the tester's `CastModel` (seed 0) and its `get_image_processor()`, as
     `save_pretrained` writes them. Read-only: a test that writes into a model folder saves its own."""
     folder, _ = cast_tester.save_model_folder(tmp_path_factory.mktemp("tiny_cast_model"))
-    return folder
+    contents = folder_digest(folder)
+    yield folder
+    assert folder_digest(folder) == contents, f"a test wrote into the shared {folder}; save a folder of its own"
+
+
+def folder_digest(folder: Path) -> dict:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
 
 
 @pytest.fixture(scope="session")
