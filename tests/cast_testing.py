@@ -38,6 +38,15 @@ TAXONOMY = dict(
 )
 
 
+# The config fields that fix the tiny architecture (`CastModelTester.config_overrides`).
+ARCHITECTURE = ("hidden_size", "num_attention_heads", "depths", "num_clusters", "image_size")
+
+
+def override_text(value):
+    """A config value as `--config_overrides` writes it: tuples comma-separated."""
+    return ",".join(str(item) for item in value) if isinstance(value, (tuple, list)) else str(value)
+
+
 # --- inputs ------------------------------------------------------------------------------------------------------
 
 
@@ -131,6 +140,12 @@ class CastModelTester:
 
     def get_config(self, **overrides):
         return CastConfig(**self.get_config_kwargs(**overrides))
+
+    def config_overrides(self, *extra, names=ARCHITECTURE, **overrides):
+        """The tiny architecture as `key=value` strings (the training scripts' `--config_overrides`, the converter's
+        `parse_overrides`): `names` of the config kwargs, `overrides` applied, then the `extra` strings."""
+        values = self.get_config_kwargs(**overrides)
+        return [f"{name}={override_text(values[name])}" for name in names] + list(extra)
 
     def get_hierarchical_config(self, **overrides):
         """The tiny config with the species -> genus -> family taxonomy (6 -> 3 -> 2) of `TAXONOMY`."""
