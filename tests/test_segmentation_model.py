@@ -27,12 +27,7 @@ def ten_pixel_grid(batch=2):
     return grid_superpixels(batch, 64, cell=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the fixtures were made with one thread
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; fixtures made with one thread
 
 
 @pytest.fixture(scope="module")

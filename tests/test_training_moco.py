@@ -19,13 +19,7 @@ from cast_testing import CastModelTester, grid_superpixels
 TINY_OVERRIDES = ["num_attention_heads=4", "num_clusters=16,8,4,2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster (and the fixture comparison asks for it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; fixtures made with one thread
 
 
 @pytest.fixture(scope="module")

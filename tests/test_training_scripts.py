@@ -40,11 +40,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload ra
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread_and_fresh_accelerate_state(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 

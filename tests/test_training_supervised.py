@@ -20,12 +20,7 @@ from hf_hierseg.training.supervised import (
 from cast_testing import CastModelTester
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; fixtures made with one thread
 
 
 TESTER = CastModelTester(image_size=32)
