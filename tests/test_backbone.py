@@ -8,28 +8,15 @@ from hf_hierseg import CastConfig, CastModel
 from hf_hierseg.configuration_cast import STAGE_NAMES
 from hf_hierseg.modeling_cast import CastBackbone
 
+from cast_testing import random_superpixels
+
 
 AutoBackbone.register(CastConfig, CastBackbone, exist_ok=True)  # until hf_hierseg/__init__.py registers it
 
 
-def tiny_config(**kwargs):
-    return CastConfig(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
-    )
-
-
-def random_superpixels(batch, size=64, seed=0):
-    """Irregular superpixels: a random label per 4x4 block (30 labels), relabelled to be consecutive per image."""
-    generator = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, 30, (batch, size // 4, size // 4), generator=generator)
-    labels = blocks.repeat_interleave(4, 1).repeat_interleave(4, 2)
-    return torch.stack([torch.unique(image, return_inverse=True)[1] for image in labels])
-
-
 @pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return CastBackbone(tiny_config()).eval()
+def backbone(cast_tester):
+    return cast_tester.create_model(CastBackbone)
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +34,12 @@ def test_default_out_features_are_the_four_levels(backbone, inputs):
     assert [tuple(m.shape) for m in maps] == [(2, 24, 8, 8)] * 4
 
 
-def test_feature_maps_paint_each_level_token_on_its_grid_cells(backbone, inputs):
+def test_feature_maps_paint_each_level_token_on_its_grid_cells(cast_tester, backbone, inputs):
     """Reference computed cell by cell from the outputs of a CastModel with the backbone's weights: the cell (i, j)
     samples the superpixel at pixel (8i, 8j), which is its level-1 token; the level-(l+1) token is the argmax of the
     level-l token's assignment logits; the feature is the final LayerNorm of that token."""
     pixel_values, superpixels = inputs
-    model = CastModel(tiny_config()).eval()
+    model = CastModel(cast_tester.get_config()).eval()
     model.load_state_dict(backbone.state_dict())  # strict: the backbone's modules have CastModel's names
     with torch.no_grad():
         maps = backbone(pixel_values, superpixels).feature_maps
@@ -78,9 +65,9 @@ def test_maps_are_constant_on_groups_and_levels_get_coarser(backbone, inputs):
     assert distinct[0] >= distinct[1] >= distinct[2] >= distinct[3] >= 1
 
 
-def test_out_features_selection_and_stem(inputs):
+def test_out_features_selection_and_stem(cast_tester, inputs):
     torch.manual_seed(0)
-    backbone = CastBackbone(tiny_config(), out_features=["stem", "level3"]).eval()
+    backbone = CastBackbone(cast_tester.get_config(), out_features=["stem", "level3"]).eval()
     assert backbone.out_indices == [0, 3]
     pixel_values, superpixels = inputs
     with torch.no_grad():
@@ -89,7 +76,7 @@ def test_out_features_selection_and_stem(inputs):
     torch.testing.assert_close(stem_map, stem.permute(0, 3, 1, 2))
     assert level3.shape == (2, 24, 8, 8)
     with pytest.raises(ValueError, match="stage_names"):
-        CastBackbone(tiny_config(), out_features=["level5"])
+        CastBackbone(cast_tester.get_config(), out_features=["level5"])
 
 
 def test_save_reload_and_auto_backbone(tmp_path, backbone, inputs):
@@ -103,9 +90,8 @@ def test_save_reload_and_auto_backbone(tmp_path, backbone, inputs):
     assert type(auto) is CastBackbone and auto.out_features == backbone.out_features
 
 
-def test_backbone_loads_the_weights_of_a_cast_model(tmp_path, inputs):
-    torch.manual_seed(3)
-    model = CastModel(tiny_config()).eval()
+def test_backbone_loads_the_weights_of_a_cast_model(cast_tester, tmp_path, inputs):
+    model = cast_tester.create_model(CastModel, seed=3)
     model.save_pretrained(tmp_path / "model")
     backbone = CastBackbone.from_pretrained(tmp_path / "model", out_features=["level4"]).eval()
     with torch.no_grad():
@@ -124,11 +110,13 @@ def test_rejects_a_config_of_another_model():
         CastBackbone(ViTConfig())
 
 
-def test_dense_head_uses_the_backbone_with_pixel_values_only():
+def test_dense_head_uses_the_backbone_with_pixel_values_only(cast_tester):
     """UperNet builds the backbone through AutoBackbone and passes only `pixel_values`: grid superpixels."""
     from transformers import UperNetConfig, UperNetForSemanticSegmentation
 
-    config = UperNetConfig(backbone_config=tiny_config(), hidden_size=16, auxiliary_channels=8, num_labels=5)
+    config = UperNetConfig(
+        backbone_config=cast_tester.get_config(), hidden_size=16, auxiliary_channels=8, num_labels=5
+    )
     torch.manual_seed(0)
     model = UperNetForSemanticSegmentation(config).eval()
     assert type(model.backbone) is CastBackbone and model.backbone.channels == [24] * 4
@@ -140,26 +128,25 @@ def test_dense_head_uses_the_backbone_with_pixel_values_only():
     assert model.backbone.levels[0].blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_backbone_owns_the_modules_of_a_cast_model():
+def test_backbone_owns_the_modules_of_a_cast_model(cast_tester):
     """Like Dinov2Backbone: its own embeddings, levels and final norm, under CastModel's names (no wrapped model)."""
     from hf_hierseg.modeling_cast import CastEmbeddings, CastEncoder
 
-    backbone = CastBackbone(tiny_config())
+    backbone = CastBackbone(cast_tester.get_config())
     assert not hasattr(backbone, "cast")
     assert isinstance(backbone.embeddings, CastEmbeddings) and not backbone.embeddings.pool_at_full_resolution
     assert isinstance(backbone.levels, CastEncoder) and isinstance(backbone.layernorm, torch.nn.LayerNorm)
-    assert list(backbone.state_dict()) == list(CastModel(tiny_config()).state_dict())
+    assert list(backbone.state_dict()) == list(CastModel(cast_tester.get_config()).state_dict())
     assert not any(p.requires_grad for p in backbone.levels[3].pooling.parameters())  # frozen as in CastModel
 
 
 @pytest.mark.parametrize("head", ["CastForImageClassification", "CastForSelfSupervisedPretraining"])
-def test_backbone_loads_head_checkpoints_without_their_prefix(tmp_path, inputs, head):
+def test_backbone_loads_head_checkpoints_without_their_prefix(cast_tester, tmp_path, inputs, head):
     """Head checkpoints store the backbone under `cast.`; the backbone has no `cast` attribute, so transformers
     strips the base_model_prefix, and the heads' own weights are ignored."""
     import hf_hierseg.modeling_cast as modeling
 
-    torch.manual_seed(5)
-    model = getattr(modeling, head)(tiny_config(num_labels=3, projection_dim=8, projection_hidden_dim=16)).eval()
+    model = cast_tester.create_model(getattr(modeling, head), seed=5, projection_dim=8, projection_hidden_dim=16)
     model.save_pretrained(tmp_path / "head")
     backbone, info = CastBackbone.from_pretrained(tmp_path / "head", out_features=["level4"], output_loading_info=True)
     assert not any(info.values()), info
@@ -172,11 +159,10 @@ def test_backbone_loads_head_checkpoints_without_their_prefix(tmp_path, inputs, 
     assert all(torch.isclose(expected, row, atol=1e-6).all(-1).any() for row in shown)
 
 
-def test_heads_load_a_saved_backbone_with_the_prefix_added(tmp_path, inputs):
+def test_heads_load_a_saved_backbone_with_the_prefix_added(cast_tester, tmp_path, inputs):
     from hf_hierseg import CastForImageClassification
 
-    torch.manual_seed(6)
-    backbone = CastBackbone(tiny_config()).eval()
+    backbone = cast_tester.create_model(CastBackbone, seed=6)
     backbone.save_pretrained(tmp_path / "backbone")
     classifier, info = CastForImageClassification.from_pretrained(tmp_path / "backbone", output_loading_info=True)
     assert info["missing_keys"] == {"classifier.weight", "classifier.bias"} and not info["unexpected_keys"]
@@ -184,8 +170,8 @@ def test_heads_load_a_saved_backbone_with_the_prefix_added(tmp_path, inputs):
         assert torch.equal(classifier.cast.state_dict()[name], tensor), name
 
 
-def test_backbone_records_hidden_states_and_block_attentions(backbone, inputs):
-    model = CastModel(tiny_config()).eval()
+def test_backbone_records_hidden_states_and_block_attentions(cast_tester, backbone, inputs):
+    model = CastModel(cast_tester.get_config()).eval()
     model.load_state_dict(backbone.state_dict())
     with torch.no_grad():
         out = backbone(*inputs, output_hidden_states=True, output_attentions=True)

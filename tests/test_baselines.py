@@ -17,11 +17,7 @@ from hf_hierseg.evaluation.baselines import (
     vit_patch_features,
 )
 
-
-def tiny_cast_config():
-    return CastConfig(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64
-    )
+from cast_testing import assert_hierarchy_nests
 
 
 def same_partition(a, b):
@@ -30,19 +26,12 @@ def same_partition(a, b):
     return len(pairs) == len(set(np.asarray(a).ravel().tolist())) == len(set(np.asarray(b).ravel().tolist()))
 
 
-def assert_nested(label_maps):
-    """Every region of a level lies inside exactly one region of the next level."""
-    for fine, coarse in zip(label_maps[:-1], label_maps[1:]):
-        pairs = torch.stack([fine.flatten(), coarse.flatten()], 1).unique(dim=0)
-        assert len(pairs) == len(fine.flatten().unique())
-
-
 # --------------------------------------------------------------------------------------------------------------
 # make_vit_like
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_make_vit_like_matches_cast_size():
+def test_make_vit_like_matches_cast_size(cast_tester):
     config = make_vit_like(CastConfig.from_preset("cast-small"), num_labels=10)
     assert isinstance(config, ViTConfig)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 11, 12)
@@ -50,7 +39,7 @@ def test_make_vit_like_matches_cast_size():
     assert (config.patch_size, config.image_size) == (16, 224)
     assert config._attn_implementation == "sdpa"
     assert config.num_labels == 10
-    model = ViTModel(make_vit_like(tiny_cast_config()), add_pooling_layer=False)
+    model = ViTModel(make_vit_like(cast_tester.get_config()), add_pooling_layer=False)
     assert model.config._attn_implementation == "sdpa"
     assert model.config.num_hidden_layers == 4
 
@@ -121,8 +110,8 @@ class PatchColourModel(torch.nn.Module):
         return BaseModelOutput(last_hidden_state=torch.cat([cls, patches], dim=1))
 
 
-def test_vit_patch_features_keeps_the_patch_grid_layout():
-    model = ViTModel(make_vit_like(tiny_cast_config()), add_pooling_layer=False).eval()
+def test_vit_patch_features_keeps_the_patch_grid_layout(cast_tester):
+    model = ViTModel(make_vit_like(cast_tester.get_config()), add_pooling_layer=False).eval()
     pixel_values = torch.randn(2, 3, 64, 64)
     features = vit_patch_features(model, pixel_values)
     tokens = model(pixel_values).last_hidden_state
@@ -143,15 +132,15 @@ def test_vit_kmeans_hierarchy_follows_the_features():
     assert coarse[0, 0] != coarse[0, -1]
 
 
-def test_vit_kmeans_hierarchy_shapes_nesting_and_batch_independence():
-    model = ViTModel(make_vit_like(tiny_cast_config()), add_pooling_layer=False).eval()
+def test_vit_kmeans_hierarchy_shapes_nesting_and_batch_independence(cast_tester):
+    model = ViTModel(make_vit_like(cast_tester.get_config()), add_pooling_layer=False).eval()
     pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     label_maps = vit_kmeans_hierarchy(model, pixel_values, num_clusters=(16, 8, 4), output_size=(48, 40))
     assert [tuple(m.shape) for m in label_maps] == [(2, 48, 40)] * 3
     assert all(m.dtype == torch.int64 for m in label_maps)
     for image in range(2):
         levels = [m[image] for m in label_maps]
-        assert_nested(levels)
+        assert_hierarchy_nests(levels)
         assert [len(m.unique()) <= k for m, k in zip(levels, (16, 8, 4))] == [True] * 3
         assert len(levels[0].unique()) > len(levels[-1].unique()) > 1
     alone = vit_kmeans_hierarchy(model, pixel_values[1:], num_clusters=(16, 8, 4), output_size=(48, 40))

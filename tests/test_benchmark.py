@@ -21,16 +21,11 @@ from hf_hierseg.apps.benchmark_throughput import (
 from hf_hierseg.graph_pooling import farthest_point_sampling, farthest_point_sampling_direct
 from hf_hierseg.segment_ops import segment_sum_and_count
 
+from cast_testing import CastModelTester
 
-TINY_CAST = dict(
-    hidden_size=24,
-    num_attention_heads=4,
-    depths=(1, 1, 1, 1),
-    num_clusters=(16, 8, 4, 2),
-    image_size=64,
-    projection_dim=16,
-    projection_hidden_dim=32,
-)
+
+TESTER = CastModelTester()
+TINY_CAST = TESTER.get_config_kwargs(num_labels=None, projection_dim=16, projection_hidden_dim=32)
 TINY_VIT = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 
 
@@ -197,7 +192,6 @@ def test_segment_sums_equal_a_loop():
 
 
 def test_segment_benchmark_reports_every_stage_with_ratios(tmp_path):
-    from hf_hierseg import CastConfig, CastImageProcessor, CastModel
     from hf_hierseg.apps.benchmark_segment import (
         STAGES,
         SegmentBenchmarkSettings,
@@ -205,10 +199,7 @@ def test_segment_benchmark_reports_every_stage_with_ratios(tmp_path):
         run_segment_benchmark,
     )
 
-    torch.manual_seed(0)
-    config = {key: value for key, value in TINY_CAST.items() if not key.startswith("projection")}
-    CastModel(CastConfig(**config)).save_pretrained(tmp_path)
-    CastImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(tmp_path)
+    TESTER.save_model_folder(tmp_path, processor=TESTER.get_image_processor(size={"shortest_edge": 64}))
     messages = []
     report = run_segment_benchmark(
         SegmentBenchmarkSettings(num_photos=3, batch_size=2, repeats=1, threads=1, model=str(tmp_path)),

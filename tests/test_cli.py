@@ -17,25 +17,13 @@ import torch
 from PIL import Image
 from transformers import HfArgumentParser, ViTConfig, ViTModel
 
-from hf_hierseg import CastConfig, CastModel, loading
+from hf_hierseg import CastModel, loading
 from hf_hierseg.cli import DELEGATED_COMMANDS, DelegatedCommand, main
 from hf_hierseg.image_processing_cast import CastImageProcessor
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["segment", "embed", "convert", *DELEGATED_COMMANDS]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    config = CastConfig(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64
-    )
-    CastModel(config).save_pretrained(folder)
-    CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +98,11 @@ def test_wrong_arguments_give_one_line(argv, capsys):
     assert "Traceback" not in err + out
 
 
-def test_failures_after_parsing_give_one_line(tmp_path, model_dir, images, capsys):
+def test_failures_after_parsing_give_one_line(tmp_path, tiny_model_folder, images, capsys):
     cases = [
-        ["segment", tmp_path / "missing.png", "--out", tmp_path / "out", "--model", model_dir],
+        ["segment", tmp_path / "missing.png", "--out", tmp_path / "out", "--model", tiny_model_folder],
         ["segment", images[0], "--out", tmp_path / "out", "--model", tmp_path],
-        ["embed", images[0], "--out", tmp_path / "embeddings.txt", "--model", model_dir],
+        ["embed", images[0], "--out", tmp_path / "embeddings.txt", "--model", tiny_model_folder],
         ["convert", "--checkpoint", tmp_path / "missing.pth", "--output", tmp_path / "converted"],
     ]
     for argv in cases:
@@ -131,7 +119,7 @@ def vit_dir(tmp_path_factory):
     return folder
 
 
-def test_the_users_mistakes_are_named_in_one_line(tmp_path, model_dir, vit_dir, images, capsys):
+def test_the_users_mistakes_are_named_in_one_line(tmp_path, tiny_model_folder, vit_dir, images, capsys):
     """Each mistake gives exit status 1 and one line saying what is wrong."""
     segment = ["segment", images[0], "--out", tmp_path / "out"]
     cases = [
@@ -140,14 +128,21 @@ def test_the_users_mistakes_are_named_in_one_line(tmp_path, model_dir, vit_dir, 
         (segment + ["--model", images[0]], "is a file; a model is a folder"),
         (segment + ["--model", "someone/missing-model"], "the Hub model 'someone/missing-model' could not be found"),
         (segment + ["--model", vit_dir], "needs a CAST model or a CAST configuration (config.model_type 'cast')"),
-        (segment + ["--model", model_dir, "--device", "potato"], "'potato' is not a torch device"),
+        (segment + ["--model", tiny_model_folder, "--device", "potato"], "'potato' is not a torch device"),
         (["demo", "--out", tmp_path / "demo", "--device", "cuda:7"], "Device 'cuda:7' is not available"),
         (
             ["evaluate", "segmentation", "--model_name_or_path", tmp_path / "nothing", "--real_photos", "voc"],
             f"The model folder {tmp_path / 'nothing'} does not exist.",
         ),
         (
-            ["evaluate", "classification", "--model_name_or_path", model_dir, "--dataset_name", tmp_path / "none"],
+            [
+                "evaluate",
+                "classification",
+                "--model_name_or_path",
+                tiny_model_folder,
+                "--dataset_name",
+                tmp_path / "none",
+            ],
             f"The dataset folder {tmp_path / 'none'} does not exist.",
         ),
         (["benchmark", "--repeats", "0"], "repeats must be >= 1, got 0."),
@@ -161,15 +156,17 @@ def test_the_users_mistakes_are_named_in_one_line(tmp_path, model_dir, vit_dir, 
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_without_cuda_is_one_line(tmp_path, model_dir, images, capsys):
-    status, _, err = run(["segment", images[0], "--out", tmp_path, "--model", model_dir, "--device", "cuda"], capsys)
+def test_cuda_without_cuda_is_one_line(tmp_path, tiny_model_folder, images, capsys):
+    status, _, err = run(
+        ["segment", images[0], "--out", tmp_path, "--model", tiny_model_folder, "--device", "cuda"], capsys
+    )
     assert (
         status == 1
         and err.strip() == "hf-hierseg segment: error: Device 'cuda' is not available on this machine (only cpu)."
     )
 
 
-def test_bugs_keep_their_traceback(tmp_path, model_dir, images, monkeypatch, capsys):
+def test_bugs_keep_their_traceback(tmp_path, tiny_model_folder, images, monkeypatch, capsys):
     """An unexpected exception (a bug, not the user's mistake) is not turned into one line."""
 
     def broken(*args, **kwargs):
@@ -177,7 +174,7 @@ def test_bugs_keep_their_traceback(tmp_path, model_dir, images, monkeypatch, cap
 
     monkeypatch.setattr(loading, "load_model_and_processor", broken)
     with pytest.raises(KeyError, match="a bug"):
-        main(["segment", str(images[0]), "--out", str(tmp_path), "--model", str(model_dir)])
+        main(["segment", str(images[0]), "--out", str(tmp_path), "--model", str(tiny_model_folder)])
     assert capsys.readouterr().err == ""
 
 
@@ -218,9 +215,11 @@ def test_delegation_to_an_hf_argument_parser(capsys):
     assert capsys.readouterr().out.startswith("usage: hf-hierseg train-x [-h] --dataset_name DATASET_NAME")
 
 
-def test_segment_writes_overlays_and_the_hierarchy(tmp_path, model_dir, images, capsys):
+def test_segment_writes_overlays_and_the_hierarchy(tmp_path, tiny_model_folder, images, capsys):
     out = tmp_path / "segments"
-    status, stdout, err = run(["segment", *images, "--out", out, "--model", model_dir, "--batch-size", "2"], capsys)
+    status, stdout, err = run(
+        ["segment", *images, "--out", out, "--model", tiny_model_folder, "--batch-size", "2"], capsys
+    )
     assert status == 0, err
     for path in images:
         width, height = Image.open(path).size
@@ -247,11 +246,11 @@ def test_segment_writes_overlays_and_the_hierarchy(tmp_path, model_dir, images, 
     assert f"{images[0]} ->" in stdout
 
 
-def test_segment_globs_outputs_and_mistakes(tmp_path, model_dir, images, capsys):
+def test_segment_globs_outputs_and_mistakes(tmp_path, tiny_model_folder, images, capsys):
     out = tmp_path / "pictures"
     pattern = str(images[0].parent / "picture*.png")
     status, stdout, err = run(
-        ["segment", pattern, "--out", out, "--model", model_dir, "--outputs", "pictures"], capsys
+        ["segment", pattern, "--out", out, "--model", tiny_model_folder, "--outputs", "pictures"], capsys
     )
     assert status == 0, err
     names = sorted(path.name for path in out.iterdir())
@@ -260,7 +259,9 @@ def test_segment_globs_outputs_and_mistakes(tmp_path, model_dir, images, capsys)
     ]
     assert names == sorted(expected + ["index.jsonl"])  # pictures only, and the index
     assert "process 0 of 1: 2 photos segmented, 0 complete from an earlier run, 0 undecodable" in err
-    status, _, err = run(["segment", pattern, "--out", out, "--model", model_dir, "--outputs", "pictures"], capsys)
+    status, _, err = run(
+        ["segment", pattern, "--out", out, "--model", tiny_model_folder, "--outputs", "pictures"], capsys
+    )
     assert status == 0 and "0 photos segmented, 2 complete from an earlier run" in err
     choices = "overlays, hierarchy, labels, json, pictures, all"
     for argv, message in [
@@ -270,7 +271,7 @@ def test_segment_globs_outputs_and_mistakes(tmp_path, model_dir, images, capsys)
         ),
         ([tmp_path / "none-*.png"], f"no images match {tmp_path / 'none-*.png'}"),
     ]:
-        status, _, err = run(["segment", *argv, "--out", out, "--model", model_dir], capsys)
+        status, _, err = run(["segment", *argv, "--out", out, "--model", tiny_model_folder], capsys)
         assert status == 1 and err.strip().splitlines() == [f"hf-hierseg segment: error: {message}"], err
 
 
@@ -280,19 +281,20 @@ def test_benchmark_help_names_its_kinds(capsys):
     assert "`hf-hierseg benchmark segment`" in " ".join(out.split())
 
 
-def test_embed_pooled_and_per_token(tmp_path, model_dir, images, capsys):
-    status, _, err = run(["embed", *images, "--out", tmp_path / "pooled.npy", "--model", model_dir], capsys)
+def test_embed_pooled_and_per_token(tmp_path, tiny_model_folder, images, capsys):
+    status, _, err = run(["embed", *images, "--out", tmp_path / "pooled.npy", "--model", tiny_model_folder], capsys)
     assert status == 0, err
     pooled = np.load(tmp_path / "pooled.npy")
     assert pooled.shape == (2, 24)
-    model = CastModel.from_pretrained(model_dir).eval()
-    processor = CastImageProcessor.from_pretrained(model_dir)
+    model = CastModel.from_pretrained(tiny_model_folder).eval()
+    processor = CastImageProcessor.from_pretrained(tiny_model_folder)
     with torch.no_grad():
         expected = model(**processor(images=[Image.open(images[1])], return_tensors="pt")).pooler_output[0]
     np.testing.assert_allclose(pooled[1], expected.numpy(), rtol=1e-5, atol=1e-5)
 
     status, _, err = run(
-        ["embed", *images, "--out", tmp_path / "tokens.safetensors", "--per-token", "--model", model_dir], capsys
+        ["embed", *images, "--out", tmp_path / "tokens.safetensors", "--per-token", "--model", tiny_model_folder],
+        capsys,
     )
     assert status == 0, err
     from safetensors import safe_open

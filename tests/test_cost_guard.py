@@ -9,15 +9,8 @@ import PIL.Image
 import pytest
 import torch
 
-from hf_hierseg import CastConfig, CastForSemanticSegmentation, CastImageProcessor, CastModel, load_default
+from hf_hierseg import CastForSemanticSegmentation, CastImageProcessor, CastModel, load_default
 from hf_hierseg.modeling_cast import CastBackbone
-
-
-def tiny_config(**kwargs):
-    values = dict(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64
-    )
-    return CastConfig(**{**values, **kwargs})
 
 
 def test_a_6000x4000_photo_at_native_resolution_is_refused_by_the_processor():
@@ -69,13 +62,12 @@ def test_a_6000x4000_input_is_refused_by_the_model_before_any_allocation():
     assert "do_resize=True" in message and "fewer images per batch" in message
 
 
-def test_the_model_limit_is_configurable_and_counts_batch_heads_and_tokens():
-    torch.manual_seed(0)
+def test_the_model_limit_is_configurable_and_counts_batch_heads_and_tokens(cast_tester):
     pixel_values, superpixels = native_inputs(64, 64, cell=8)  # 64 tokens (one per stride-8 cell)
     pixel_values = pixel_values.contiguous()
     batch = (pixel_values.expand(2, -1, -1, -1), superpixels.expand(2, -1, -1))
     exact = 2 * 4 * 65**2 * 4  # bytes of one attention map for the batch (CLS + 64 tokens)
-    model = CastModel(tiny_config(max_attention_memory=exact)).eval()
+    model = cast_tester.create_model(CastModel, max_attention_memory=exact)
     with torch.no_grad():
         model(*batch)  # at the limit: runs
         model.config.max_attention_memory = exact - 1
@@ -85,15 +77,15 @@ def test_the_model_limit_is_configurable_and_counts_batch_heads_and_tokens():
         model.config.max_attention_memory = None
         model(*batch)
         for other in (
-            CastBackbone(tiny_config(max_attention_memory=1000)),
-            CastModel(tiny_config(max_attention_memory=1000)),
+            CastBackbone(cast_tester.get_config(max_attention_memory=1000)),
+            CastModel(cast_tester.get_config(max_attention_memory=1000)),
         ):
             with pytest.raises(ValueError, match="max_attention_memory"):
                 other.eval()(pixel_values, superpixels)
 
 
-def test_full_resolution_pooling_counts_its_features():
-    config = tiny_config(num_labels=3, max_attention_memory=3 * 2**20 - 1)
+def test_full_resolution_pooling_counts_its_features(cast_tester):
+    config = cast_tester.get_config(num_labels=3, max_attention_memory=3 * 2**20 - 1)
     model = CastForSemanticSegmentation(config).eval()
     pixel_values, superpixels = native_inputs(128, 256, cell=64)  # 8 tokens, features 1 x 128 x 256 x 24 x 4 bytes
     with pytest.raises(ValueError, match=r"3.0 MiB for the features pooled at full resolution \(batch 1 x 128x256"):
@@ -103,6 +95,6 @@ def test_full_resolution_pooling_counts_its_features():
         assert model(pixel_values.contiguous(), superpixels).logits.shape == (1, 3, 128, 256)
 
 
-def test_the_saved_limit_is_loaded(tmp_path):
-    CastModel(tiny_config(max_attention_memory=12345)).save_pretrained(tmp_path)
+def test_the_saved_limit_is_loaded(cast_tester, tmp_path):
+    CastModel(cast_tester.get_config(max_attention_memory=12345)).save_pretrained(tmp_path)
     assert CastModel.from_pretrained(tmp_path).config.max_attention_memory == 12345

@@ -69,17 +69,13 @@ def test_load_default_from_the_package_root_without_warnings(caplog):
     assert type(model) is CastModel and not model.training and type(processor) is CastImageProcessor
 
 
-def test_export_step_writes_a_plain_folder(tmp_path):
+def test_export_step_writes_a_plain_folder(tmp_path, cast_tester):
     import torch
 
-    from hf_hierseg import CastConfig, CastForSelfSupervisedPretraining, CastImageProcessor, CastModel
+    from hf_hierseg import CastForSelfSupervisedPretraining, CastImageProcessor, CastModel
     from hf_hierseg.apps.default_model_recipe import export_backbone
 
-    torch.manual_seed(0)
-    config = CastConfig(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64
-    )
-    pretraining = CastForSelfSupervisedPretraining(config)
+    pretraining = cast_tester.create_model(CastForSelfSupervisedPretraining, train=True)
     pretraining.save_pretrained(tmp_path / "moco")
     CastImageProcessor(num_superpixels=64).save_pretrained(tmp_path / "moco")
     export = export_backbone(tmp_path / "moco", tmp_path / "export")

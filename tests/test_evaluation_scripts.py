@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import ViTForImageClassification, ViTModel
 
-from hf_hierseg import CastConfig, CastForImageClassification
+from hf_hierseg import CastForImageClassification
 from hf_hierseg.errors import InvalidInputError, MissingInputError
 from hf_hierseg.evaluation import evaluate_vit_baseline, make_vit_like, write_synthetic_dataset
 from hf_hierseg.evaluation.classification_eval import classification_processor, evaluate_classification
@@ -35,16 +35,11 @@ from hf_hierseg.evaluation.segmentation_eval import (
 )
 from hf_hierseg.image_processing_cast import CastImageProcessor
 
+from cast_testing import CastModelTester
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    hidden_size=24,
-    num_attention_heads=4,
-    depths=(1, 1, 1, 1),
-    num_clusters=(16, 8, 4, 2),
-    image_size=64,
-    graph_pooling_num_heads=4,
-)
+TESTER = CastModelTester(graph_pooling_num_heads=4, num_labels=6)
 SCORES = ("majority_mean_iou", "majority_pixel_accuracy", "mean_best_overlap", "covering", "boundary_fscore")
 
 
@@ -52,8 +47,7 @@ SCORES = ("majority_mean_iou", "majority_pixel_accuracy", "mean_best_overlap", "
 def tiny_files(tmp_path_factory):
     """A tiny CAST classifier folder and a synthetic imagefolder dataset (6 train, 4 test images of 64 px)."""
     root = tmp_path_factory.mktemp("evaluation")
-    torch.manual_seed(0)
-    model = CastForImageClassification(CastConfig(**TINY, num_labels=6)).eval()
+    model = TESTER.create_model(CastForImageClassification)
     model.save_pretrained(root / "cast")
     data = write_synthetic_dataset(root / "data", num_images=6, num_test_images=4, image_size=64)
     return SimpleNamespace(root=root, model=model, model_dir=root / "cast", data_dir=data)

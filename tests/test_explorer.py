@@ -12,9 +12,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from test_modeling_cast import CastModelTester
 
-from hf_hierseg import CastForImageClassification, CastForSemanticSegmentation, CastImageProcessor
+from hf_hierseg import CastForImageClassification, CastForSemanticSegmentation
 from hf_hierseg.apps.explorer.analysis import (
     DIMMED,
     HIGHLIGHT_COLOR,
@@ -28,21 +27,14 @@ from hf_hierseg.apps.explorer.analysis import (
 from hf_hierseg.apps.explorer.space import export_space
 from hf_hierseg.cli import main
 from hf_hierseg.errors import InvalidInputError
-from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_voc_photo
 from hf_hierseg.visualization import overlay_labels
+
+from cast_testing import CastModelTester
 
 
 @pytest.fixture(scope="module")
 def explorer():
     return ExplorerModel.load()  # the bundled default model
-
-
-@pytest.fixture(scope="module")
-def voc_photo():
-    try:
-        return load_voc_photo()["image"]
-    except RealPhotosUnavailableError as error:
-        pytest.skip(f"real photos unavailable (no cached wheel and no PyPI access): {error}")
 
 
 @pytest.fixture(scope="module")
@@ -210,16 +202,20 @@ def test_bad_files_are_named_with_the_problem(tmp_path, voc_photo):
         open_image(tmp_path / "missing.png")
 
 
+# The tiny CAST these tests were written with: 16 segments pooled to 8 -> 4 -> 3 -> 2 clusters.
+TESTER = CastModelTester(num_clusters=(8, 4, 3, 2), num_labels=5)
+
+
 def tiny_folder(folder, model):
     model.save_pretrained(folder)
-    CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
+    TESTER.get_image_processor().save_pretrained(folder)
     return folder
 
 
 def test_a_classifier_shows_its_top_labels(tmp_path, voc_photo):
     torch.manual_seed(0)
     labels = dict(enumerate(["cat", "dog", "car", "tree", "boat", "sky", "person"]))
-    config = CastModelTester().get_config(num_labels=7, id2label=labels, label2id={v: k for k, v in labels.items()})
+    config = TESTER.get_config(num_labels=7, id2label=labels, label2id={v: k for k, v in labels.items()})
     explorer = ExplorerModel.load(tiny_folder(tmp_path / "classifier", CastForImageClassification(config)))
     assert explorer.kind == "classifier"
     analysis = explorer.analyse(voc_photo, "voc")
@@ -236,7 +232,7 @@ def test_a_classifier_shows_its_top_labels(tmp_path, voc_photo):
 def test_a_segmentation_model_shows_its_class_map(tmp_path, voc_photo):
     torch.manual_seed(0)
     labels = {0: "background", 1: "person", 2: "table"}
-    config = CastModelTester().get_config(num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
+    config = TESTER.get_config(num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
     explorer = ExplorerModel.load(tiny_folder(tmp_path / "segmentation", CastForSemanticSegmentation(config)))
     assert explorer.kind == "segmentation"
     analysis = explorer.analyse(voc_photo, "voc")
@@ -280,7 +276,7 @@ def test_export_space_writes_a_runnable_space(tmp_path):
 
 def test_export_space_with_a_model_folder_or_a_hub_id(tmp_path):
     torch.manual_seed(0)
-    folder = tiny_folder(tmp_path / "tiny", CastForImageClassification(CastModelTester().get_config()))
+    folder = tiny_folder(tmp_path / "tiny", CastForImageClassification(TESTER.get_config()))
     export_space(tmp_path / "space", model=folder)
     assert (tmp_path / "space" / "model" / "config.json").is_file()
     assert "MODEL = 'model'" in (tmp_path / "space" / "app.py").read_text()

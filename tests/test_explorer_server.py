@@ -438,15 +438,14 @@ def test_the_server_binds_to_127_0_0_1_and_removes_its_files_when_stopped(server
 @pytest.mark.parametrize("kind", ["classifier", "segmentation"])
 def test_a_classifier_shows_its_top_labels_and_a_segmentation_model_its_class_map(kind, photos, tmp_path):
     import torch
-    from test_explorer import tiny_folder
-    from test_modeling_cast import CastModelTester
+    from test_explorer import TESTER, tiny_folder
 
     from hf_hierseg import CastForImageClassification, CastForSemanticSegmentation
 
     torch.manual_seed(0)
     names = ["background", "person", "table", "chair", "bottle", "plant"]
     labels = dict(enumerate(names))
-    config = CastModelTester().get_config(num_labels=6, id2label=labels, label2id={v: k for k, v in labels.items()})
+    config = TESTER.get_config(num_labels=6, id2label=labels, label2id={v: k for k, v in labels.items()})
     model_class = CastForImageClassification if kind == "classifier" else CastForSemanticSegmentation
     folder = tiny_folder(tmp_path / "model", model_class(config))
     command = [sys.executable, "-m", "hf_hierseg", "serve", "--model", str(folder), "--port", "{port}"]

@@ -17,6 +17,8 @@ from hf_hierseg.apps.hierarchical_demo import (
 from hf_hierseg.convert import read_taxonomy
 from hf_hierseg.evaluation.synthetic import CLASS_NAMES
 
+from cast_testing import CastModelTester
+
 
 TINY = dict(
     num_train_images=24,
@@ -45,16 +47,8 @@ def test_taxonomy_of_the_shapes(tmp_path):
 
 
 def test_hier_vit_reads_every_level_from_its_final_cls():
-    from hf_hierseg import CastConfig
-
-    cast = CastConfig(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        image_size=32,
-        hierarchy_num_labels=(6, 3),
-        hierarchy_parents=((1, 0, 0, 1, 2, 2),),
-    )
+    taxonomy = dict(hierarchy_num_labels=(6, 3), hierarchy_parents=((1, 0, 0, 1, 2, 2),))
+    cast = CastModelTester(image_size=32).get_config(num_labels=None, **taxonomy)
     model = hier_vit(HierarchicalDemoSettings(**TINY), cast).eval()
     pixel_values = torch.randn(2, 3, 32, 32)
     labels = torch.tensor([[0, 1], [4, 2]])

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_hierseg import CastConfig, CastForHierarchicalImageClassification, CastImageProcessor
+from hf_hierseg import CastForHierarchicalImageClassification, CastImageProcessor
 from hf_hierseg.cli import main
 from hf_hierseg.errors import InvalidInputError
 from hf_hierseg.evaluation import hierarchical_accuracy, metric_path
 from hf_hierseg.evaluation.hierarchical_eval import evaluate_hierarchical, level_labels
+
+from cast_testing import CastModelTester
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,19 +112,14 @@ def test_evaluate_module_offline(tmp_path):
 # -- the evaluation ----------------------------------------------------------------------------------------------
 
 
+TESTER = CastModelTester()
+
+
 def tiny_hcast():
-    torch.manual_seed(0)
-    config = CastConfig(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=64,
-        hierarchy_num_labels=(4, 3),
-        hierarchy_parents=((1, 0, 2, 2),),
-        hierarchy_level_names=("shape", "family"),
-    )
-    return CastForHierarchicalImageClassification(config).eval()
+    """A 4 -> 3 H-CAST (shapes -> families)."""
+    taxonomy = dict(hierarchy_num_labels=(4, 3), hierarchy_parents=((1, 0, 2, 2),))
+    config = TESTER.get_config(num_labels=None, hierarchy_level_names=("shape", "family"), **taxonomy)
+    return TESTER.create_model(CastForHierarchicalImageClassification, config)
 
 
 def tiny_dataset(folder, count=6):
@@ -185,8 +182,7 @@ def test_evaluation_matches_the_metric_on_the_models_predictions(tmp_path, capsy
 def test_evaluation_of_a_model_without_taxonomy_is_named(tmp_path, capsys):
     from hf_hierseg import CastForImageClassification
 
-    config = CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2))
-    CastForImageClassification(config).save_pretrained(tmp_path / "flat")
+    TESTER.create_model(CastForImageClassification, num_labels=None).save_pretrained(tmp_path / "flat")
     tiny_dataset(tmp_path / "data" / "test", count=2)
     argv = ["evaluate", "hierarchical", "--model_name_or_path", str(tmp_path / "flat")]
     assert main([*argv, "--dataset_name", str(tmp_path / "data"), "--label_column", "fine"]) == 1

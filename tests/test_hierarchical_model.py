@@ -10,49 +10,29 @@ from transformers import AutoConfig, AutoModelForImageClassification
 from hf_hierseg import CastConfig, CastForHierarchicalImageClassification, CastForImageClassification, CastModel
 from hf_hierseg.modeling_cast import hierarchy_targets
 
-
-# species -> genus -> family: 6 -> 3 -> 2.
-PARENTS = ((0, 0, 1, 1, 2, 2), (0, 1, 1))
-NAMES = (
-    {i: f"species{i}" for i in range(6)},
-    {0: "genus0", 1: "genus1", 2: "genus2"},
-    {0: "family0", 1: "family1"},
-)
+from cast_testing import TAXONOMY_NAMES, TAXONOMY_PARENTS, CastModelTester, random_superpixels
 
 
-def tiny_config(**kwargs):
-    settings = dict(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=64,
-        hierarchy_num_labels=(6, 3, 2),
-        hierarchy_parents=PARENTS,
-        hierarchy_id2label=NAMES,
-        hierarchy_level_names=("species", "genus", "family"),
-    )
-    return CastConfig(**{**settings, **kwargs})
+# species -> genus -> family: 6 -> 3 -> 2 (the tester's taxonomy).
+PARENTS, NAMES = TAXONOMY_PARENTS, TAXONOMY_NAMES
+TESTER = CastModelTester()
 
 
 def plain_config(**kwargs):
     """The same CAST without a taxonomy."""
-    return CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), **kwargs)
+    return TESTER.get_config(**{"num_labels": None, **kwargs})
 
 
 def inputs(batch=2, seed=0):
+    """20 irregular segments (a random label per 4 px block) and random pixels."""
     generator = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, 20, (batch, 16, 16), generator=generator)
-    superpixels = torch.stack(
-        [torch.unique(b, return_inverse=True)[1] for b in blocks.repeat_interleave(4, 1).repeat_interleave(4, 2)]
-    )
+    superpixels = random_superpixels(batch, 64, num_segments=20, generator=generator)
     return {"pixel_values": torch.randn(batch, 3, 64, 64, generator=generator), "superpixels": superpixels}
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return CastForHierarchicalImageClassification(tiny_config()).eval()
+    return TESTER.create_model(CastForHierarchicalImageClassification, TESTER.get_hierarchical_config())
 
 
 # -- the taxonomy in the config ----------------------------------------------------------------------------------
@@ -66,7 +46,7 @@ def test_taxonomy_defaults_and_finest_level_as_id2label():
     assert config.hierarchy_id2label[1] == {0: "LABEL_0", 1: "LABEL_1"}
     assert config.num_labels == 4 and config.id2label == config.hierarchy_id2label[0]
     assert config.hierarchy_paths() == ((0, 0), (1, 1), (2, 1), (3, 0))
-    three = tiny_config()
+    three = TESTER.get_hierarchical_config()
     assert three.hierarchy_cast_levels == (2, 3, 4) and three.label2id["species5"] == 5
     assert three.hierarchy_paths()[3] == (3, 1, 1)
     named = CastConfig(hierarchy_num_labels=(2, 1), hierarchy_parents=((0, 0),), id2label={0: "cat", 1: "dog"})
@@ -76,7 +56,9 @@ def test_taxonomy_defaults_and_finest_level_as_id2label():
 
 
 def test_taxonomy_round_trips_through_json(tmp_path):
-    config = tiny_config(hierarchy_cast_levels=(4, 4, 4), hierarchy_label_smoothing=0.1, tree_path_kl_weight=1.0)
+    config = TESTER.get_hierarchical_config(
+        hierarchy_cast_levels=(4, 4, 4), hierarchy_label_smoothing=0.1, tree_path_kl_weight=1.0
+    )
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["hierarchy_id2label"][1] == {"0": "genus0", "1": "genus1", "2": "genus2"}
@@ -119,7 +101,7 @@ def test_taxonomy_round_trips_through_json(tmp_path):
 )
 def test_taxonomy_errors_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        tiny_config(**kwargs)
+        TESTER.get_hierarchical_config(**kwargs)
 
 
 def test_taxonomy_fields_need_class_counts():
@@ -129,7 +111,7 @@ def test_taxonomy_fields_need_class_counts():
 
 def test_model_needs_a_taxonomy():
     with pytest.raises(ValueError, match="needs a taxonomy"):
-        CastForHierarchicalImageClassification(CastConfig(hidden_size=24, num_attention_heads=4))
+        CastForHierarchicalImageClassification(plain_config())
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
@@ -154,8 +136,17 @@ def test_levels_read_the_cls_of_their_cast_level(model):
     assert len(outputs.hierarchy) == 4 and outputs.hierarchy[0].shape == batch["superpixels"].shape[:1] + (20,)
 
 
+def test_tester_checks_on_irregular_superpixels():
+    """The shared checks (logits per level, loss, the taxonomy's tree, the nesting hierarchy) on 20 segments."""
+    batch = inputs()
+    config = TESTER.get_hierarchical_config()
+    TESTER.create_and_check_for_hierarchical_image_classification(config, batch["pixel_values"], batch["superpixels"])
+
+
 def test_flat_baseline_reads_every_level_from_the_final_cls(model):
-    flat = CastForHierarchicalImageClassification(tiny_config(hierarchy_cast_levels=(4, 4, 4))).eval()
+    flat = CastForHierarchicalImageClassification(
+        TESTER.get_hierarchical_config(hierarchy_cast_levels=(4, 4, 4))
+    ).eval()
     flat.load_state_dict(model.state_dict())
     with torch.no_grad():
         outputs = flat(**inputs())
@@ -164,7 +155,7 @@ def test_flat_baseline_reads_every_level_from_the_final_cls(model):
 
 
 def test_loss_backpropagates_to_every_head_and_level(model):
-    trained = CastForHierarchicalImageClassification(tiny_config()).train()
+    trained = CastForHierarchicalImageClassification(TESTER.get_hierarchical_config()).train()
     trained.load_state_dict(model.state_dict())
     labels = torch.tensor([[0, 0, 0], [5, 2, 1]])
     loss = trained(**inputs(), labels=labels).loss
@@ -192,7 +183,7 @@ def test_loss_terms_by_hand(model):
 
 
 def test_swapped_loss_function_is_used(model):
-    swapped = CastForHierarchicalImageClassification(tiny_config()).eval()
+    swapped = CastForHierarchicalImageClassification(TESTER.get_hierarchical_config()).eval()
     swapped.load_state_dict(model.state_dict())
     swapped.loss_function = lambda labels, logits_per_level, config, **kwargs: logits_per_level[-1].sum()
     with torch.no_grad():
@@ -253,7 +244,7 @@ def test_starts_from_a_backbone_or_classifier_with_new_level_heads(tmp_path, mod
     backbone.save_pretrained(tmp_path / "backbone")
     classifier = CastForImageClassification(plain_config(num_labels=6)).eval()
     classifier.save_pretrained(tmp_path / "classifier")
-    taxonomy = {k: v for k, v in tiny_config().to_dict().items() if k.startswith("hierarchy_")}
+    taxonomy = {k: v for k, v in TESTER.get_hierarchical_config().to_dict().items() if k.startswith("hierarchy_")}
     for folder, source in (("backbone", backbone), ("classifier", classifier.cast)):
         config = CastConfig.from_pretrained(tmp_path / folder, **taxonomy)
         started = CastForHierarchicalImageClassification.from_pretrained(tmp_path / folder, config=config)

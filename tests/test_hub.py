@@ -13,7 +13,7 @@ from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModel, ViTConfig, ViTModel, pipeline
 
-from hf_hierseg import CastConfig, CastForImageClassification, CastForSemanticSegmentation, CastModel
+from hf_hierseg import CastForImageClassification, CastForSemanticSegmentation, CastModel
 from hf_hierseg.hub import (
     CITATION,
     DEFAULT_TAGS,
@@ -24,6 +24,8 @@ from hf_hierseg.hub import (
     write_model_card,
 )
 from hf_hierseg.image_processing_cast import CastImageProcessor
+
+from cast_testing import CastModelTester
 
 
 # huggingface_hub's own LFS upload passes `data=` to httpx; not ours to fix.
@@ -38,19 +40,8 @@ def tiny_vit():
     return ViTModel(config).eval()
 
 
-def tiny_cast_config(**kwargs):
-    return CastConfig(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
-    )
-
-
-def grid_inputs(batch=2, size=64, cell=10):
-    """Normalised-looking images and a grid of 7 x 7 = 49 superpixels (labels 0..48)."""
-    generator = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(batch, 3, size, size, generator=generator)
-    rows = torch.arange(size) // cell
-    superpixels = (rows[:, None] * ((size + cell - 1) // cell) + rows[None, :]).expand(batch, size, size)
-    return pixel_values, superpixels.contiguous()
+# Inputs: normalised-looking images and a grid of 10 px superpixels, 7 x 7 = 49 (labels 0..48).
+TESTER = CastModelTester(superpixel_cell=10)
 
 
 def assert_same_weights(expected, actual):
@@ -70,7 +61,7 @@ def go_offline(hub_server, monkeypatch):
 
 
 def test_model_card_metadata_and_sections(tmp_path):
-    CastForImageClassification(tiny_cast_config(num_labels=3)).save_pretrained(tmp_path)
+    TESTER.create_model(CastForImageClassification).save_pretrained(tmp_path)
     readme = write_model_card(
         tmp_path,
         repo_id="someone/cast-tiny-deit",
@@ -104,13 +95,13 @@ def test_model_card_metadata_and_sections(tmp_path):
 
 def test_model_card_snippet_runs_on_the_model(tmp_path):
     """The usage snippet's hierarchy painting works on a real CastModel output."""
-    model = CastModel(tiny_cast_config()).eval()
+    model = TESTER.create_model(CastModel)
     model.save_pretrained(tmp_path)
     text = write_model_card(tmp_path, repo_id="someone/cast-tiny").read_text()
     assert "pipeline_tag: image-feature-extraction" in text
     start = text.index("for level, segment_map in")
     snippet = text[start : text.index("```", start)]
-    pixel_values, superpixels = grid_inputs(batch=1)
+    pixel_values, superpixels = TESTER.prepare_inputs(batch_size=1).values()
     with torch.no_grad():
         outputs = model(pixel_values=pixel_values, superpixels=superpixels)
     printed = []
@@ -240,12 +231,12 @@ def test_transformers_push_to_hub(hub_server, tmp_path, monkeypatch):
 
 
 def test_cast_round_trip(hub_server, tmp_path, monkeypatch):
-    model = CastModel(tiny_cast_config()).eval()
+    model = TESTER.create_model(CastModel)
     folder = tmp_path / "cast-tiny"
     model.save_pretrained(folder)
     write_model_card(folder, repo_id="test-user/cast-tiny", objective="none (random weights)")
     push_folder_to_hub(folder, "test-user/cast-tiny", "Add tiny CAST")
-    pixel_values, superpixels = grid_inputs()
+    pixel_values, superpixels = TESTER.prepare_inputs().values()
     with torch.no_grad():
         expected = model(pixel_values=pixel_values, superpixels=superpixels)
 
@@ -288,11 +279,10 @@ def folder_bytes(folder):
 
 
 def test_push_shares_a_cast_folder_self_contained_and_leaves_it_plain(hub_server, tmp_path):
-    torch.manual_seed(0)
-    model = CastForSemanticSegmentation(tiny_cast_config(num_labels=3)).eval()
+    model = TESTER.create_model(CastForSemanticSegmentation)
     folder = tmp_path / "cast-seg"
     model.save_pretrained(folder)
-    CastImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False).save_pretrained(folder)
+    TESTER.get_image_processor(do_center_crop=False).save_pretrained(folder)
     before = folder_bytes(folder)
     push_folder_to_hub(folder, "test-user/cast-seg", "Add tiny CAST segmenter")
     assert folder_bytes(folder) == before  # the local folder stays as saved
@@ -321,7 +311,7 @@ def test_push_shares_a_cast_folder_self_contained_and_leaves_it_plain(hub_server
 
 def test_add_and_strip_remote_code(tmp_path):
     folder = tmp_path / "cast"
-    CastModel(tiny_cast_config()).save_pretrained(folder)
+    TESTER.create_model(CastModel).save_pretrained(folder)
     CastImageProcessor().save_pretrained(folder)
     weights = (folder / "model.safetensors").read_bytes()
     add_remote_code(folder)

@@ -17,6 +17,8 @@ from hf_hierseg.image_processing_cast import CastImageProcessor
 from hf_hierseg.segment_ops import resize_label_maps
 from hf_hierseg.superpixels import IMAGENET_MEAN, IMAGENET_STD, denormalize_to_uint8, grid_superpixels
 
+from cast_testing import assert_hierarchy_nests
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures" / "original_cast"
@@ -407,13 +409,6 @@ class Outputs:
         self.__dict__.update(fields)
 
 
-def assert_nested(level_maps):
-    """Every level-l region is a union of level-(l-1) regions: each fine label has exactly one coarse label."""
-    for fine, coarse in zip(level_maps[:-1], level_maps[1:]):
-        pairs = torch.stack([fine.reshape(-1), coarse.reshape(-1)], dim=1).unique(dim=0)
-        assert len(pairs) == len(fine.unique()), "a finer region is split between coarser regions"
-
-
 def hand_built_hierarchy(batch=2, num_segments=(64, 16, 8, 4, 2), seed=0):
     generator = torch.Generator().manual_seed(seed)
     parent_of = [
@@ -436,7 +431,7 @@ def test_hierarchical_post_processing_on_a_hand_built_hierarchy():
     assert all(tuple(level_map.shape) == (100, 30) for level_map in results[1])
     assert all(level_map.dtype == torch.int64 for level_map in results[1])
     for maps in results:
-        assert_nested(maps)
+        assert_hierarchy_nests(maps)
 
 
 def test_hierarchical_post_processing_bad_input():
@@ -473,15 +468,11 @@ def test_semantic_post_processing():
         processor.post_process_semantic_segmentation(Outputs(logits=segment_logits))
 
 
-def test_hierarchical_post_processing_on_real_model_outputs():
+def test_hierarchical_post_processing_on_real_model_outputs(cast_tester):
     from hf_hierseg import modeling_cast as modeling
 
-    torch.manual_seed(0)
-    config = CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2),
-                        image_size=64)  # fmt: skip
-    model = modeling.CastModel(config).eval()
-    processor = CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64},
-                                   num_superpixels=49, superpixel_reference_size=64)  # fmt: skip
+    model = cast_tester.create_model(modeling.CastModel)
+    processor = cast_tester.get_image_processor(num_superpixels=49, superpixel_reference_size=64)
     images = [synthetic_image(seed, 80, 100) for seed in (20, 21)]
     inputs = processor(images, return_tensors="pt")
     with torch.no_grad():
@@ -491,12 +482,12 @@ def test_hierarchical_post_processing_on_real_model_outputs():
     for index, maps in enumerate(results):
         assert len(maps) == 1 + len(outputs.hierarchy)
         assert all(tuple(level_map.shape) == (80, 100) for level_map in maps)
-        assert_nested(maps)
+        assert_hierarchy_nests(maps)
         counts = [len(level_map.unique()) for level_map in maps]
         assert counts == sorted(counts, reverse=True) and counts[-1] <= 2 and counts[1] <= 16
     unresized = processor.post_process_hierarchical_segmentation(outputs, inputs["superpixels"])
     for index, maps in enumerate(unresized):
-        assert_nested(maps)
+        assert_hierarchy_nests(maps)
         # Level 0 keeps every superpixel that has a token (sampled at a top-left pixel of the stride-8 grid).
         superpixels = inputs["superpixels"][index]
         has_token = torch.isin(superpixels, superpixels[::8, ::8].unique())

@@ -6,7 +6,6 @@ import torch
 from transformers import ViTConfig, ViTModel
 
 from hf_hierseg import (
-    CastConfig,
     CastForImageClassification,
     CastForSemanticSegmentation,
     CastImageProcessor,
@@ -23,17 +22,12 @@ from hf_hierseg.loading import (
 )
 
 
-TINY = dict(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64)
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, cast_tester):
     root = tmp_path_factory.mktemp("loading")
-    torch.manual_seed(0)
-    CastModel(CastConfig(**TINY)).save_pretrained(root / "backbone")
-    CastImageProcessor(num_superpixels=300).save_pretrained(root / "backbone")
-    CastForImageClassification(CastConfig(**TINY, num_labels=3)).save_pretrained(root / "classifier")
-    CastForSemanticSegmentation(CastConfig(**TINY, num_labels=3)).save_pretrained(root / "segmentation")
+    cast_tester.save_model_folder(root / "backbone", processor=CastImageProcessor(num_superpixels=300))
+    cast_tester.create_model(CastForImageClassification).save_pretrained(root / "classifier")
+    cast_tester.create_model(CastForSemanticSegmentation).save_pretrained(root / "segmentation")
     ViTModel(
         ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     ).save_pretrained(root / "vit")

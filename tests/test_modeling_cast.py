@@ -8,69 +8,24 @@ import torch
 from transformers import AutoModel, AutoModelForImageClassification
 from transformers.utils.logging import warning_once
 
-from hf_hierseg import CastConfig, CastForImageClassification, CastModel
+from hf_hierseg import CastForImageClassification, CastModel
 from hf_hierseg.hierarchy import paint_hierarchy
 from hf_hierseg.segment_ops import relabel_consecutive, unused_label_counts
 
-
-def block_superpixels(batch, height, width, block=16, offset=0):
-    """Square superpixels of `block` px, numbered row-major (+ offset) — a deterministic stand-in for SEEDS."""
-    rows = torch.arange(height)[:, None] // block
-    cols = torch.arange(width)[None, :] // block
-    labels = rows * ((width + block - 1) // block) + cols + offset
-    return labels.expand(batch, height, width).clone()
-
-
-class CastModelTester:
-    """Tiny configuration and inputs, in the style of transformers' `ViTModelTester`."""
-
-    def __init__(
-        self,
-        batch_size=2,
-        image_size=64,
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(8, 4, 3, 2),
-        num_labels=5,
-        graph_pooling_num_heads=12,
-    ):
-        self.batch_size, self.image_size = batch_size, image_size
-        self.config_kwargs = dict(
-            hidden_size=hidden_size,
-            num_attention_heads=num_attention_heads,
-            depths=depths,
-            num_clusters=num_clusters,
-            image_size=image_size,
-            num_labels=num_labels,
-            graph_pooling_num_heads=graph_pooling_num_heads,
-        )
-
-    def get_config(self, **overrides):
-        return CastConfig(**{**self.config_kwargs, **overrides})
-
-    def prepare_inputs(self, seed=0):
-        generator = torch.Generator().manual_seed(seed)
-        pixel_values = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=generator)
-        superpixels = block_superpixels(self.batch_size, self.image_size, self.image_size)
-        return {"pixel_values": pixel_values, "superpixels": superpixels}
+from cast_testing import CastModelTester, assert_hierarchy_nests, grid_superpixels
 
 
 @pytest.fixture
 def tester():
-    return CastModelTester()
-
-
-def eval_model(cls, config):
-    torch.manual_seed(0)
-    return cls(config).eval()
+    # 16 segments (the 16 px grid) pooled to 8 -> 4 -> 3 -> 2 clusters; graph pooling with 12 heads (the default).
+    return CastModelTester(num_clusters=(8, 4, 3, 2), num_labels=5, graph_pooling_num_heads=12)
 
 
 def test_model_output_shapes(tester):
     config = tester.get_config()
     inputs = tester.prepare_inputs()
     with torch.no_grad():
-        out = eval_model(CastModel, config)(**inputs, output_hidden_states=True, output_attentions=True)
+        out = tester.create_model(CastModel, config)(**inputs, output_hidden_states=True, output_attentions=True)
     batch, width, segments = tester.batch_size, config.hidden_size, 16  # 64 px / 16 px blocks -> 4 x 4 labels
     assert out.pooler_output.shape == (batch, width)
     tokens = [segments] + list(config.num_clusters[:-1])
@@ -88,8 +43,35 @@ def test_model_output_shapes(tester):
     assert out.attentions[0].shape == (batch, config.num_attention_heads, 1 + segments, 1 + segments)
 
 
+def test_model(tester):
+    tester.create_and_check_model(*tester.prepare_config_and_inputs())
+
+
+def test_for_image_classification(tester):
+    tester.create_and_check_for_image_classification(*tester.prepare_config_and_inputs())
+
+
+def test_for_semantic_segmentation(tester):
+    config, pixel_values, superpixels = tester.prepare_config_and_inputs(freeze_last_pooling=False)
+    tester.create_and_check_for_semantic_segmentation(config, pixel_values, superpixels)
+
+
+def test_for_hierarchical_image_classification(tester):
+    _, pixel_values, superpixels = tester.prepare_config_and_inputs()
+    config = tester.get_hierarchical_config()
+    tester.create_and_check_for_hierarchical_image_classification(config, pixel_values, superpixels)
+
+
+def test_with_processor_superpixels(tester):
+    """The same checks on the processor's SEEDS superpixels of smooth photos (irregular segments)."""
+    inputs = tester.prepare_processor_inputs()
+    config = tester.get_config()
+    tester.create_and_check_model(config, inputs["pixel_values"], inputs["superpixels"])
+    tester.create_and_check_for_semantic_segmentation(config, inputs["pixel_values"], inputs["superpixels"])
+
+
 def test_return_dict_false_gives_tuple(tester):
-    model = eval_model(CastModel, tester.get_config())
+    model = tester.create_model(CastModel, tester.get_config())
     with torch.no_grad():
         as_tuple = model(**tester.prepare_inputs(), return_dict=False)
         as_dict = model(**tester.prepare_inputs())
@@ -98,7 +80,7 @@ def test_return_dict_false_gives_tuple(tester):
 
 
 def test_hierarchy_is_composed_argmax_and_nests(tester):
-    model = eval_model(CastModel, tester.get_config())
+    model = tester.create_model(CastModel, tester.get_config())
     inputs = tester.prepare_inputs()
     with torch.no_grad():
         out = model(**inputs)
@@ -109,14 +91,11 @@ def test_hierarchy_is_composed_argmax_and_nests(tester):
         assert torch.equal(out.hierarchy[level], group)
     maps = out.hierarchy_maps(inputs["superpixels"])
     assert len(maps) == 5
-    for fine, coarse in zip(maps[:-1], maps[1:]):
-        for b in range(fine.shape[0]):
-            pairs = torch.stack([fine[b].flatten(), coarse[b].flatten()], 1).unique(dim=0)
-            assert len(pairs) == len(fine[b].unique()), "a fine region is split between coarse regions"
+    assert_hierarchy_nests(maps)
 
 
 def test_save_load_round_trip(tmp_path, tester):
-    model = eval_model(CastForImageClassification, tester.get_config())
+    model = tester.create_model(CastForImageClassification, tester.get_config())
     model.save_pretrained(tmp_path)
     inputs = tester.prepare_inputs()
     for loader in (CastForImageClassification, AutoModelForImageClassification):
@@ -130,7 +109,7 @@ def test_save_load_round_trip(tmp_path, tester):
 
 
 def test_eager_equals_sdpa(tester):
-    model = eval_model(CastModel, tester.get_config(hidden_size=48, num_attention_heads=4))
+    model = tester.create_model(CastModel, tester.get_config(hidden_size=48, num_attention_heads=4))
     inputs = tester.prepare_inputs()
     with torch.no_grad():
         model.set_attn_implementation("eager")
@@ -147,12 +126,12 @@ def partner_batch(tester):
     inputs = tester.prepare_inputs()
     alone = {k: v[:1] for k, v in inputs.items()}
     superpixels = inputs["superpixels"].clone()
-    superpixels[1] = block_superpixels(1, tester.image_size, tester.image_size, offset=5)[0]
+    superpixels[1] = grid_superpixels(1, tester.image_size, offset=5)[0]
     return alone, {"pixel_values": inputs["pixel_values"], "superpixels": superpixels}
 
 
 def test_original_padding_semantics_depend_on_batch_partners(tester):
-    model = eval_model(CastModel, tester.get_config())
+    model = tester.create_model(CastModel, tester.get_config())
     alone, batch = partner_batch(tester)
     with torch.no_grad():
         single, together = model(**alone), model(**batch)
@@ -161,7 +140,7 @@ def test_original_padding_semantics_depend_on_batch_partners(tester):
 
 
 def test_masked_padding_makes_images_batch_invariant(tester):
-    model = eval_model(CastModel, tester.get_config(mask_padding_tokens=True))
+    model = tester.create_model(CastModel, tester.get_config(mask_padding_tokens=True))
     alone, batch = partner_batch(tester)
     with torch.no_grad():
         single, together = model(**alone), model(**batch)
@@ -186,9 +165,9 @@ def test_gradients_reach_every_trainable_parameter(tester, position_embedding_ty
 @pytest.mark.parametrize("position_embedding_type", ["sincos", "learned"])
 @pytest.mark.parametrize("size", [(96, 96), (64, 128), (32, 48)])
 def test_other_resolutions(tester, position_embedding_type, size):
-    model = eval_model(CastModel, tester.get_config(position_embedding_type=position_embedding_type))
+    model = tester.create_model(CastModel, tester.get_config(position_embedding_type=position_embedding_type))
     height, width = size
-    superpixels = block_superpixels(1, height, width, block=8)
+    superpixels = grid_superpixels(1, height, width, cell=8)
     with torch.no_grad():
         out = model(pixel_values=torch.randn(1, 3, height, width), superpixels=superpixels)
     assert out.pooler_output.shape == (1, 24) and torch.isfinite(out.pooler_output).all()
@@ -196,7 +175,7 @@ def test_other_resolutions(tester, position_embedding_type, size):
 
 
 def test_training_grid_uses_position_table_unchanged(tester):
-    model = eval_model(CastModel, tester.get_config(position_embedding_type="learned"))
+    model = tester.create_model(CastModel, tester.get_config(position_embedding_type="learned"))
     grid = model.embeddings.position_grid(8, 8)
     torch.testing.assert_close(grid.reshape(1, 64, -1), model.embeddings.position_embeddings[:, 1:])
 
@@ -210,7 +189,7 @@ def test_training_grid_uses_position_table_unchanged(tester):
     ],
 )
 def test_classification_losses(tester, problem_type, labels):
-    model = eval_model(CastForImageClassification, tester.get_config(problem_type=problem_type))
+    model = tester.create_model(CastForImageClassification, tester.get_config(problem_type=problem_type))
     out = model(**tester.prepare_inputs(), labels=labels)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     reference = {
@@ -240,7 +219,7 @@ def test_gradient_checkpointing_matches(tester):
 
 
 def test_one_segment_per_image(tester):
-    model = eval_model(CastModel, tester.get_config())
+    model = tester.create_model(CastModel, tester.get_config())
     inputs = tester.prepare_inputs()
     inputs["superpixels"] = torch.zeros_like(inputs["superpixels"])
     with torch.no_grad():
@@ -253,8 +232,8 @@ def test_one_segment_per_image(tester):
 
 
 def test_blank_image_fewer_segments_than_clusters(tester):
-    model = eval_model(CastModel, tester.get_config(num_clusters=(12, 6, 3, 2)))
-    superpixels = block_superpixels(1, 64, 64, block=32)  # 4 segments, 12 clusters at level 1
+    model = tester.create_model(CastModel, tester.get_config(num_clusters=(12, 6, 3, 2)))
+    superpixels = grid_superpixels(1, 64, cell=32)  # 4 segments, 12 clusters at level 1
     with torch.no_grad():
         out = model(pixel_values=torch.zeros(1, 3, 64, 64), superpixels=superpixels)
     assert out.assignment_logits[0].shape == (1, 12, 12)
@@ -262,7 +241,7 @@ def test_blank_image_fewer_segments_than_clusters(tester):
 
 
 def test_non_consecutive_labels(tester, caplog):
-    model = eval_model(CastModel, tester.get_config())
+    model = tester.create_model(CastModel, tester.get_config())
     inputs = tester.prepare_inputs()
     sparse = inputs["superpixels"] * 3  # ids 0, 3, 6, ...: absent ids become padding tokens
     warning_once.cache_clear()  # a warning already given in this process would be given only once
@@ -279,7 +258,7 @@ def test_non_consecutive_labels(tester, caplog):
 
 def test_sparse_ids_relabelled_give_one_token_per_segment(tester, caplog):
     """100 segments numbered up to 696 would make 697 tokens; relabelled, the token count is the segment count."""
-    model = eval_model(CastModel, tester.get_config(num_clusters=(16, 8, 4, 2)))
+    model = tester.create_model(CastModel, tester.get_config(num_clusters=(16, 8, 4, 2)))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randperm(697, generator=generator)[:100].sort().values
     ids[-1] = 696
@@ -330,7 +309,7 @@ def test_unused_label_counts_per_image():
     ],
 )
 def test_bad_input_is_named(tester, change, message):
-    model = eval_model(CastModel, tester.get_config())
+    model = tester.create_model(CastModel, tester.get_config())
     inputs = tester.prepare_inputs()
     pixel_values, superpixels = change(inputs["pixel_values"], inputs["superpixels"])
     with pytest.raises(ValueError, match=message):
@@ -365,7 +344,7 @@ def test_every_output_class_shares_the_hierarchy_base(tester):
     config = tester.get_config(projection_dim=8, projection_hidden_dim=16)
     inputs = tester.prepare_inputs()
     for head_class in (CastForImageClassification, CastForSelfSupervisedPretraining, CastForSemanticSegmentation):
-        head = eval_model(head_class, config)
+        head = tester.create_model(head_class, config)
         with torch.no_grad():
             head_out = head(**inputs)
             base_out = head.cast(**inputs)
@@ -375,7 +354,7 @@ def test_every_output_class_shares_the_hierarchy_base(tester):
 
 
 def test_hidden_states_are_the_embeddings_then_every_block(tester):
-    model = eval_model(CastModel, tester.get_config(depths=(2, 1, 1, 1)))
+    model = tester.create_model(CastModel, tester.get_config(depths=(2, 1, 1, 1)))
     inputs = tester.prepare_inputs()
     with torch.no_grad():
         out = model(**inputs, output_hidden_states=True)
@@ -390,7 +369,7 @@ def test_hidden_states_are_the_embeddings_then_every_block(tester):
 
 
 def test_hidden_states_with_a_level_without_blocks(tester):
-    model = eval_model(CastModel, tester.get_config(depths=(1, 0, 1, 1)))
+    model = tester.create_model(CastModel, tester.get_config(depths=(1, 0, 1, 1)))
     inputs = tester.prepare_inputs()
     with torch.no_grad():
         out = model(**inputs, output_hidden_states=True)
@@ -403,7 +382,7 @@ def test_hidden_states_with_a_level_without_blocks(tester):
 
 
 def test_selected_hidden_states_and_config_default(tester):
-    model = eval_model(CastModel, tester.get_config())
+    model = tester.create_model(CastModel, tester.get_config())
     inputs = tester.prepare_inputs()
     with torch.no_grad():
         everything = model(**inputs, output_hidden_states=True).hidden_states
@@ -422,7 +401,7 @@ def test_attentions_are_the_vit_blocks_only(tester, attn_implementation):
     """Graph pooling's centroid attention (a CastSelfAttention with 12 heads here) is not recorded; each recorded
     map is softmax(q k^T / sqrt(d)) of its block's input, in block order."""
     config = tester.get_config(depths=(2, 1, 1, 1))
-    model = eval_model(CastModel, config)
+    model = tester.create_model(CastModel, config)
     model.set_attn_implementation(attn_implementation)
     inputs = tester.prepare_inputs()
     with torch.no_grad():
@@ -450,14 +429,14 @@ def test_heads_return_tuples_and_pass_recording_on(tester):
 
     config = tester.get_config(projection_dim=8, projection_hidden_dim=16)
     inputs = tester.prepare_inputs()
-    classifier = eval_model(CastForImageClassification, config)
+    classifier = tester.create_model(CastForImageClassification, config)
     with torch.no_grad():
         out = classifier(**inputs, output_hidden_states=True, output_attentions=True)
         as_tuple = classifier(**inputs, return_dict=False)
     assert len(out.hidden_states) == 5 and len(out.attentions) == 4
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], out.logits, atol=1e-5, rtol=1e-5)  # sdpa there, eager here
-    moco = eval_model(CastForSelfSupervisedPretraining, config)
+    moco = tester.create_model(CastForSelfSupervisedPretraining, config)
     with torch.no_grad():
         moco_out = moco(**inputs, output_hidden_states=True)
     assert len(moco_out.hidden_states) == 5 and moco_out.predictions.shape == (2, 8)

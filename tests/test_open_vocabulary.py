@@ -25,7 +25,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_hierseg import CastConfig, CastModel
+from hf_hierseg import CastModel
 from hf_hierseg.evaluation import metrics
 from hf_hierseg.evaluation.open_vocabulary import (
     CocoPartDataset,
@@ -46,7 +46,6 @@ from hf_hierseg.evaluation.open_vocabulary import (
 )
 from hf_hierseg.evaluation.tiny_clip import tiny_random_clip, write_tiny_clip_vocabulary
 from hf_hierseg.hub import add_remote_code
-from hf_hierseg.image_processing_cast import CastImageProcessor
 from hf_hierseg.pipelines import ZeroShotHierarchicalSegmentationPipeline
 from hf_hierseg.segment_labeling import (
     BACKGROUND_LABEL,
@@ -62,6 +61,8 @@ from hf_hierseg.segment_labeling import (
     segment_views,
 )
 
+from cast_testing import CastModelTester, smooth_photo
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OBJECTS = ["cat", "dog", "car", "bird", "boat"]
@@ -72,26 +73,7 @@ PARTS = {
 }
 
 
-def tiny_cast():
-    torch.manual_seed(0)
-    config = CastConfig(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=64,
-        mask_padding_tokens=True,  # an image's result must not depend on its batch partners
-    )
-    return CastModel(config).eval()
-
-
-def tiny_processor():
-    return CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
-
-
-def photo(width, height, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+TESTER = CastModelTester(mask_padding_tokens=True)  # an image's result must not depend on its batch partners
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +94,8 @@ def segmenter(clip):
     model, processor = clip
     return pipeline(
         "zero-shot-hierarchical-segmentation",
-        model=tiny_cast(),
-        image_processor=tiny_processor(),
+        model=TESTER.create_model(CastModel),
+        image_processor=TESTER.get_image_processor(),
         clip_model=model,
         clip_processor=processor,
     )
@@ -121,7 +103,7 @@ def segmenter(clip):
 
 @pytest.fixture(scope="module")
 def pictures():
-    return [photo(80, 60, 0), photo(64, 64, 1), photo(50, 70, 2)]
+    return [smooth_photo(80, 60, 0), smooth_photo(64, 64, 1), smooth_photo(50, 70, 2)]
 
 
 def check_level(entry, level, names, size):
@@ -269,8 +251,8 @@ def test_pipeline_with_siglip(clip, pictures):
     )
     segment = pipeline(
         "zero-shot-hierarchical-segmentation",
-        model=tiny_cast(),
-        image_processor=tiny_processor(),
+        model=TESTER.create_model(CastModel),
+        image_processor=TESTER.get_image_processor(),
         clip_model=tiny_siglip(tokenizer),
         clip_processor=processor,
     )
@@ -349,13 +331,21 @@ def test_pipeline_errors(segmenter, clip, pictures):
     with pytest.raises(ValueError, match="Unknown arguments"):
         segmenter(pictures[0], candidate_labels=["cat"], colour="red")
     with pytest.raises(ValueError, match="clip_model"):
-        pipeline("zero-shot-hierarchical-segmentation", model=tiny_cast(), image_processor=tiny_processor())
+        pipeline(
+            "zero-shot-hierarchical-segmentation",
+            model=TESTER.create_model(CastModel),
+            image_processor=TESTER.get_image_processor(),
+        )
     with pytest.raises(TypeError, match="CLIP-style"):
         ZeroShotHierarchicalSegmentationPipeline(
-            model=tiny_cast(), image_processor=tiny_processor(), clip_model=tiny_cast()
+            model=TESTER.create_model(CastModel),
+            image_processor=TESTER.get_image_processor(),
+            clip_model=TESTER.create_model(CastModel),
         )
     with pytest.raises(ValueError, match="CAST"):
-        ZeroShotHierarchicalSegmentationPipeline(model=clip[0], image_processor=tiny_processor(), clip_model=clip[0])
+        ZeroShotHierarchicalSegmentationPipeline(
+            model=clip[0], image_processor=TESTER.get_image_processor(), clip_model=clip[0]
+        )
 
 
 def test_pipeline_loads_both_models_from_folders(tmp_path, clip, pictures, segmenter):
@@ -748,7 +738,7 @@ def test_paper_views_follow_torchvision():
     rows = np.floor(np.arange(224, dtype=np.float32) * np.float32(300 / 224)).astype(int)
     columns = np.floor(np.arange(298, dtype=np.float32) * np.float32(400 / 298)).astype(int)[37 : 37 + 224]
     np.testing.assert_array_equal(view, label_map[rows][:, columns])
-    image = photo(400, 300, 3)
+    image = smooth_photo(400, 300, 3)
     expected = np.asarray(image.resize((298, 224), Image.BICUBIC))[:, 37:261]
     np.testing.assert_array_equal(np.asarray(paper_image_view(image, resample=Image.BICUBIC)), expected)
 
@@ -758,7 +748,7 @@ def test_mask_dataset_reads_object_and_part_columns():
 
     rows = []
     for seed in range(2):
-        image = photo(72, 56, seed)
+        image = smooth_photo(72, 56, seed)
         objects, parts = np.zeros((56, 72), np.uint8), np.zeros((56, 72), np.uint8)
         objects[10:40, 5:50], parts[10:25, 5:50], parts[25:40, 5:50] = 2, 3, 1
         rows.append({"image": image, "object_mask": Image.fromarray(objects), "part_mask": Image.fromarray(parts)})

@@ -5,33 +5,24 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from hf_hierseg import CastConfig, CastForImageClassification, CastModel
+from hf_hierseg import CastForImageClassification, CastModel
 from hf_hierseg.peft_utils import LORA_TARGET_MODULES, add_lora, cast_lora_config
 
-
-def tiny_config(**kwargs):
-    return CastConfig(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
-    )
+from cast_testing import CastModelTester
 
 
-def grid_superpixels(batch, size=64, cell=9):
-    """Regular grid superpixels [B, size, size] with consecutive labels (ceil(64 / 9)^2 = 64 segments)."""
-    index = torch.arange(size) // cell
-    labels = index[:, None] * int(index.max() + 1) + index[None, :]
-    return labels.expand(batch, -1, -1).clone()
+# A regular grid of 9 px superpixels: ceil(64 / 9)^2 = 64 segments.
+TESTER = CastModelTester(superpixel_cell=9)
 
 
 @pytest.fixture
 def inputs():
-    generator = torch.Generator().manual_seed(0)
-    return {"pixel_values": torch.randn(2, 3, 64, 64, generator=generator), "superpixels": grid_superpixels(2)}
+    return TESTER.prepare_inputs()
 
 
 @pytest.fixture
 def classifier():
-    torch.manual_seed(0)
-    return CastForImageClassification(tiny_config(num_labels=3)).eval()
+    return TESTER.create_model(CastForImageClassification)
 
 
 def lora_wrapped_names(model):
@@ -81,7 +72,7 @@ def test_adapter_save_and_load_round_trip(classifier, inputs, tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
-    fresh = CastForImageClassification(tiny_config(num_labels=3))
+    fresh = CastForImageClassification(TESTER.get_config(num_labels=3))
     fresh.load_state_dict(base_state)
     with torch.no_grad():
         plain = fresh.eval()(**inputs).logits
@@ -104,8 +95,7 @@ def test_merged_model_matches_unmerged(classifier, inputs):
 
 
 def test_lora_on_the_backbone_without_head(inputs):
-    torch.manual_seed(0)
-    model = add_lora(CastModel(tiny_config()), r=2, modules_to_save=None).eval()
+    model = add_lora(TESTER.create_model(CastModel, train=True), r=2, modules_to_save=None).eval()
     assert len(lora_wrapped_names(model)) == 24
     assert all(".lora_" in name for name, p in model.named_parameters() if p.requires_grad)
     with torch.no_grad():
@@ -173,8 +163,7 @@ def test_finetune_script_trains_streamed_data_and_saves_adapter_and_merged_model
     from hf_hierseg.training.lora import finetune_lora
 
     write_image_folder(tmp_path / "data")
-    torch.manual_seed(0)
-    CastForImageClassification(tiny_config(num_labels=2)).save_pretrained(tmp_path / "base")
+    TESTER.create_model(CastForImageClassification, num_labels=2).save_pretrained(tmp_path / "base")
     out = tmp_path / "lora"
     metrics = finetune_lora(*lora_arguments(tmp_path / "base", tmp_path / "data", out, "--save_merged"))
     assert metrics["train_steps"] == 2 and metrics["eval_samples"] == 6
@@ -203,8 +192,7 @@ def test_finetuning_a_classifier_of_other_classes_needs_ignore_mismatched_sizes(
     from hf_hierseg.training.lora import finetune_lora
 
     write_image_folder(tmp_path / "data")
-    torch.manual_seed(0)
-    CastForImageClassification(tiny_config(num_labels=10)).save_pretrained(tmp_path / "ten")
+    TESTER.create_model(CastForImageClassification, num_labels=10).save_pretrained(tmp_path / "ten")
     out = tmp_path / "lora"
     with pytest.raises(ValueError, match=r"has 10 classes and this run 2: .*Pass --ignore_mismatched_sizes") as error:
         finetune_lora(*lora_arguments(tmp_path / "ten", tmp_path / "data", out))

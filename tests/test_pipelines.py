@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import ImageSegmentationPipeline, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from hf_hierseg import CastConfig, CastForImageClassification, CastForSemanticSegmentation, CastModel
+from hf_hierseg import CastForImageClassification, CastForSemanticSegmentation, CastModel
 from hf_hierseg.hierarchy import paint_hierarchy
 from hf_hierseg.image_processing_cast import CastImageProcessor
 from hf_hierseg.pipelines import (
@@ -27,42 +27,23 @@ from hf_hierseg.pipelines import (
 )
 from hf_hierseg.segment_ops import resize_label_maps
 
-
-def tiny_config(**kwargs):
-    # mask_padding_tokens: an image's result must not depend on its batch partners (batch_size tests).
-    return CastConfig(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=64,
-        mask_padding_tokens=True,
-        **kwargs,
-    )
+from cast_testing import CastModelTester, smooth_photo
 
 
-def tiny_processor():
-    return CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
-
-
-def photo(width, height, seed):
-    """Smooth random colours (SEEDS has edges to follow)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+# mask_padding_tokens: an image's result must not depend on its batch partners (batch_size tests).
+TESTER = CastModelTester(mask_padding_tokens=True)
 
 
 @pytest.fixture(scope="module")
 def classifier():
-    torch.manual_seed(0)
     labels = {0: "red", 1: "green", 2: "blue"}
-    return CastForImageClassification(tiny_config(num_labels=3, id2label=labels)).eval()
+    return TESTER.create_model(CastForImageClassification, num_labels=3, id2label=labels)
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
-    pictures = [photo(80, 60, 0), photo(64, 64, 1), photo(50, 70, 2)]
+    pictures = [smooth_photo(80, 60, 0), smooth_photo(64, 64, 1), smooth_photo(50, 70, 2)]
     paths = []
     for index, picture in enumerate(pictures):
         paths.append(str(folder / f"photo{index}.png"))
@@ -84,7 +65,7 @@ def direct_outputs(model, processor, picture, **processor_kwargs):
 
 
 def test_image_classification_matches_the_model_for_every_input_form(classifier, images):
-    processor = tiny_processor()
+    processor = TESTER.get_image_processor()
     classify = pipeline("image-classification", model=classifier, image_processor=processor)
     pictures, paths = images
     outputs, _ = direct_outputs(classifier, processor, pictures[0])
@@ -103,7 +84,7 @@ def test_image_classification_matches_the_model_for_every_input_form(classifier,
 
 
 def test_image_feature_extraction_pooled_and_per_token(classifier, images):
-    processor = tiny_processor()
+    processor = TESTER.get_image_processor()
     extract = pipeline("image-feature-extraction", model=classifier.cast, image_processor=processor)
     pictures, paths = images
     outputs, _ = direct_outputs(classifier.cast, processor, pictures[1])
@@ -122,7 +103,7 @@ def check_partition(masks, size):
 
 
 def test_hierarchical_segmentation_levels_masks_and_parent_links(classifier, images):
-    processor = tiny_processor()
+    processor = TESTER.get_image_processor()
     segmenter = pipeline("hierarchical-segmentation", model=classifier, image_processor=processor)
     assert isinstance(segmenter, HierarchicalSegmentationPipeline)
     pictures, paths = images
@@ -153,7 +134,7 @@ def test_hierarchical_segmentation_levels_masks_and_parent_links(classifier, ima
 
 
 def test_hierarchical_segmentation_inputs_levels_and_batches(classifier, images):
-    segmenter = HierarchicalSegmentationPipeline(model=classifier, image_processor=tiny_processor())
+    segmenter = HierarchicalSegmentationPipeline(model=classifier, image_processor=TESTER.get_image_processor())
     pictures, paths = images
     single = [segmenter(path, levels=[0, 2]) for path in paths]
     batched = segmenter(pictures, levels=[2, 0], batch_size=2)
@@ -172,11 +153,11 @@ def test_image_segmentation_from_a_hierarchy_level(classifier, images):
     segment = pipeline(
         "image-segmentation",
         model=classifier,
-        image_processor=tiny_processor(),
+        image_processor=TESTER.get_image_processor(),
         pipeline_class=CastImageSegmentationPipeline,
     )
     pictures, paths = images
-    levels = HierarchicalSegmentationPipeline(model=classifier, image_processor=tiny_processor())(paths[2])
+    levels = HierarchicalSegmentationPipeline(model=classifier, image_processor=TESTER.get_image_processor())(paths[2])
     for level in (2, 3):
         result = segment(paths[2], level=level)
         check_partition([r["mask"] for r in result], (70, 50))
@@ -191,10 +172,9 @@ def test_image_segmentation_from_a_hierarchy_level(classifier, images):
 def test_image_segmentation_with_the_segmentation_head(images):
     from hf_hierseg.modeling_cast import CastForSemanticSegmentation
 
-    torch.manual_seed(0)
     names = {0: "sky", 1: "grass", 2: "road", 3: "car"}
-    model = CastForSemanticSegmentation(tiny_config(num_labels=4, id2label=names)).eval()
-    processor = tiny_processor()
+    model = TESTER.create_model(CastForSemanticSegmentation, num_labels=4, id2label=names)
+    processor = TESTER.get_image_processor()
     segment = CastImageSegmentationPipeline(model=model, image_processor=processor)
     pictures, paths = images
     result = segment(pictures[0])
@@ -214,7 +194,7 @@ def test_pipelines_refuse_other_models():
     with pytest.raises(ValueError, match="CAST"):
         HierarchicalSegmentationPipeline(
             model=ViTModel(ViTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=8)),
-            image_processor=tiny_processor(),
+            image_processor=TESTER.get_image_processor(),
         )
 
 
@@ -249,12 +229,11 @@ def saved_folders(classifier, tmp_path_factory):
     crop, as the segmentation trainer and the converter save it), plain `save_pretrained`."""
     folders = tmp_path_factory.mktemp("folders")
     classifier.save_pretrained(folders / "classifier")
-    tiny_processor().save_pretrained(folders / "classifier")
-    torch.manual_seed(1)
+    TESTER.get_image_processor().save_pretrained(folders / "classifier")
     names = {0: "sky", 1: "grass", 2: "road", 3: "car"}
-    segmenter = CastForSemanticSegmentation(tiny_config(num_labels=4, id2label=names)).eval()
+    segmenter = TESTER.create_model(CastForSemanticSegmentation, seed=1, num_labels=4, id2label=names)
     segmenter.save_pretrained(folders / "segmenter")
-    CastImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False).save_pretrained(folders / "segmenter")
+    TESTER.get_image_processor(do_center_crop=False).save_pretrained(folders / "segmenter")
     return {"classifier": folders / "classifier", "segmenter": folders / "segmenter"}
 
 
@@ -272,7 +251,7 @@ def test_importing_the_package_keeps_transformers_tasks():
 def test_four_pipelines_on_a_classifier_folder(saved_folders, classifier, images, no_stdin):
     folder = saved_folders["classifier"]
     pictures, paths = images
-    processor = tiny_processor()
+    processor = TESTER.get_image_processor()
 
     classify = pipeline("image-classification", model=str(folder))
     assert type(classify.model) is CastForImageClassification and classify.video_processor is None
@@ -457,7 +436,7 @@ def test_lazy_masks_are_pil_images_computed_once():
 
 
 def test_batches_from_a_generator_come_back_in_order(classifier, images):
-    segmenter = HierarchicalSegmentationPipeline(model=classifier, image_processor=tiny_processor())
+    segmenter = HierarchicalSegmentationPipeline(model=classifier, image_processor=TESTER.get_image_processor())
     pictures, paths = images
     listed = segmenter(paths * 2, levels=[1], batch_size=2)
     streamed = list(segmenter((path for path in paths * 2), levels=[1], batch_size=2))

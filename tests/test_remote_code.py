@@ -22,7 +22,6 @@ from transformers import pipeline
 import hf_hierseg
 from hf_hierseg import (
     CastBackbone,
-    CastConfig,
     CastForImageClassification,
     CastForSemanticSegmentation,
     CastImageProcessor,
@@ -30,6 +29,8 @@ from hf_hierseg import (
 )
 from hf_hierseg.hub import add_remote_code, push_folder_to_hub, shared_files
 from hf_hierseg.pipelines import CastImageSegmentationPipeline, HierarchicalSegmentationPipeline
+
+from cast_testing import CastModelTester, random_superpixels
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
@@ -51,21 +52,7 @@ def core_module_files():
 CORE_FILES = core_module_files()
 
 
-def tiny_config(**kwargs):
-    return CastConfig(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
-    )
-
-
-def tiny_processor():
-    return CastImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
-
-
-def random_superpixels(batch, size=64, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, 30, (batch, size // 4, size // 4), generator=generator)
-    labels = blocks.repeat_interleave(4, 1).repeat_interleave(4, 2)
-    return torch.stack([torch.unique(image, return_inverse=True)[1] for image in labels])
+TESTER = CastModelTester()
 
 
 def model_inputs():
@@ -107,8 +94,7 @@ def check_auto_map_entry(folder, auto_map, auto_class, cast_class):
 
 @pytest.fixture(scope="module")
 def classifier():
-    torch.manual_seed(0)
-    return CastForImageClassification(tiny_config(num_labels=3, id2label={0: "red", 1: "green", 2: "blue"})).eval()
+    return TESTER.create_model(CastForImageClassification, id2label={0: "red", 1: "green", 2: "blue"})
 
 
 @pytest.mark.parametrize(
@@ -121,9 +107,7 @@ def classifier():
     ],
 )
 def test_save_pretrained_ships_the_core_modules_of_the_saved_class(tmp_path, model_class, auto_class):
-    torch.manual_seed(0)
-    model_class(tiny_config(num_labels=3)).save_pretrained(tmp_path)
-    tiny_processor().save_pretrained(tmp_path)
+    TESTER.save_model_folder(tmp_path, model_class)
     config = read_json(tmp_path / "config.json")
     assert set(config["auto_map"]) == {"AutoConfig", auto_class}
     check_auto_map_entry(tmp_path, config["auto_map"], auto_class, model_class)
@@ -138,7 +122,7 @@ def test_save_pretrained_ships_the_core_modules_of_the_saved_class(tmp_path, mod
 
 def test_shared_folder_ships_every_core_module_and_custom_pipelines(tmp_path, classifier):
     classifier.save_pretrained(tmp_path)
-    tiny_processor().save_pretrained(tmp_path)
+    TESTER.get_image_processor().save_pretrained(tmp_path)
     add_remote_code(tmp_path)
     assert shipped_files(tmp_path) == CORE_FILES  # exactly the core: no tool module
     check_flat_core_files(tmp_path)
@@ -159,7 +143,7 @@ def test_shared_folder_ships_every_core_module_and_custom_pipelines(tmp_path, cl
 
 
 def test_segmentation_checkpoint_feeds_image_segmentation_through_its_head(tmp_path):
-    CastForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(tmp_path)
+    TESTER.create_model(CastForSemanticSegmentation, num_labels=4).save_pretrained(tmp_path)
     config = json.loads(shared_files(tmp_path)["config.json"])
     assert config["custom_pipelines"]["image-segmentation"]["pt"] == ["AutoModelForSemanticSegmentation"]
     assert config["custom_pipelines"]["hierarchical-segmentation"]["pt"] == ["AutoModel"]
@@ -263,7 +247,7 @@ def test_remote_code_without_the_package_matches_the_package(tmp_path, classifie
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
         (80, 60), Image.BICUBIC
     ).save(image)
-    processor = tiny_processor()
+    processor = TESTER.get_image_processor()
     plain, shared = tmp_path / "plain", tmp_path / "shared"
     for folder in (plain, shared):
         classifier.save_pretrained(folder)

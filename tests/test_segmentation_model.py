@@ -12,38 +12,22 @@ from hf_hierseg.convert import convert_state, load_original_checkpoint, parse_ov
 from hf_hierseg.hierarchy import paint_segments
 from hf_hierseg.modeling_cast import CastForSemanticSegmentation, segment_cross_entropy
 
+from cast_testing import CastModelTester, assert_hierarchy_nests, grid_superpixels
+
 
 TINY_OVERRIDES = ["num_attention_heads=4", "num_clusters=16,8,4,2"]
 
 
-def tiny_config(**kwargs):
-    settings = dict(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=64,
-        graph_pooling_num_heads=4,
-        num_labels=3,
-        freeze_last_pooling=False,
-    )
-    return CastConfig(**{**settings, **kwargs})
+# Graph pooling with 4 heads; the segmentation variant's 4th pooling trainable.
+TESTER = CastModelTester(graph_pooling_num_heads=4, freeze_last_pooling=False)
 
 
-def grid_superpixels(batch=2, size=64, cell=10):
+def ten_pixel_grid(batch=2):
     """Rectangular superpixels, consecutive labels; 7 x 7 = 49 segments for 64 px / cell 10."""
-    rows = torch.arange(size) // cell
-    side = int(rows.max()) + 1
-    labels = rows[:, None] * side + rows[None, :]
-    return labels.expand(batch, size, size).clone()
+    return grid_superpixels(batch, 64, cell=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the fixtures were made with one thread
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; fixtures made with one thread
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +124,7 @@ def test_local_block_indices_with_uneven_depths():
 
 def test_fusion_gathers_levels_to_segments():
     """Independent loop implementation of BlockFusion's gather + concat against the module (eval mode)."""
-    torch.manual_seed(0)
-    model = CastForSemanticSegmentation(tiny_config()).eval()
+    model = TESTER.create_model(CastForSemanticSegmentation)
     fusion = model.fusion
     with torch.no_grad():
         fusion.batch_norm.running_mean.uniform_(-1, 1)
@@ -186,10 +169,9 @@ def test_segment_loss_equals_pixel_cross_entropy():
 
 
 def test_forward_loss_backward_reaches_every_trainable_parameter():
-    torch.manual_seed(0)
-    model = CastForSemanticSegmentation(tiny_config()).train()
+    model = TESTER.create_model(CastForSemanticSegmentation, train=True)
     pixel_values = torch.randn(2, 3, 64, 64)
-    superpixels = grid_superpixels()
+    superpixels = ten_pixel_grid()
     labels = torch.randint(0, 3, (2, 64, 64))
     labels[:, :5] = 255
     out = model(pixel_values, superpixels, labels=labels)
@@ -205,29 +187,32 @@ def test_forward_loss_backward_reaches_every_trainable_parameter():
 
 
 def test_hierarchy_maps_nest_at_full_resolution():
-    torch.manual_seed(0)
-    model = CastForSemanticSegmentation(tiny_config()).eval()
-    superpixels = grid_superpixels()
+    model = TESTER.create_model(CastForSemanticSegmentation)
+    superpixels = ten_pixel_grid()
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64), superpixels)
     maps = out.hierarchy_maps(superpixels)
     assert torch.equal(maps[0], superpixels)  # no superpixel is lost at full resolution
-    for fine, coarse in zip(maps[:-1], maps[1:]):
-        for b in range(2):
-            pairs = torch.stack([fine[b].flatten(), coarse[b].flatten()], 1).unique(dim=0)
-            assert pairs[:, 0].unique().numel() == pairs.shape[0]  # each fine region has one parent
+    assert_hierarchy_nests(maps)  # each fine region has one parent
+
+
+def test_tester_checks_on_the_ten_pixel_grid():
+    """The shared checks of CastForSemanticSegmentation (shapes, composed argmax, nesting, full resolution) with
+    more segments (49) than level-1 clusters (16)."""
+    config, pixel_values, _ = TESTER.prepare_config_and_inputs()
+    TESTER.create_and_check_for_semantic_segmentation(config, pixel_values, ten_pixel_grid())
 
 
 def test_linear_head_and_custom_ignore_index():
-    model = CastForSemanticSegmentation(tiny_config(semantic_loss_ignore_index=-100)).eval()
+    model = TESTER.create_model(CastForSemanticSegmentation, semantic_loss_ignore_index=-100)
     assert isinstance(model.classifier, torch.nn.Linear)
     labels = torch.full((2, 64, 64), -100)
     labels[:, 10:20, 10:20] = 2
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 64, 64), grid_superpixels(), labels=labels)
+        out = model(torch.randn(2, 3, 64, 64), ten_pixel_grid(), labels=labels)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels, ignore_index=-100))
     with pytest.raises(ValueError, match="segmentation_head_type"):
-        CastForSemanticSegmentation(tiny_config(segmentation_head_type="conv"))
+        CastForSemanticSegmentation(TESTER.get_config(segmentation_head_type="conv"))
 
 
 @pytest.mark.parametrize(
@@ -241,17 +226,17 @@ def test_linear_head_and_custom_ignore_index():
     ],
 )
 def test_bad_labels_are_rejected(labels, message):
-    model = CastForSemanticSegmentation(tiny_config()).eval()
+    model = TESTER.create_model(CastForSemanticSegmentation)
     with pytest.raises(ValueError, match=message):
-        model(torch.randn(2, 3, 64, 64), grid_superpixels(), labels=labels)
+        model(torch.randn(2, 3, 64, 64), ten_pixel_grid(), labels=labels)
 
 
 def test_ignore_index_labels_are_accepted():
-    model = CastForSemanticSegmentation(tiny_config()).eval()
+    model = TESTER.create_model(CastForSemanticSegmentation)
     labels = torch.full((2, 64, 64), 255)
     labels[0, 0, 0] = 2
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 64, 64), grid_superpixels(), labels=labels)
+        out = model(torch.randn(2, 3, 64, 64), ten_pixel_grid(), labels=labels)
     assert torch.isfinite(out.loss)
 
 
@@ -259,13 +244,14 @@ def test_auto_class_round_trip(tmp_path):
     import hf_hierseg  # noqa: F401  (registers the config)
 
     AutoModelForSemanticSegmentation.register(CastConfig, CastForSemanticSegmentation, exist_ok=True)
-    torch.manual_seed(0)
-    model = CastForSemanticSegmentation(tiny_config(segmentation_head_type="mlp_projector", projection_hidden_dim=8))
+    model = TESTER.create_model(
+        CastForSemanticSegmentation, segmentation_head_type="mlp_projector", projection_hidden_dim=8
+    )
     model.eval().save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).segmentation_head_type == "mlp_projector"
     loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, CastForSemanticSegmentation)
-    inputs = (torch.randn(2, 3, 64, 64), grid_superpixels())
+    inputs = (torch.randn(2, 3, 64, 64), ten_pixel_grid())
     with torch.no_grad():
         torch.testing.assert_close(loaded(*inputs).logits, model(*inputs).logits)
 
@@ -277,8 +263,7 @@ def test_image_processor_post_processing_and_pipeline():
     from hf_hierseg.image_processing_cast import CastImageProcessor
     from hf_hierseg.pipelines import CastImageSegmentationPipeline
 
-    torch.manual_seed(0)
-    model = CastForSemanticSegmentation(tiny_config(id2label={0: "sky", 1: "grass", 2: "cow"})).eval()
+    model = TESTER.create_model(CastForSemanticSegmentation, id2label={0: "sky", 1: "grass", 2: "cow"})
     processor = CastImageProcessor(
         size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, num_superpixels=600
     )
@@ -325,13 +310,13 @@ def test_segmentation_encoder_is_a_cast_model_built_by_switches():
     from hf_hierseg.modeling_cast import CastEmbeddings
 
     torch.manual_seed(0)
-    config = tiny_config()
+    config = TESTER.get_config()
     model = CastForSemanticSegmentation(config).eval()
     assert type(model.cast) is CastModel and type(model.cast.embeddings) is CastEmbeddings
     assert model.cast.embeddings.pool_at_full_resolution and model.cast.layernorm is None
     encoder = CastModel(config, add_final_norm=False, pool_segments_at_full_resolution=True).eval()
     encoder.load_state_dict(model.cast.state_dict())  # strict: the same modules
-    pixel_values, superpixels = torch.randn(2, 3, 64, 64), grid_superpixels()
+    pixel_values, superpixels = torch.randn(2, 3, 64, 64), ten_pixel_grid()
     with torch.no_grad():
         out = model(pixel_values, superpixels)
         alone = encoder(pixel_values, superpixels)
@@ -347,8 +332,8 @@ def test_full_resolution_hierarchy_maps_keep_every_superpixel():
     from hf_hierseg import CastModel
 
     torch.manual_seed(0)
-    config = tiny_config()
-    pixel_values, superpixels = torch.randn(2, 3, 64, 64), grid_superpixels()
+    config = TESTER.get_config()
+    pixel_values, superpixels = torch.randn(2, 3, 64, 64), ten_pixel_grid()
     with torch.no_grad():
         full = CastModel(config, pool_segments_at_full_resolution=True).eval()(pixel_values, superpixels)
         grid = CastModel(config).eval()(pixel_values, superpixels)

@@ -16,7 +16,10 @@ from hf_hierseg.training.data import TrainingBatches
 from hf_hierseg.training.loop import read_metrics
 from hf_hierseg.training.segmentation import SegmentationBatches, SegmentationTransform, train_segmentation
 
+from cast_testing import CastModelTester
 
+
+TESTER = CastModelTester()
 COLOURS = [(0, 0, 0), (200, 30, 30), (30, 200, 30), (30, 30, 200)]
 
 
@@ -227,12 +230,7 @@ def run_args(data_dir, output_dir, *extra):
             "--config_name",
             "cast-small",
             "--config_overrides",
-            "hidden_size=24",
-            "num_attention_heads=4",
-            "depths=1,1,1,1",
-            "num_clusters=16,8,4,2",
-            "image_size=64",
-            "graph_pooling_num_heads=4",
+            *TESTER.config_overrides("graph_pooling_num_heads=4"),
             "--superpixel_method",
             "grid",
             "--num_superpixels",
@@ -327,14 +325,6 @@ def test_label_arguments_are_checked(synthetic_folder, tmp_path):
         train_segmentation(*arguments)
 
 
-def tiny_config(**kwargs):
-    from hf_hierseg import CastConfig
-
-    return CastConfig(
-        hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2), image_size=64, **kwargs
-    )
-
-
 def test_fine_tuning_starts_from_a_classification_checkpoint(tmp_path):
     """--model_name_or_path of an image classifier: the backbone is loaded, fusion and head are new; without
     --ignore_mismatched_sizes the classifier of another number of classes is a clear error."""
@@ -342,8 +332,7 @@ def test_fine_tuning_starts_from_a_classification_checkpoint(tmp_path):
     from hf_hierseg.modeling_cast import CastForSemanticSegmentation
     from hf_hierseg.training.recipes import build_config, load_or_create
 
-    torch.manual_seed(0)
-    classifier = CastForImageClassification(tiny_config(num_labels=5))
+    classifier = TESTER.create_model(CastForImageClassification, train=True, num_labels=5)
     classifier.save_pretrained(tmp_path / "classifier")
     _, model_args, *_ = run_args(tmp_path, tmp_path / "out")
     model_args.model_name_or_path, model_args.config_name, model_args.config_overrides = (
@@ -366,7 +355,7 @@ def test_fine_tuning_starts_from_a_classification_checkpoint(tmp_path):
 def test_segmentation_run_from_a_checkpoint_with_other_classes_names_the_flag(synthetic_folder, tmp_path):
     from hf_hierseg.modeling_cast import CastForSemanticSegmentation
 
-    config = tiny_config(graph_pooling_num_heads=4, num_labels=10, freeze_last_pooling=False)
+    config = TESTER.get_config(graph_pooling_num_heads=4, num_labels=10, freeze_last_pooling=False)
     CastForSemanticSegmentation(config).save_pretrained(tmp_path / "ten_classes")
     arguments = run_args(synthetic_folder, tmp_path / "out")
     model_args = arguments[1]

@@ -8,22 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_hierseg import CastConfig, CastForSelfSupervisedPretraining
+from hf_hierseg import CastForSelfSupervisedPretraining
 from hf_hierseg.convert import convert_state, momentum_encoder_from_original, parse_overrides
 from hf_hierseg.training.moco import CastMocoV3, MocoObjective, contrastive_loss
 from hf_hierseg.training.optim import cosine_momentum
+
+from cast_testing import CastModelTester, grid_superpixels
 
 
 TINY_OVERRIDES = ["num_attention_heads=4", "num_clusters=16,8,4,2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster (and the fixture comparison asks for it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; fixtures made with one thread
 
 
 @pytest.fixture(scope="module")
@@ -34,26 +30,12 @@ def tiny_moco(request):
     return folder, checkpoint
 
 
+TESTER = CastModelTester(image_size=32, projection_dim=16, projection_hidden_dim=32)
+
+
 def tiny_model(**overrides):
-    config = CastConfig(
-        hidden_size=24,
-        num_attention_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=32,
-        projection_dim=16,
-        projection_hidden_dim=32,
-        **overrides,
-    )
-    torch.manual_seed(0)
-    return CastForSelfSupervisedPretraining(config)
-
-
-def grid_superpixels(batch, size, cells):
-    """Superpixels = a cells x cells grid of squares."""
-    rows = torch.arange(size) * cells // size
-    labels = rows[:, None] * cells + rows[None, :]
-    return labels.expand(batch, size, size).clone()
+    """A MoCo-v3 CAST in training mode."""
+    return TESTER.create_model(CastForSelfSupervisedPretraining, train=True, **overrides)
 
 
 def test_converted_moco_checkpoint_gives_the_original_projector_and_predictor_outputs(tiny_moco):
@@ -127,7 +109,7 @@ def test_momentum_update_and_gradients_flow_only_through_the_base_encoder():
         torch.testing.assert_close(value, 0.9 * before[name] + 0.1 * base[name])
 
     pixel_values = torch.randn(4, 2, 3, 32, 32)
-    superpixels = grid_superpixels(4, 32, 4)[:, None].expand(-1, 2, -1, -1)
+    superpixels = grid_superpixels(4, 32, cell=8)[:, None].expand(-1, 2, -1, -1)
     output = moco(pixel_values, superpixels)
     loss = contrastive_loss(output.predictions[0], output.keys[1], 0.2) + contrastive_loss(
         output.predictions[1], output.keys[0], 0.2
@@ -156,7 +138,7 @@ def test_moco_objective_learns_to_match_the_views_of_a_fixed_batch():
     images = torch.randn(8, 1, 3, 32, 32)
     batch = {
         "pixel_values": torch.cat([images, images + 0.3 * torch.randn(8, 1, 3, 32, 32)], dim=1),  # two noisy views
-        "superpixels": grid_superpixels(8, 32, 4)[:, None].expand(-1, 2, -1, -1),
+        "superpixels": grid_superpixels(8, 32, cell=8)[:, None].expand(-1, 2, -1, -1),
     }
     module = objective.training_module()
     optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)

@@ -19,19 +19,15 @@ from hf_hierseg.training.arguments import moco_parser, supervised_parser
 from hf_hierseg.training.loop import METRICS_FILE, read_metrics
 from hf_hierseg.training.recipes import train_moco, train_supervised
 
+from cast_testing import CastModelTester
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--config_name",
     "cast-small",
     "--config_overrides",
-    "hidden_size=24",
-    "num_attention_heads=4",
-    "depths=1,1,1,1",
-    "num_clusters=16,8,4,2",
-    "image_size=32",
-    "projection_dim=16",
-    "projection_hidden_dim=32",
+    *CastModelTester(image_size=32).config_overrides("projection_dim=16", "projection_hidden_dim=32"),
     "--num_superpixels",
     "600",
     "--report_to",
@@ -44,11 +40,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload ra
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread_and_fresh_accelerate_state(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_hierseg import CastConfig, CastForImageClassification
+from hf_hierseg import CastForImageClassification
 from hf_hierseg.training.optim import LARS, create_optimizer, parameter_groups
 from hf_hierseg.training.supervised import (
     ModelEma,
@@ -17,27 +17,13 @@ from hf_hierseg.training.supervised import (
     soft_target_cross_entropy,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from cast_testing import CastModelTester
 
 
-def tiny_classifier(num_labels=3):
-    torch.manual_seed(0)
-    return CastForImageClassification(
-        CastConfig(
-            hidden_size=24,
-            num_attention_heads=4,
-            depths=(1, 1, 1, 1),
-            num_clusters=(16, 8, 4, 2),
-            image_size=32,
-            num_labels=num_labels,
-        )
-    )
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; fixtures made with one thread
+
+
+TESTER = CastModelTester(image_size=32)
 
 
 def test_smoothed_one_hot_targets():
@@ -130,7 +116,7 @@ def test_mixed_batches_keep_each_samples_own_superpixels():
 
 
 def test_without_mixing_the_loss_is_label_smoothed_cross_entropy():
-    model = tiny_classifier()
+    model = TESTER.create_model(CastForImageClassification, train=True)
     objective = SupervisedObjective(model, label_smoothing=0.1, mixup_alpha=0, cutmix_alpha=0)
     torch.manual_seed(1)
     grid = torch.arange(16).reshape(4, 4).repeat_interleave(8, 0).repeat_interleave(8, 1)  # 4x4 squares
@@ -170,7 +156,7 @@ def test_ema_follows_the_weights_with_its_decay(tmp_path):
 
 
 def test_parameter_groups_leave_biases_norms_and_tokens_without_decay():
-    model = tiny_classifier()
+    model = TESTER.create_model(CastForImageClassification, train=True)
     decay, no_decay = parameter_groups(model, 0.05)
     names = {id(p): name for name, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
@@ -227,7 +213,7 @@ def test_transformers_trainer_trains_and_evaluates_the_classifier(tmp_path):
     )
     transform = datasets_transform(ProcessorTransform(processor), "image", "label")
     dataset = dataset.with_transform(transform)
-    model = tiny_classifier()
+    model = TESTER.create_model(CastForImageClassification, train=True)
     arguments = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -261,7 +247,7 @@ def test_a_checkpoint_with_other_classes_needs_ignore_mismatched_sizes(tmp_path)
     from hf_hierseg.training.recipes import ClassLabels, build_config, load_or_create, train_supervised
 
     data = write_synthetic_dataset(tmp_path / "shapes", num_images=6, num_test_images=2, image_size=32)
-    tiny_classifier(num_labels=10).save_pretrained(tmp_path / "ten")
+    TESTER.create_model(CastForImageClassification, train=True, num_labels=10).save_pretrained(tmp_path / "ten")
     arguments = supervised_parser().parse_args_into_dataclasses(
         args=[
             "--dataset_name",
@@ -290,7 +276,7 @@ def test_a_checkpoint_with_other_classes_needs_ignore_mismatched_sizes(tmp_path)
     ten = ModelArguments(model_name_or_path=str(tmp_path / "ten"))
     model = load_or_create(CastForImageClassification, ten, build_config(ten, **fields), ignore_mismatched_sizes=True)
     assert model.classifier.out_features == 6
-    CastForSelfSupervisedPretraining(tiny_classifier().config).save_pretrained(tmp_path / "moco")
+    CastForSelfSupervisedPretraining(TESTER.get_config()).save_pretrained(tmp_path / "moco")
     moco = ModelArguments(model_name_or_path=str(tmp_path / "moco"))
     model = load_or_create(CastForImageClassification, moco, build_config(moco, **fields))
     assert model.classifier.out_features == 6 and model.config.id2label == fields["id2label"]

@@ -98,20 +98,13 @@ def test_draw_hierarchy_bad_input():
         draw_hierarchy(image, [labels.astype(np.float32)])
 
 
-def test_segment_image_example_draws_the_hierarchy_of_a_tiny_model(tmp_path):
+def test_segment_image_example_draws_the_hierarchy_of_a_tiny_model(tmp_path, cast_tester):
     import importlib.util
     from pathlib import Path
 
-    from hf_hierseg import modeling_cast as modeling
-    from hf_hierseg.configuration_cast import CastConfig
-    from hf_hierseg.image_processing_cast import CastImageProcessor
-
-    torch.manual_seed(0)
-    config = CastConfig(hidden_size=24, num_attention_heads=4, depths=(1, 1, 1, 1), num_clusters=(16, 8, 4, 2),
-                        image_size=64)  # fmt: skip
-    modeling.CastModel(config).save_pretrained(tmp_path / "model")
-    CastImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, num_superpixels=49,
-                       superpixel_reference_size=64).save_pretrained(tmp_path / "model")  # fmt: skip
+    processor = cast_tester.get_image_processor(size={"shortest_edge": 64}, num_superpixels=49,
+                                                superpixel_reference_size=64)  # fmt: skip
+    cast_tester.save_model_folder(tmp_path / "model", processor=processor)
     rng = np.random.default_rng(0)
     photo = np.kron(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), np.ones((12, 12, 1), dtype=np.uint8))
     PIL.Image.fromarray(photo).save(tmp_path / "photo.png")
