@@ -1,8 +1,10 @@
 """The decisive CPU-scale run: does CAST discover part-whole structure better than a ViT of the same size, when
 low-level cues do not give the objects away?
 
-Data: the `"camouflage"` synthetic variant (`evaluation.synthetic`): 2-3 objects of one shape class per image, object
-and background painted with one palette of textures, so only shapes and part layout tell objects apart.
+Data: a camouflage synthetic variant (`evaluation.synthetic`), by default `"camouflage_large"`: one large object of a
+shape class per image (about 26 % of the image, so it can be the majority of a coarse segment; `"camouflage"` has 2-3
+small ones), object and background painted with one palette of textures, so only shapes and part layout tell objects
+apart.
 
 Models: a small CAST and a transformers ViT of the same width, depth, heads and MLP ratio (`reproduce.vit_config`:
 8 px patches, 64 tokens on a 64 px image against CAST's ~49 superpixels), each trained with
@@ -27,6 +29,9 @@ Scores on the held-out images, per level (CAST's levels 1..4; the ViT's k-means 
 - what the segments follow: the adjusted Rand index of each level's segments with (a) k-means of the pixels'
   colours into as many clusters and (b) the object instances (connected components of the object mask, background
   one region). High (a) and low (b): the grouping follows colour, not objects.
+
+Did the models learn the classes? The classifiers' top-1 on the held-out images and every model's kNN accuracy
+(`classification_eval`): retrieval can only label segments with classes if the embeddings tell the classes apart.
 
 CPU time (user + system of this process and its finished children, `os.times`) is recorded per phase.
 """

@@ -1,6 +1,6 @@
 """A synthetic part-whole dataset for CPU-scale experiments: textured shapes on textured backgrounds.
 
-Two variants (`VARIANTS`):
+Three variants (`VARIANTS`):
 
 - `"contrasting"` (the default, the original set): every image shows one object of a shape class (house, mushroom,
   snowman, ...) made of two named parts, placed at a random position, scale, aspect and rotation on a textured
@@ -15,7 +15,10 @@ Two variants (`VARIANTS`):
   each part filled with a palette texture too (the two parts of an object with different textures, each unlike the
   background under it, so the silhouette and the part layout stay visible). A region's colour and texture say
   nothing about whether it is object or background, or which parts belong together: only shapes and their layout
-  do.
+  do. The objects are small (about 11 % of the image in all).
+- `"camouflage_large"`: the same, with one large object (height 0.7-0.95 of the image side, about 26 % of the image,
+  9-60 %), so that it can be the majority of a coarse segment and its class is learnable in a short run.
+  `CAMOUFLAGE_LAYOUTS` holds each camouflage variant's number and size of objects.
 
 Each example has:
 
@@ -444,6 +447,8 @@ def load_synthetic_dataset(path, split=None, streaming=False):
 
 __all__ = [
     "VARIANTS",
+    "CAMOUFLAGE_LAYOUTS",
+    "CamouflageLayout",
     "SHAPE_PARTS",
     "CLASS_NAMES",
     "PART_NAMES",
