@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The decisive CPU-scale part-whole run (`hf_hierseg.apps.part_whole`): a small CAST and a ViT of the same width,
-depth and heads, each trained with MoCo v3 and with image labels for every seed, on the `camouflage` synthetic set
-(object and background painted from one texture palette, 2-3 objects per image), scored per level with the
+depth and heads, each trained with MoCo v3 and with image labels for every seed, on the `camouflage_large` synthetic
+set (object and background painted from one texture palette, one large object per image), scored per level with the
 authors' VOC protocol (nearest-neighbour retrieval of labelled training segments), majority-label mIoU and boundary
-F against the object masks, beside the untrained models and the floors of each score.
+F against the object masks, beside the classifiers' top-1, the untrained models and the floors of each score.
 
     python examples/part_whole_small.py --output_dir outputs/part_whole_small
 

@@ -25,7 +25,8 @@ def main(argv=None):
         "--variant",
         choices=VARIANTS,
         default="contrasting",
-        help="contrasting: one object, colour unlike the background; camouflage: 2-3 objects in the background's palette",
+        help="contrasting: one object, colour unlike the background; camouflage: 2-3 small objects in the "
+        "background's palette; camouflage_large: one large object (~26 %% of the image) in the background's palette",
     )
     args = parser.parse_args(argv)
     output = write_synthetic_dataset(

@@ -223,13 +223,21 @@ def test_part_whole_results_and_report(part_whole):
             assert -1.0 <= score["ari_colour"] <= 1.0 and -1.0 <= score["ari_instances"] <= 1.0
         if run["objective"] != "untrained":
             assert run["training"]["cpu_seconds"] > 0
+        # Classifiers (supervised, untrained) have a top-1; every model's embedding a kNN accuracy.
+        classification = run["classification"]
+        assert ("top1_accuracy" in classification) == (run["objective"] != "moco")
+        assert classification["num_eval"] == 3 and classification["num_train"] == 4
+        assert 0.0 <= classification["knn_accuracy"] <= 1.0
     assert results["floors"]["retrieval"]["label"] == 0  # background is the most frequent label
     assert set(results["cpu_seconds"]) == {"data", "training", "evaluation", "total"}
     saved = json.loads((part_whole.dir / "results.json").read_text())
     assert json.dumps(saved) == json.dumps(results)  # (NaN per-class IoUs of absent classes compare unequal)
     report = (part_whole.dir / "results.md").read_text()
-    assert report.count("| CAST | moco |") == 5 and report.count("| ViT/8 + k-means | untrained |") == 5
+    assert (
+        report.count("| CAST | moco |") == 6 and report.count("| ViT/8 + k-means | untrained |") == 5
+    )  # + the classification table
     assert "| *floor: all background* |" in report and report.count("| *floor: grid* |") == 4
+    assert re.search(r"\| ViT/8 \| moco \| - \| \d\.\d{3} \(\d\.\d{3} / \d\.\d{3}\) \|", report)  # no classifier
     # Two seeds: the mean and each seed's value.
     assert re.search(r"\| CAST \| supervised \| \d\.\d{3} \(\d\.\d{3} / \d\.\d{3}\) \|", report)
     # Every model folder trained with its objective and seed.
@@ -243,7 +251,7 @@ def test_part_whole_results_and_report(part_whole):
 @pytest.mark.slow
 def test_part_whole_data_are_camouflage_and_reused(part_whole):
     info = json.loads((part_whole.dir / "data" / "synthetic_info.json").read_text())
-    assert info["variant"] == "camouflage" and info["splits"] == {"train": 8, "test": 3}
+    assert info["variant"] == "camouflage_large" and info["splits"] == {"train": 8, "test": 3}
     assert part_whole_prepare_data(PART_WHOLE_TINY, part_whole.dir / "data") == part_whole.dir / "data"
     with pytest.raises(InvalidInputError, match="other settings"):
         part_whole_prepare_data(dataclasses.replace(PART_WHOLE_TINY, variant="contrasting"), part_whole.dir / "data")

@@ -14,6 +14,7 @@ import torch
 from transformers import ViTModel
 
 from hf_hierseg import CastModel
+from hf_hierseg.apps.part_whole import colour_clusters
 from hf_hierseg.apps.reproduce import ReproductionSettings, vit_config
 from hf_hierseg.evaluation.metrics import evaluate_hierarchy
 from hf_hierseg.evaluation.segment_retrieval import grid_partition, superpixel_grid_partition
@@ -113,6 +114,22 @@ def test_camouflage_examples_are_deterministic_and_show_several_objects_of_the_c
     assert min(objects) >= 1 and max(objects) <= 3 and np.mean(objects) >= 2
 
 
+def test_camouflage_large_shows_one_large_object_and_keeps_the_small_variant():
+    coverage = []
+    for index in range(4 * len(CLASS_NAMES)):
+        example = generate_example(index, variant="camouflage_large")
+        label, name = example["label"], example["label_name"]
+        object_mask, part_mask = (arrays(example)[k] for k in ("object_mask", "part_mask"))
+        assert set(np.unique(object_mask)) == {0, label + 1}
+        assert set(np.unique(part_mask)) - {0} == {PART_NAMES.index(f"{name}/{part}") for part in SHAPE_PARTS[name]}
+        assert cv2.connectedComponents((object_mask > 0).astype(np.uint8), connectivity=8)[0] - 1 == 1
+        coverage.append((object_mask > 0).mean())
+    small = [(arrays(generate_example(index, variant="camouflage"))["object_mask"] > 0).mean() for index in range(24)]
+    assert 0.2 < np.mean(coverage) < 0.4 and 0.08 < np.mean(small) < 0.16  # ~26 % against ~11 % of the image
+    assert not np.array_equal(arrays(generate_example(1, variant="camouflage_large"))["image"],
+                              arrays(generate_example(1, variant="camouflage"))["image"])  # fmt: skip
+
+
 def colour_split_iou(example):
     """IoU with the object mask of the better of the two clusters of 2-means of the pixel colours."""
     pixels = np.asarray(example["image"], dtype=np.float32).reshape(-1, 3)
@@ -125,10 +142,11 @@ def colour_split_iou(example):
 
 def test_colour_gives_the_object_away_in_the_contrasting_variant_only():
     # Two colour clusters: one of them is the object in the contrasting images; in the camouflage images neither is
-    # (object pixels are ~11 % of the image, and share the background's palette).
+    # (object pixels are ~11 % / ~26 % of the image, and share the background's palette).
     contrasting = [colour_split_iou(generate_example(index)) for index in range(30)]
     camouflage = [colour_split_iou(generate_example(index, variant="camouflage")) for index in range(30)]
-    assert np.mean(contrasting) > 0.85 and np.mean(camouflage) < 0.3
+    large = [colour_split_iou(generate_example(index, variant="camouflage_large")) for index in range(30)]
+    assert np.mean(contrasting) > 0.85 and np.mean(camouflage) < 0.3 and np.mean(large) < 0.45
 
 
 def test_camouflage_dataset_records_its_variant(tmp_path):
@@ -196,12 +214,21 @@ def test_cli_writes_a_dataset(tmp_path):
     assert (tmp_path / "out" / "synthetic_info.json").is_file()
 
 
-@pytest.mark.slow
-def test_untrained_models_score_near_their_floor_on_camouflage_only():
+@pytest.fixture
+def one_thread():
+    # Small models on a shared machine: more threads than free cores make them much slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_untrained_models_score_near_their_floor_on_camouflage_only(one_thread):
     # Majority-label mIoU of untrained CAST and ViT + k-means (the reproduction's sizes) against the content-blind
     # floors: a grid of as many cells (ViT), CAST's superpixels grouped by that grid (CAST). In the contrasting images
     # colour alone groups the object, so the ViT's coarse levels lie far above the grid; in the camouflage images
-    # neither model lies far above its floor.
+    # neither model lies far above its floor. With one large object, a colour cluster of 4 can hold most of one
+    # part (a large patch of one texture): there the untrained ViT's level 4 is no better than k-means of the colours.
     settings = ReproductionSettings()
     torch.manual_seed(0)
     cast = CastModel(settings.cast_config()).eval()
@@ -209,8 +236,8 @@ def test_untrained_models_score_near_their_floor_on_camouflage_only():
     vit = ViTModel(vit_config(settings, 6), add_pooling_layer=False).eval()
     processor = segmentation_processor(64, superpixel_method="seeds", num_superpixels=600, seeds_recipe="supervised")
     gaps = {}
-    for variant in ("contrasting", "camouflage"):
-        examples = [generate_example(index, split="test", variant=variant) for index in range(24)]
+    for variant in ("contrasting", "camouflage", "camouflage_large"):
+        examples = [generate_example(index, split="test", variant=variant) for index in range(16)]
         images = [example["image"] for example in examples]
         masks = [np.asarray(example["object_mask"]).astype(np.int64) for example in examples]
         sizes = [mask.shape for mask in masks]
@@ -218,6 +245,7 @@ def test_untrained_models_score_near_their_floor_on_camouflage_only():
         vit_maps = predict_vit_levels(vit, images, settings.num_clusters, sizes, max_fit_pixels=1024)
         grid = [[grid_partition(64, 64, k) for _ in masks] for k in settings.num_clusters]
         grouped = [[superpixel_grid_partition(sp, k) for sp in cast_maps[0]] for k in settings.num_clusters]
+        colours = [[colour_clusters(image, k) for image in images] for k in settings.num_clusters]
 
         def majority(maps):
             return np.array([score["majority_mean_iou"] for score in evaluate_hierarchy(maps, masks, 7)])
@@ -225,7 +253,11 @@ def test_untrained_models_score_near_their_floor_on_camouflage_only():
         gaps[variant] = {
             "vit": majority(vit_maps) - majority(grid),
             "cast": majority(cast_maps[1:]) - majority(grouped),
+            "colour": majority(colours) - majority(grid),
         }
     assert (gaps["contrasting"]["vit"][2:] > 0.25).all()  # levels 3 and 4: colour gives the object away
     assert (gaps["camouflage"]["vit"] < 0.15).all()
     assert (gaps["camouflage"]["cast"][1:] < 0.1).all()
+    assert (gaps["camouflage_large"]["vit"][:3] < 0.15).all()
+    assert gaps["camouflage_large"]["vit"][3] < gaps["camouflage_large"]["colour"][3]
+    assert (gaps["camouflage_large"]["cast"][1:] < 0.1).all()

@@ -1,8 +1,10 @@
 """The decisive CPU-scale run: does CAST discover part-whole structure better than a ViT of the same size, when
 low-level cues do not give the objects away?
 
-Data: the `"camouflage"` synthetic variant (`evaluation.synthetic`): 2-3 objects of one shape class per image, object
-and background painted with one palette of textures, so only shapes and part layout tell objects apart.
+Data: a camouflage synthetic variant (`evaluation.synthetic`), by default `"camouflage_large"`: one large object of a
+shape class per image (about 26 % of the image, so it can be the majority of a coarse segment; `"camouflage"` has 2-3
+small ones), object and background painted with one palette of textures, so only shapes and part layout tell objects
+apart.
 
 Models: a small CAST and a transformers ViT of the same width, depth, heads and MLP ratio (`reproduce.vit_config`:
 8 px patches, 64 tokens on a 64 px image against CAST's ~49 superpixels), each trained with
@@ -28,6 +30,9 @@ Scores on the held-out images, per level (CAST's levels 1..4; the ViT's k-means 
   colours into as many clusters and (b) the object instances (connected components of the object mask, background
   one region). High (a) and low (b): the grouping follows colour, not objects.
 
+Did the models learn the classes? The classifiers' top-1 on the held-out images and every model's kNN accuracy
+(`classification_eval`): retrieval can only label segments with classes if the embeddings tell the classes apart.
+
 CPU time (user + system of this process and its finished children, `os.times`) is recorded per phase.
 """
 
@@ -46,6 +51,7 @@ from transformers import ViTForImageClassification, ViTModel
 
 from ..errors import InvalidInputError
 from ..evaluation.baselines import make_vit_like
+from ..evaluation.classification_eval import classification_processor, evaluate_classification
 from ..evaluation.metrics import contingency_table
 from ..evaluation.segment_retrieval import (
     CastRetrievalSegments,
@@ -65,6 +71,7 @@ from ..evaluation.segmentation_eval import (
     to_jsonable,
 )
 from ..evaluation.synthetic import (
+    CAMOUFLAGE_LAYOUTS,
     CLASS_NAMES,
     INFO_FILE,
     PART_NAMES,
@@ -96,7 +103,7 @@ NUM_PART_LABELS = len(PART_NAMES)
 class PartWholeSettings:
     """Data, models, the two training recipes and the evaluation of the run (defaults: about 20 CPU-minutes)."""
 
-    variant: str = "camouflage"
+    variant: str = "camouflage_large"
     num_train_images: int = 2000
     num_test_images: int = 200
     num_memory_images: int = 250
@@ -394,6 +401,29 @@ def evaluate_models(cast, vit, settings, data, cast_dir=None):
     return results
 
 
+def classification_scores(cast, vit, settings, train_examples, test_examples):
+    """Did the models learn the classes? Per family, the top-1 accuracy of a classifier (supervised / untrained) on
+    the held-out images and the weighted kNN accuracy of every model's image embedding (CLS token) among the
+    embeddings of the `num_memory_images` memory images: `{"CAST": {...}, "ViT": {...}}`."""
+    superpixels = {"num_superpixels": settings.num_superpixels, "seeds_recipe": "supervised"}
+    processors = {  # the ViT ignores superpixels: the cheapest method
+        "CAST": classification_processor(settings.image_size, superpixel_method="seeds", **superpixels),
+        "ViT": classification_processor(settings.image_size, superpixel_method="grid", **superpixels),
+    }
+    return {
+        family: evaluate_classification(
+            model,
+            test_examples,
+            processors[family],
+            train_examples,
+            top_k=(1,),
+            batch_size=settings.eval_batch_size,
+            max_train_samples=settings.num_memory_images,
+        )
+        for family, model in (("CAST", cast), ("ViT", vit))
+    }
+
+
 def floor_scores(settings, data):
     """The floors: majority-class retrieval; grid and superpixels-by-grid segments for majority mIoU / boundary F."""
     masks = [mask for _, mask in data.queries]
@@ -489,16 +519,34 @@ def run_part_whole(output_dir, settings):
     evaluation_start = cpu_seconds()
     runs = []
     for (objective, seed), pair in models.items():
-        scores = evaluate_models(pair["CAST"][0], pair["ViT"][0], settings, data, cast_dir=pair["CAST"][1])
+        cast, vit = pair["CAST"][0], pair["ViT"][0]
+        scores = evaluate_models(cast, vit, settings, data, cast_dir=pair["CAST"][1])
+        classification = classification_scores(cast, vit, settings, train_examples, test_examples)
         for family, (_, folder, training) in pair.items():
             runs.append(
-                {"model": family, "objective": objective, "seed": seed, "training": training, **scores[family]}
+                {
+                    "model": family,
+                    "objective": objective,
+                    "seed": seed,
+                    "training": training,
+                    "classification": classification[family],
+                    **scores[family],
+                }
             )
     if settings.include_untrained:
         cast, vit = untrained_pair(settings, num_labels, settings.seeds[0])
         scores = evaluate_models(cast, vit, settings, data)
+        classification = classification_scores(cast, vit, settings, train_examples, test_examples)
         for family in ("CAST", "ViT"):
-            runs.append({"model": family, "objective": "untrained", "seed": settings.seeds[0], **scores[family]})
+            runs.append(
+                {
+                    "model": family,
+                    "objective": "untrained",
+                    "seed": settings.seeds[0],
+                    "classification": classification[family],
+                    **scores[family],
+                }
+            )
     floors = floor_scores(settings, data)
     cpu["evaluation"] = cpu_seconds() - evaluation_start
     cpu["total"] = cpu_seconds() - start_cpu
@@ -548,6 +596,30 @@ def level_table(results, section, metric, floors=()):
     return "\n".join(lines)
 
 
+def objects_per_image(variant):
+    """How many objects of one class a `variant` image shows, and how large (words)."""
+    layout = CAMOUFLAGE_LAYOUTS.get(variant)
+    if layout is None:
+        return "one object per image"
+    low, high = layout.objects
+    count = "one object" if high == 1 else f"{low}-{high} objects of one class"
+    return f"{count} per image, {layout.scale[0]:g}-{layout.scale[1]:g} of the image side high"
+
+
+def classification_table(results):
+    """Markdown: per (model, objective), the classifier's top-1 on the held-out images and the kNN accuracy of the
+    image embedding, averaged over seeds (the seeds' values in brackets); chance is 1 / number of classes."""
+    lines = ["| model | training | top-1 | kNN |", "|---|---|---:|---:|"]
+    groups = {}
+    for run in results["runs"]:
+        groups.setdefault((run["model"], run["objective"]), []).append(run.get("classification", {}))
+    for (model, objective), scores in groups.items():
+        cells = [seed_cell([score.get(metric) for score in scores]) for metric in ("top1_accuracy", "knn_accuracy")]
+        name = "CAST" if model == "CAST" else f"ViT/{results['settings']['vit_patch_size']}"
+        lines.append(f"| {name} | {objective} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_part_whole_report(results):
     """Markdown: the settings, the three score tables (retrieval, majority-label mIoU, boundary F) and what the
     segments follow."""
@@ -557,7 +629,7 @@ def format_part_whole_report(results):
     lines = [
         f"`{settings['variant']}` synthetic data: {settings['num_train_images']} training and "
         f"{settings['num_test_images']} test images of {settings['image_size']} px, {len(CLASS_NAMES)} shape classes "
-        f"(2-3 objects of one class per image). CAST and ViT: width {settings['hidden_size']}, "
+        f"({objects_per_image(settings['variant'])}). CAST and ViT: width {settings['hidden_size']}, "
         f"{sum(settings['depths'])} blocks, {settings['num_attention_heads']} heads; CAST "
         f"~{round(settings['num_superpixels'] * settings['image_size'] ** 2 / 224**2)} SEEDS superpixels, clusters "
         f"{'/'.join(map(str, settings['num_clusters']))}; ViT {settings['vit_patch_size']} px patches, k-means into "
@@ -566,6 +638,12 @@ def format_part_whole_report(results):
         f"seed's value). CPU time: data {cpu['data'] / 60:.1f} min, training {cpu['training'] / 60:.1f} min, "
         f"evaluation {cpu['evaluation'] / 60:.1f} min, total {cpu['total'] / 60:.1f} min "
         f"(wall {results['wall_seconds'] / 60:.1f} min).",
+        "",
+        f"**Did the models learn the classes?** Top-1 of the classifier on the held-out images (MoCo models have none)"
+        f" and weighted kNN accuracy (20 nearest) of the image embedding among the {settings['num_memory_images']} "
+        f"memory images; chance {1 / len(CLASS_NAMES):.3f}",
+        "",
+        classification_table(results),
         "",
         f"**The authors' protocol** (segment retrieval, {settings['top_k']} nearest of the segments of "
         f"{settings['num_memory_images']} training images): mIoU over background + {len(CLASS_NAMES)} classes",

@@ -1,6 +1,6 @@
 """A synthetic part-whole dataset for CPU-scale experiments: textured shapes on textured backgrounds.
 
-Two variants (`VARIANTS`):
+Three variants (`VARIANTS`):
 
 - `"contrasting"` (the default, the original set): every image shows one object of a shape class (house, mushroom,
   snowman, ...) made of two named parts, placed at a random position, scale, aspect and rotation on a textured
@@ -15,7 +15,10 @@ Two variants (`VARIANTS`):
   each part filled with a palette texture too (the two parts of an object with different textures, each unlike the
   background under it, so the silhouette and the part layout stay visible). A region's colour and texture say
   nothing about whether it is object or background, or which parts belong together: only shapes and their layout
-  do.
+  do. The objects are small (about 11 % of the image in all).
+- `"camouflage_large"`: the same, with one large object (height 0.7-0.95 of the image side, about 26 % of the image,
+  9-60 %), so that it can be the majority of a coarse segment and its class is learnable in a short run.
+  `CAMOUFLAGE_LAYOUTS` holds each camouflage variant's number and size of objects.
 
 Each example has:
 
@@ -28,6 +31,7 @@ Each example has:
 Examples are deterministic: example `i` of a split depends only on `(seed, split, i, image_size, variant)`.
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -51,9 +55,27 @@ PART_NAMES = ("background",) + tuple(f"{name}/{part}" for name, parts in SHAPE_P
 SPLITS = ("train", "validation", "test")
 TEXTURES = ("solid", "stripes", "checker", "dots", "noise")
 MIN_IMAGE_SIZE = 32
-VARIANTS = ("contrasting", "camouflage")
 CAMOUFLAGE_PALETTE_SIZE = 4
-CAMOUFLAGE_OBJECTS = (2, 3)  # objects per image, at least and at most
+
+
+@dataclasses.dataclass(frozen=True)
+class CamouflageLayout:
+    """How many objects a camouflage image shows and how large: `objects` (at least, at most) per image, each of
+    height `scale` (a fraction of the image side, drawn uniformly in the range)."""
+
+    objects: tuple
+    scale: tuple
+
+
+# Variant name -> layout of its objects (the `"contrasting"` variant has its own, one object per image).
+CAMOUFLAGE_LAYOUTS = {
+    # 2-3 small objects, about 11 % of the image in all.
+    "camouflage": CamouflageLayout(objects=(2, 3), scale=(0.3, 0.42)),
+    # One large object, about 26 % of the image (9-60 %): it is the majority of a coarse segment.
+    "camouflage_large": CamouflageLayout(objects=(1, 1), scale=(0.7, 0.95)),
+}
+VARIANTS = ("contrasting",) + tuple(CAMOUFLAGE_LAYOUTS)
+CAMOUFLAGE_OBJECTS = CAMOUFLAGE_LAYOUTS["camouflage"].objects  # objects per image, at least and at most
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,16 +238,16 @@ def _camouflage_background(rng, size, x, y, num_textures):
     return texture_index
 
 
-def _place_objects(rng, size, num_objects, attempts=50):
-    """Up to `num_objects` placements `(centre, scale, aspect, angle)` whose bounding circles do not overlap (the
-    first always fits; a later one that finds no room in `attempts` draws is left out)."""
+def _place_objects(rng, size, num_objects, layout, attempts=50):
+    """Up to `num_objects` placements `(centre, scale, aspect, angle)` whose bounding circles lie inside the image and
+    do not overlap (the first always fits; a later one that finds no room in `attempts` draws is left out)."""
     placements, circles = [], []
     for _ in range(num_objects):
         for _ in range(attempts):
-            scale = rng.uniform(0.3, 0.42) * size
+            scale = rng.uniform(*layout.scale) * size
             aspect = rng.uniform(0.8, 1.25)
             angle = math.radians(rng.uniform(-25, 25))
-            radius = 0.5 * scale * max(aspect, 1.0)
+            radius = min(0.5 * scale * max(aspect, 1.0), size / 2)
             centre = rng.uniform(radius, size - radius, size=2)
             if all(np.hypot(*(centre - other)) >= radius + other_radius for other, other_radius in circles):
                 placements.append((centre, scale, aspect, angle))
@@ -234,8 +256,9 @@ def _place_objects(rng, size, num_objects, attempts=50):
     return placements
 
 
-def _camouflage_example(rng, size, label):
-    """2-3 objects of class `label` whose parts wear the background's palette (the `"camouflage"` variant)."""
+def _camouflage_example(rng, size, label, layout):
+    """Objects of class `label` (as many and as large as `layout`) whose parts wear the background's palette (the
+    `"camouflage"` variants)."""
     name = CLASS_NAMES[label]
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     num_textures = CAMOUFLAGE_PALETTE_SIZE
@@ -243,8 +266,8 @@ def _camouflage_example(rng, size, label):
     texture_index = _camouflage_background(rng, size, x, y, num_textures)
 
     part_mask = np.zeros((size, size), dtype=np.uint8)
-    low, high = CAMOUFLAGE_OBJECTS
-    for centre, scale, aspect, angle in _place_objects(rng, size, int(rng.integers(low, high + 1))):
+    low, high = layout.objects
+    for centre, scale, aspect, angle in _place_objects(rng, size, int(rng.integers(low, high + 1)), layout):
         u, v = _object_coordinates(x, y, centre, scale, aspect, angle)
         used = []
         for part_name, part in zip(SHAPE_PARTS[name], _shape_parts(name, u, v)):
@@ -276,8 +299,8 @@ def generate_example(index, seed=0, split="train", image_size=64, max_distractor
         raise ValueError(f"Unknown synthetic variant {variant!r}; choose one of {VARIANTS}.")
     rng = _example_rng(seed, split, index)
     label = int(index) % len(CLASS_NAMES)
-    if variant == "camouflage":
-        return _camouflage_example(rng, int(image_size), label)
+    if variant in CAMOUFLAGE_LAYOUTS:
+        return _camouflage_example(rng, int(image_size), label, CAMOUFLAGE_LAYOUTS[variant])
     return _contrasting_example(rng, int(image_size), label, max_distractors)
 
 
@@ -424,6 +447,8 @@ def load_synthetic_dataset(path, split=None, streaming=False):
 
 __all__ = [
     "VARIANTS",
+    "CAMOUFLAGE_LAYOUTS",
+    "CamouflageLayout",
     "SHAPE_PARTS",
     "CLASS_NAMES",
     "PART_NAMES",
