@@ -507,21 +507,18 @@ def check_attention_memory(config, pixel_values, superpixels, pool_at_full_resol
 @contextlib.contextmanager
 def dynamic_batch_compilation(*inputs):
     """Compile a CAST model once for every batch size: marks dim 0 of `inputs` (e.g. `pixel_values` and
-    `superpixels`) dynamic and, while the context is open, lets torch treat sizes obliviously of their value, so the
-    graph is not specialised to batch 1 (torch otherwise specialises sizes 0 and 1, and recompiles for them). Open it
-    around the first call of the compiled model (the one that compiles); later calls of any batch size reuse the
-    graph. Needs a static token budget (`CastConfig.num_segment_tokens`) so that no other size follows the data::
+    `superpixels`) as an unbacked size, one the graph may not specialise on (a plain dynamic size is specialised at
+    0 and 1, and the convolutions' backend choice guards on a range of batch sizes: both recompile). Call it before
+    the first call of the compiled model (the one that compiles); later calls of any batch size reuse the graph.
+    Needs a static token budget (`CastConfig.num_segment_tokens`) so that no other size follows the data::
 
         compiled = torch.compile(model, fullgraph=True)
         with dynamic_batch_compilation(pixel_values, superpixels):
             compiled(pixel_values, superpixels)
     """
-    from torch.fx.experimental import _config as fx_config
-
     for tensor in inputs:
-        torch._dynamo.mark_dynamic(tensor, 0)
-    with fx_config.patch(backed_size_oblivious=True):
-        yield
+        torch._dynamo.decorators.mark_unbacked(tensor, 0)
+    yield
 
 
 def _format_bytes(count):
@@ -610,7 +607,8 @@ class CastPreTrainedModel(PreTrainedModel):
             raise ValueError(f"`pixel_values` must be a 4-D tensor [B, C, H, W], got {shape}.")
         if not pixel_values.is_floating_point():
             raise ValueError(f"`pixel_values` must be a float tensor, got {pixel_values.dtype}.")
-        if pixel_values.shape[0] == 0:
+        capturing = is_capturing_graph()
+        if not capturing and pixel_values.shape[0] == 0:  # (a batch size compiled as unbacked has no value to test)
             raise ValueError("`pixel_values` is an empty batch (0 images): pass at least one image.")
         if pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
@@ -625,13 +623,16 @@ class CastPreTrainedModel(PreTrainedModel):
             raise ValueError(f"`superpixels` must be an integer tensor [B, H, W], got {type(superpixels).__name__}.")
         if superpixels.is_floating_point() or superpixels.dtype == torch.bool or superpixels.is_complex():
             raise ValueError(f"`superpixels` must hold integer labels, got dtype {superpixels.dtype}.")
+        if capturing:  # the shapes are checked as symbols (batch sizes may be unbacked), the values eagerly only
+            torch._check(superpixels.dim() == 3 and tuple(superpixels.shape[1:]) == (height, width))
+            torch._check(superpixels.shape[0] == pixel_values.shape[0])
+            torch._check(pixel_values.shape[0] >= 1)
+            return
         if tuple(superpixels.shape) != (pixel_values.shape[0], height, width):
             raise ValueError(
                 f"`superpixels` shape {tuple(superpixels.shape)} does not match the images: expected "
                 f"{(pixel_values.shape[0], height, width)} (one label map per image, same height and width)."
             )
-        if is_capturing_graph():  # the checks below read tensor values: eager only
-            return
         if self.config.has_static_segment_tokens:
             self._validate_static_labels(superpixels)
             return

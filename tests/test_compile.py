@@ -27,7 +27,7 @@ def main_output(output):
     return output.logits if getattr(output, "logits", None) is not None else output.pooler_output
 
 
-def check_compiled(model, backend, batch_sizes=(1, 3, 2)):
+def check_compiled(model, backend, batch_sizes=(1, 3, 2, 17)):
     """Compile once (batch 2, dynamic), then every batch size without recompiling: outputs equal eager mode."""
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     pixel_values, superpixels = inputs(2)
