@@ -242,7 +242,39 @@ def threaded_iterator(pipeline, inputs, batch_size, preprocess_params, forward_p
     return PipelineIterator(model_iterator, pipeline.postprocess, postprocess_params)
 
 
-class HierarchicalSegmentationPipeline(Pipeline):
+class CastPipelineMixin:
+    """What every CAST pipeline shares: it loads an image processor only (CAST reads no text), checks at construction
+    that the model is CAST, and runs the model on `cast_preprocess`'s inputs (`run_model`)."""
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_is_cast(self.model, type(self).__name__)
+
+    def run_model(self, model_inputs):
+        """`(outputs, target_size, image)`: the model's outputs on `cast_preprocess`'s inputs, and the batch's
+        original sizes and pictures, which `model_inputs` no longer holds."""
+        target_size, image = model_inputs.pop("target_size"), model_inputs.pop("image")
+        return self.model(**model_inputs, return_dict=True), target_size, image
+
+
+class ThreadedPreprocessingMixin:
+    """Preprocessing in a pool of threads (`threaded_iterator`), unless `num_workers` asks for DataLoader processes."""
+
+    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        if num_workers:  # DataLoader worker processes, as transformers does
+            return super().get_iterator(
+                inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
+            )
+        return threaded_iterator(self, inputs, batch_size, preprocess_params, forward_params, postprocess_params)
+
+
+class HierarchicalSegmentationPipeline(CastPipelineMixin, ThreadedPreprocessingMixin, Pipeline):
     """
     Part-to-whole segmentation of images with a CAST model (`CastModel`, `CastForImageClassification` or
     `CastForSemanticSegmentation`, package or remote code).
@@ -267,16 +299,6 @@ class HierarchicalSegmentationPipeline(Pipeline):
     through padding tokens; use `batch_size=1` (the default) for results independent of the batch.
     """
 
-    _load_processor = False
-    _load_image_processor = True
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        check_is_cast(self.model, type(self).__name__)
-
     def _sanitize_parameters(self, levels=None, overlay=None, return_masks=None, timeout=None, **kwargs):
         preprocess_params, postprocess_params = {}, {}
         if timeout is not None:
@@ -294,19 +316,11 @@ class HierarchicalSegmentationPipeline(Pipeline):
             raise ValueError(f"Unknown arguments for hierarchical-segmentation: {sorted(kwargs)}.")
         return preprocess_params, {}, postprocess_params
 
-    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
-        if num_workers:  # DataLoader worker processes, as transformers does
-            return super().get_iterator(
-                inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
-            )
-        return threaded_iterator(self, inputs, batch_size, preprocess_params, forward_params, postprocess_params)
-
     def preprocess(self, image, timeout=None):
         return sized_preprocess(self, image, timeout)
 
     def _forward(self, model_inputs):
-        target_size, image = model_inputs.pop("target_size"), model_inputs.pop("image")
-        outputs = self.model(**model_inputs, return_dict=True)
+        outputs, target_size, image = self.run_model(model_inputs)
         # [B, 5, H, W]: level 0 (superpixels as the model saw them) and levels 1..4, one tensor so batches split.
         label_maps = hierarchy_level_maps(outputs, model_inputs["superpixels"])
         statistics = segment_statistics(label_maps, target_size.tolist())  # every level of the batch at once
@@ -328,7 +342,7 @@ class HierarchicalSegmentationPipeline(Pipeline):
         return {"size": (height, width), "levels": result}
 
 
-class CastImageSegmentationPipeline(ImageSegmentationPipeline):
+class CastImageSegmentationPipeline(CastPipelineMixin, ThreadedPreprocessingMixin, ImageSegmentationPipeline):
     """
     `image-segmentation` for CAST: with `CastForSemanticSegmentation` (a segmentation head), one mask per predicted
     class (`label` from `config.id2label`); with other CAST models, one mask per segment of hierarchy `level`
@@ -336,22 +350,9 @@ class CastImageSegmentationPipeline(ImageSegmentationPipeline):
     The image is processed whole (resized, never centre cropped), so the masks cover the whole input image.
     """
 
-    _load_processor = False
-    _load_image_processor = True
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-
     def __init__(self, *args, **kwargs):
         Pipeline.__init__(self, *args, **kwargs)  # CAST is in none of transformers' segmentation mappings
         check_is_cast(self.model, type(self).__name__)
-
-    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
-        if num_workers:  # DataLoader worker processes, as transformers does
-            return super().get_iterator(
-                inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
-            )
-        return threaded_iterator(self, inputs, batch_size, preprocess_params, forward_params, postprocess_params)
 
     def _sanitize_parameters(self, level=None, subtask=None, timeout=None, **kwargs):
         preprocess_params, postprocess_params = {}, {}
@@ -371,9 +372,7 @@ class CastImageSegmentationPipeline(ImageSegmentationPipeline):
         return sized_preprocess(self, image, timeout)
 
     def _forward(self, model_inputs):
-        target_size = model_inputs.pop("target_size")
-        model_inputs.pop("image")
-        outputs = self.model(**model_inputs, return_dict=True)
+        outputs, target_size, _ = self.run_model(model_inputs)
         logits = getattr(outputs, "logits", None)
         semantic = logits is not None and logits.dim() == 4  # [B, num_labels, H, W] from a segmentation head
         if semantic:
@@ -438,7 +437,7 @@ def _check_level(level, name):
     return level
 
 
-class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
+class ZeroShotHierarchicalSegmentationPipeline(CastPipelineMixin, Pipeline):
     """
     Open-vocabulary objects and parts: the segments of two levels of CAST's hierarchy (package or remote code)
     labelled by a CLIP-style model, as in the paper's PartImageNet evaluation (see `hf_hierseg.segment_labeling`).
@@ -474,15 +473,8 @@ class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
     the background are background.
     """
 
-    _load_processor = False
-    _load_image_processor = True
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-
     def __init__(self, *args, clip_model=None, clip_processor=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        check_is_cast(self.model, type(self).__name__)
+        super().__init__(*args, **kwargs)  # checks the model (CastPipelineMixin)
         self.clip_model, self.clip_image_processor, self.clip_tokenizer = load_clip(clip_model, clip_processor)
         self.clip_model.to(self.device)
         self._text_embeddings = {}  # (names, template) -> [N, D]
@@ -576,9 +568,8 @@ class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
         part_names=None,
         parts_of=None,
     ):
-        target_size, _ = model_inputs.pop("target_size"), model_inputs.pop("image")
         clip_pixel_values = model_inputs.pop("clip_pixel_values")
-        outputs = self.model(**model_inputs, return_dict=True)
+        outputs, target_size, _ = self.run_model(model_inputs)
         hierarchy_maps = outputs.hierarchy_maps(model_inputs["superpixels"])  # 5 x [B, H, W], levels 0..4
         levels = [object_level] if part_names is None else [object_level, part_level]
         segment_maps = torch.stack([hierarchy_maps[level] for level in levels], dim=1)  # [B, 1 or 2, H, W]
@@ -639,7 +630,7 @@ class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
         return result
 
 
-class HierarchicalImageClassificationPipeline(Pipeline):
+class HierarchicalImageClassificationPipeline(CastPipelineMixin, Pipeline):
     """
     Hierarchical classification with an H-CAST model (`CastForHierarchicalImageClassification`, package or remote
     code): per image, the predicted label path through the taxonomy, finest level first, with a score per level and,
@@ -662,15 +653,8 @@ class HierarchicalImageClassificationPipeline(Pipeline):
     the finer level's). Scores are the softmax of each level's logits.
     """
 
-    _load_processor = False
-    _load_image_processor = True
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        check_is_cast(self.model, type(self).__name__)
+        super().__init__(*args, **kwargs)  # checks the model (CastPipelineMixin)
         if not getattr(self.model.config, "hierarchy_num_labels", None):
             raise ValueError(
                 f"{type(self).__name__} needs a hierarchical classifier (CastForHierarchicalImageClassification, "
@@ -693,9 +677,7 @@ class HierarchicalImageClassificationPipeline(Pipeline):
         return cast_preprocess(self, image, timeout)
 
     def _forward(self, model_inputs):
-        target_size = model_inputs.pop("target_size")
-        model_inputs.pop("image")
-        outputs = self.model(**model_inputs, return_dict=True)
+        outputs, target_size, _ = self.run_model(model_inputs)
         # [B, sum(n_k)]: every level's probabilities side by side (finest first), one tensor so batches split.
         probabilities = torch.cat([logits.float().softmax(dim=-1) for logits in outputs.logits_per_level], dim=-1)
         label_maps = torch.stack(outputs.hierarchy_maps(model_inputs["superpixels"]), dim=1)  # [B, 5, H, W]
