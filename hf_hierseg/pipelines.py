@@ -60,6 +60,7 @@ from .segment_labeling import (
     check_clip_model,
     check_masking,
     check_object_labels,
+    check_segment_batch_size,
     encode_texts,
     label_segments,
     part_vocabulary,
@@ -514,8 +515,7 @@ class ZeroShotHierarchicalSegmentationPipeline(CastPipelineMixin, Pipeline):
         blur_sigma = DEFAULT_BLUR_SIGMA if blur_sigma is None else blur_sigma
         check_masking(masking, fill_value, blur_sigma)
         segment_batch_size = DEFAULT_SEGMENT_BATCH_SIZE if segment_batch_size is None else segment_batch_size
-        if isinstance(segment_batch_size, bool) or not isinstance(segment_batch_size, int) or segment_batch_size < 1:
-            raise ValueError(f"`segment_batch_size` must be a positive integer, got {segment_batch_size!r}.")
+        check_segment_batch_size(segment_batch_size)
         forward_params = {
             "objects": objects,
             "object_level": object_level,
