@@ -102,6 +102,17 @@ def cast_preprocess(pipeline, image, timeout=None):
     return model_inputs
 
 
+def timeout_params(timeout):
+    """The preprocessing parameters for a pipeline's `timeout` (for URLs): none when it is not given."""
+    return {} if timeout is None else {"timeout": timeout}
+
+
+def check_no_unknown_arguments(kwargs, task):
+    """Raise a `ValueError` naming the arguments in `kwargs` that the pipeline of `task` does not take."""
+    if kwargs:
+        raise ValueError(f"Unknown arguments for {task}: {sorted(kwargs)}.")
+
+
 class LazyMask(Image.Image):
     """The binary mask of one segment, a PIL image of mode "L" (255 inside, 0 outside) whose pixels are computed
     on first use, as PIL reads a file image on first use: an image's hierarchy has a hundred segments or more, and
@@ -301,9 +312,7 @@ class HierarchicalSegmentationPipeline(CastPipelineMixin, ThreadedPreprocessingM
     """
 
     def _sanitize_parameters(self, levels=None, overlay=None, return_masks=None, timeout=None, **kwargs):
-        preprocess_params, postprocess_params = {}, {}
-        if timeout is not None:
-            preprocess_params["timeout"] = timeout
+        preprocess_params, postprocess_params = timeout_params(timeout), {}
         if levels is not None:
             levels = (levels,) if isinstance(levels, int) else tuple(levels)
             if not levels or any(not isinstance(level, int) or not 0 <= level <= NUM_LEVELS for level in levels):
@@ -313,8 +322,7 @@ class HierarchicalSegmentationPipeline(CastPipelineMixin, ThreadedPreprocessingM
             postprocess_params["overlay"] = bool(overlay)
         if return_masks is not None:
             postprocess_params["return_masks"] = bool(return_masks)
-        if kwargs:
-            raise ValueError(f"Unknown arguments for hierarchical-segmentation: {sorted(kwargs)}.")
+        check_no_unknown_arguments(kwargs, "hierarchical-segmentation")
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, image, timeout=None):
@@ -356,17 +364,14 @@ class CastImageSegmentationPipeline(CastPipelineMixin, ThreadedPreprocessingMixi
         check_is_cast(self.model, type(self).__name__)
 
     def _sanitize_parameters(self, level=None, subtask=None, timeout=None, **kwargs):
-        preprocess_params, postprocess_params = {}, {}
-        if timeout is not None:
-            preprocess_params["timeout"] = timeout
+        preprocess_params, postprocess_params = timeout_params(timeout), {}
         if subtask not in (None, "semantic"):
             raise ValueError(f"CAST gives semantic segmentation only; `subtask` must be 'semantic', got {subtask!r}.")
         if level is not None:
             if not isinstance(level, int) or not 0 <= level <= NUM_LEVELS:
                 raise ValueError(f"`level` must be an integer in 0..{NUM_LEVELS}, got {level!r}.")
             postprocess_params["level"] = level
-        if kwargs:
-            raise ValueError(f"Unknown arguments for CAST image-segmentation: {sorted(kwargs)}.")
+        check_no_unknown_arguments(kwargs, "CAST image-segmentation")
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, image, timeout=None):
@@ -500,9 +505,8 @@ class ZeroShotHierarchicalSegmentationPipeline(CastPipelineMixin, Pipeline):
         timeout=None,
         **kwargs,
     ):
-        if kwargs:
-            raise ValueError(f"Unknown arguments for zero-shot-hierarchical-segmentation: {sorted(kwargs)}.")
-        preprocess_params = {} if timeout is None else {"timeout": timeout}
+        check_no_unknown_arguments(kwargs, "zero-shot-hierarchical-segmentation")
+        preprocess_params = timeout_params(timeout)
         if candidate_labels is None:  # the defaults at construction
             return preprocess_params, {}, {}
         objects = check_object_labels(candidate_labels)
@@ -662,15 +666,12 @@ class HierarchicalImageClassificationPipeline(CastPipelineMixin, Pipeline):
             )
 
     def _sanitize_parameters(self, top_k=None, timeout=None, **kwargs):
-        preprocess_params, postprocess_params = {}, {}
-        if timeout is not None:
-            preprocess_params["timeout"] = timeout
+        preprocess_params, postprocess_params = timeout_params(timeout), {}
         if top_k is not None:
             if not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
             postprocess_params["top_k"] = top_k
-        if kwargs:
-            raise ValueError(f"Unknown arguments for hierarchical-image-classification: {sorted(kwargs)}.")
+        check_no_unknown_arguments(kwargs, "hierarchical-image-classification")
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, image, timeout=None):
