@@ -60,6 +60,7 @@ from .segment_labeling import (
     check_clip_model,
     check_masking,
     check_object_labels,
+    check_segment_batch_size,
     encode_texts,
     label_segments,
     part_vocabulary,
@@ -99,6 +100,17 @@ def cast_preprocess(pipeline, image, timeout=None):
     model_inputs["target_size"] = [(image.height, image.width)]
     model_inputs["image"] = [image]
     return model_inputs
+
+
+def timeout_params(timeout):
+    """The preprocessing parameters for a pipeline's `timeout` (for URLs): none when it is not given."""
+    return {} if timeout is None else {"timeout": timeout}
+
+
+def check_no_unknown_arguments(kwargs, task):
+    """Raise a `ValueError` naming the arguments in `kwargs` that the pipeline of `task` does not take."""
+    if kwargs:
+        raise ValueError(f"Unknown arguments for {task}: {sorted(kwargs)}.")
 
 
 class LazyMask(Image.Image):
@@ -242,7 +254,39 @@ def threaded_iterator(pipeline, inputs, batch_size, preprocess_params, forward_p
     return PipelineIterator(model_iterator, pipeline.postprocess, postprocess_params)
 
 
-class HierarchicalSegmentationPipeline(Pipeline):
+class CastPipelineMixin:
+    """What every CAST pipeline shares: it loads an image processor only (CAST reads no text), checks at construction
+    that the model is CAST, and runs the model on `cast_preprocess`'s inputs (`run_model`)."""
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_is_cast(self.model, type(self).__name__)
+
+    def run_model(self, model_inputs):
+        """`(outputs, target_size, image)`: the model's outputs on `cast_preprocess`'s inputs, and the batch's
+        original sizes and pictures, which `model_inputs` no longer holds."""
+        target_size, image = model_inputs.pop("target_size"), model_inputs.pop("image")
+        return self.model(**model_inputs, return_dict=True), target_size, image
+
+
+class ThreadedPreprocessingMixin:
+    """Preprocessing in a pool of threads (`threaded_iterator`), unless `num_workers` asks for DataLoader processes."""
+
+    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        if num_workers:  # DataLoader worker processes, as transformers does
+            return super().get_iterator(
+                inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
+            )
+        return threaded_iterator(self, inputs, batch_size, preprocess_params, forward_params, postprocess_params)
+
+
+class HierarchicalSegmentationPipeline(CastPipelineMixin, ThreadedPreprocessingMixin, Pipeline):
     """
     Part-to-whole segmentation of images with a CAST model (`CastModel`, `CastForImageClassification` or
     `CastForSemanticSegmentation`, package or remote code).
@@ -267,20 +311,8 @@ class HierarchicalSegmentationPipeline(Pipeline):
     through padding tokens; use `batch_size=1` (the default) for results independent of the batch.
     """
 
-    _load_processor = False
-    _load_image_processor = True
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        check_is_cast(self.model, type(self).__name__)
-
     def _sanitize_parameters(self, levels=None, overlay=None, return_masks=None, timeout=None, **kwargs):
-        preprocess_params, postprocess_params = {}, {}
-        if timeout is not None:
-            preprocess_params["timeout"] = timeout
+        preprocess_params, postprocess_params = timeout_params(timeout), {}
         if levels is not None:
             levels = (levels,) if isinstance(levels, int) else tuple(levels)
             if not levels or any(not isinstance(level, int) or not 0 <= level <= NUM_LEVELS for level in levels):
@@ -290,23 +322,14 @@ class HierarchicalSegmentationPipeline(Pipeline):
             postprocess_params["overlay"] = bool(overlay)
         if return_masks is not None:
             postprocess_params["return_masks"] = bool(return_masks)
-        if kwargs:
-            raise ValueError(f"Unknown arguments for hierarchical-segmentation: {sorted(kwargs)}.")
+        check_no_unknown_arguments(kwargs, "hierarchical-segmentation")
         return preprocess_params, {}, postprocess_params
-
-    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
-        if num_workers:  # DataLoader worker processes, as transformers does
-            return super().get_iterator(
-                inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
-            )
-        return threaded_iterator(self, inputs, batch_size, preprocess_params, forward_params, postprocess_params)
 
     def preprocess(self, image, timeout=None):
         return sized_preprocess(self, image, timeout)
 
     def _forward(self, model_inputs):
-        target_size, image = model_inputs.pop("target_size"), model_inputs.pop("image")
-        outputs = self.model(**model_inputs, return_dict=True)
+        outputs, target_size, image = self.run_model(model_inputs)
         # [B, 5, H, W]: level 0 (superpixels as the model saw them) and levels 1..4, one tensor so batches split.
         label_maps = hierarchy_level_maps(outputs, model_inputs["superpixels"])
         statistics = segment_statistics(label_maps, target_size.tolist())  # every level of the batch at once
@@ -328,7 +351,7 @@ class HierarchicalSegmentationPipeline(Pipeline):
         return {"size": (height, width), "levels": result}
 
 
-class CastImageSegmentationPipeline(ImageSegmentationPipeline):
+class CastImageSegmentationPipeline(CastPipelineMixin, ThreadedPreprocessingMixin, ImageSegmentationPipeline):
     """
     `image-segmentation` for CAST: with `CastForSemanticSegmentation` (a segmentation head), one mask per predicted
     class (`label` from `config.id2label`); with other CAST models, one mask per segment of hierarchy `level`
@@ -336,44 +359,26 @@ class CastImageSegmentationPipeline(ImageSegmentationPipeline):
     The image is processed whole (resized, never centre cropped), so the masks cover the whole input image.
     """
 
-    _load_processor = False
-    _load_image_processor = True
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-
     def __init__(self, *args, **kwargs):
         Pipeline.__init__(self, *args, **kwargs)  # CAST is in none of transformers' segmentation mappings
         check_is_cast(self.model, type(self).__name__)
 
-    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
-        if num_workers:  # DataLoader worker processes, as transformers does
-            return super().get_iterator(
-                inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
-            )
-        return threaded_iterator(self, inputs, batch_size, preprocess_params, forward_params, postprocess_params)
-
     def _sanitize_parameters(self, level=None, subtask=None, timeout=None, **kwargs):
-        preprocess_params, postprocess_params = {}, {}
-        if timeout is not None:
-            preprocess_params["timeout"] = timeout
+        preprocess_params, postprocess_params = timeout_params(timeout), {}
         if subtask not in (None, "semantic"):
             raise ValueError(f"CAST gives semantic segmentation only; `subtask` must be 'semantic', got {subtask!r}.")
         if level is not None:
             if not isinstance(level, int) or not 0 <= level <= NUM_LEVELS:
                 raise ValueError(f"`level` must be an integer in 0..{NUM_LEVELS}, got {level!r}.")
             postprocess_params["level"] = level
-        if kwargs:
-            raise ValueError(f"Unknown arguments for CAST image-segmentation: {sorted(kwargs)}.")
+        check_no_unknown_arguments(kwargs, "CAST image-segmentation")
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, image, timeout=None):
         return sized_preprocess(self, image, timeout)
 
     def _forward(self, model_inputs):
-        target_size = model_inputs.pop("target_size")
-        model_inputs.pop("image")
-        outputs = self.model(**model_inputs, return_dict=True)
+        outputs, target_size, _ = self.run_model(model_inputs)
         logits = getattr(outputs, "logits", None)
         semantic = logits is not None and logits.dim() == 4  # [B, num_labels, H, W] from a segmentation head
         if semantic:
@@ -438,7 +443,7 @@ def _check_level(level, name):
     return level
 
 
-class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
+class ZeroShotHierarchicalSegmentationPipeline(CastPipelineMixin, Pipeline):
     """
     Open-vocabulary objects and parts: the segments of two levels of CAST's hierarchy (package or remote code)
     labelled by a CLIP-style model, as in the paper's PartImageNet evaluation (see `hf_hierseg.segment_labeling`).
@@ -474,15 +479,8 @@ class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
     the background are background.
     """
 
-    _load_processor = False
-    _load_image_processor = True
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-
     def __init__(self, *args, clip_model=None, clip_processor=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        check_is_cast(self.model, type(self).__name__)
+        super().__init__(*args, **kwargs)  # checks the model (CastPipelineMixin)
         self.clip_model, self.clip_image_processor, self.clip_tokenizer = load_clip(clip_model, clip_processor)
         self.clip_model.to(self.device)
         self._text_embeddings = {}  # (names, template) -> [N, D]
@@ -507,9 +505,8 @@ class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
         timeout=None,
         **kwargs,
     ):
-        if kwargs:
-            raise ValueError(f"Unknown arguments for zero-shot-hierarchical-segmentation: {sorted(kwargs)}.")
-        preprocess_params = {} if timeout is None else {"timeout": timeout}
+        check_no_unknown_arguments(kwargs, "zero-shot-hierarchical-segmentation")
+        preprocess_params = timeout_params(timeout)
         if candidate_labels is None:  # the defaults at construction
             return preprocess_params, {}, {}
         objects = check_object_labels(candidate_labels)
@@ -522,8 +519,7 @@ class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
         blur_sigma = DEFAULT_BLUR_SIGMA if blur_sigma is None else blur_sigma
         check_masking(masking, fill_value, blur_sigma)
         segment_batch_size = DEFAULT_SEGMENT_BATCH_SIZE if segment_batch_size is None else segment_batch_size
-        if isinstance(segment_batch_size, bool) or not isinstance(segment_batch_size, int) or segment_batch_size < 1:
-            raise ValueError(f"`segment_batch_size` must be a positive integer, got {segment_batch_size!r}.")
+        check_segment_batch_size(segment_batch_size)
         forward_params = {
             "objects": objects,
             "object_level": object_level,
@@ -576,9 +572,8 @@ class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
         part_names=None,
         parts_of=None,
     ):
-        target_size, _ = model_inputs.pop("target_size"), model_inputs.pop("image")
         clip_pixel_values = model_inputs.pop("clip_pixel_values")
-        outputs = self.model(**model_inputs, return_dict=True)
+        outputs, target_size, _ = self.run_model(model_inputs)
         hierarchy_maps = outputs.hierarchy_maps(model_inputs["superpixels"])  # 5 x [B, H, W], levels 0..4
         levels = [object_level] if part_names is None else [object_level, part_level]
         segment_maps = torch.stack([hierarchy_maps[level] for level in levels], dim=1)  # [B, 1 or 2, H, W]
@@ -639,7 +634,7 @@ class ZeroShotHierarchicalSegmentationPipeline(Pipeline):
         return result
 
 
-class HierarchicalImageClassificationPipeline(Pipeline):
+class HierarchicalImageClassificationPipeline(CastPipelineMixin, Pipeline):
     """
     Hierarchical classification with an H-CAST model (`CastForHierarchicalImageClassification`, package or remote
     code): per image, the predicted label path through the taxonomy, finest level first, with a score per level and,
@@ -662,15 +657,8 @@ class HierarchicalImageClassificationPipeline(Pipeline):
     the finer level's). Scores are the softmax of each level's logits.
     """
 
-    _load_processor = False
-    _load_image_processor = True
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        check_is_cast(self.model, type(self).__name__)
+        super().__init__(*args, **kwargs)  # checks the model (CastPipelineMixin)
         if not getattr(self.model.config, "hierarchy_num_labels", None):
             raise ValueError(
                 f"{type(self).__name__} needs a hierarchical classifier (CastForHierarchicalImageClassification, "
@@ -678,24 +666,19 @@ class HierarchicalImageClassificationPipeline(Pipeline):
             )
 
     def _sanitize_parameters(self, top_k=None, timeout=None, **kwargs):
-        preprocess_params, postprocess_params = {}, {}
-        if timeout is not None:
-            preprocess_params["timeout"] = timeout
+        preprocess_params, postprocess_params = timeout_params(timeout), {}
         if top_k is not None:
             if not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
             postprocess_params["top_k"] = top_k
-        if kwargs:
-            raise ValueError(f"Unknown arguments for hierarchical-image-classification: {sorted(kwargs)}.")
+        check_no_unknown_arguments(kwargs, "hierarchical-image-classification")
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, image, timeout=None):
         return cast_preprocess(self, image, timeout)
 
     def _forward(self, model_inputs):
-        target_size = model_inputs.pop("target_size")
-        model_inputs.pop("image")
-        outputs = self.model(**model_inputs, return_dict=True)
+        outputs, target_size, _ = self.run_model(model_inputs)
         # [B, sum(n_k)]: every level's probabilities side by side (finest first), one tensor so batches split.
         probabilities = torch.cat([logits.float().softmax(dim=-1) for logits in outputs.logits_per_level], dim=-1)
         label_maps = torch.stack(outputs.hierarchy_maps(model_inputs["superpixels"]), dim=1)  # [B, 5, H, W]

@@ -180,6 +180,12 @@ def segment_views(
     return torch.stack(views).to(pixel_values.dtype)
 
 
+def check_segment_batch_size(segment_batch_size):
+    """Raise a `ValueError` unless `segment_batch_size` (views per CLIP call) is a positive integer."""
+    if isinstance(segment_batch_size, bool) or not isinstance(segment_batch_size, int) or segment_batch_size < 1:
+        raise ValueError(f"`segment_batch_size` must be a positive integer, got {segment_batch_size!r}.")
+
+
 @torch.no_grad()
 def encode_segments(
     clip_model,
@@ -200,8 +206,7 @@ def encode_segments(
     Returns:
         a list of float32 `[S_i, D]`, one per image.
     """
-    if isinstance(segment_batch_size, bool) or not isinstance(segment_batch_size, int) or segment_batch_size < 1:
-        raise ValueError(f"`segment_batch_size` must be a positive integer, got {segment_batch_size!r}.")
+    check_segment_batch_size(segment_batch_size)
     if len(pixel_values) != len(masks):
         raise ValueError(f"Got {len(pixel_values)} images but segment masks for {len(masks)}.")
     view_masks = [resize_masks(image_masks, image.shape[-2:]) for image, image_masks in zip(pixel_values, masks)]
@@ -414,6 +419,7 @@ __all__ = [
     "check_clip_model",
     "check_masking",
     "check_object_labels",
+    "check_segment_batch_size",
     "encode_segments",
     "encode_texts",
     "gaussian_blur",

@@ -89,6 +89,15 @@ def add_superpixel_arguments(parser):
     )
 
 
+def superpixel_options(args):
+    """The keyword arguments of the evaluation functions for `add_superpixel_arguments`' arguments."""
+    return {
+        "superpixel_method": args.superpixel_method,
+        "num_superpixels": args.num_superpixels,
+        "seeds_recipe": args.seeds_recipe,
+    }
+
+
 def add_vit_baseline_arguments(parser):
     """--vit_model, --vit_patch_size and --no_vit: the ViT of the ViT + k-means baseline."""
     parser.add_argument("--vit_model", default=None, help="ViT folder for the baseline (default: random weights)")
@@ -99,6 +108,11 @@ def add_vit_baseline_arguments(parser):
         help="patch size of the random ViT (ignored with --vit_model)",
     )
     parser.add_argument("--no_vit", action="store_true", help="skip the ViT + k-means baseline")
+
+
+def vit_baseline_options(args):
+    """The keyword arguments of the evaluation functions for `add_vit_baseline_arguments`' arguments."""
+    return {"vit_model": args.vit_model, "vit_patch_size": args.vit_patch_size, "skip_vit": args.no_vit}
 
 
 def print_report(report, run, output_json=None):
@@ -163,14 +177,10 @@ def run_segmentation(args):
         max_samples=args.max_samples,
         num_labels=args.num_labels,
         levels=tuple(args.levels),
-        vit_model=args.vit_model,
-        vit_patch_size=args.vit_patch_size,
-        skip_vit=args.no_vit,
+        **vit_baseline_options(args),
         vit_max_fit_pixels=args.vit_max_fit_pixels,
         real_photos=tuple(args.real_photos),
-        superpixel_method=args.superpixel_method,
-        num_superpixels=args.num_superpixels,
-        seeds_recipe=args.seeds_recipe,
+        **superpixel_options(args),
         batch_size=args.batch_size,
         ignore_index=args.ignore_index,
         tolerance=args.tolerance,
@@ -211,9 +221,7 @@ def run_classification(args):
         knn=not args.no_knn,
         image_column=args.image_column,
         label_column=args.label_column,
-        superpixel_method=args.superpixel_method,
-        num_superpixels=args.num_superpixels,
-        seeds_recipe=args.seeds_recipe,
+        **superpixel_options(args),
         image_size=args.image_size,
         crop_fraction=args.crop_fraction,
         knn_k=args.knn_k,
@@ -395,14 +403,10 @@ def run_segment_retrieval(args):
         embedding=args.embedding,
         image_size=args.image_size,
         geometry=args.geometry,
-        vit_model=args.vit_model,
-        skip_vit=args.no_vit,
-        vit_patch_size=args.vit_patch_size,
+        **vit_baseline_options(args),
         vit_embedding=args.vit_embedding,
         vit_max_fit_pixels=args.vit_max_fit_pixels,
-        superpixel_method=args.superpixel_method,
-        num_superpixels=args.num_superpixels,
-        seeds_recipe=args.seeds_recipe,
+        **superpixel_options(args),
         batch_size=args.batch_size,
         seed=args.seed,
     )

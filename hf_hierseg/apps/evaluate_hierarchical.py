@@ -2,7 +2,7 @@
 `scripts/evaluate_hierarchical.py`): per-level top-1, full-path accuracy and tree consistency (TICE)."""
 
 from ..evaluation.hierarchical_eval import format_hierarchical_table, run_hierarchical_evaluation
-from .evaluate import add_superpixel_arguments, evaluation_parser, print_report
+from .evaluate import add_superpixel_arguments, evaluation_parser, print_report, superpixel_options
 
 
 DESCRIPTION = """\
@@ -45,9 +45,7 @@ def run_hierarchical(args):
         image_column=args.image_column,
         label_column=args.label_column,
         label_columns=args.label_columns,
-        superpixel_method=args.superpixel_method,
-        num_superpixels=args.num_superpixels,
-        seeds_recipe=args.seeds_recipe,
+        **superpixel_options(args),
         image_size=args.image_size,
         crop_fraction=args.crop_fraction,
         batch_size=args.batch_size,

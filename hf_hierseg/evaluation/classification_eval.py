@@ -31,6 +31,20 @@ def classification_processor(
     return evaluation_processor(view, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe)
 
 
+def load_classifier_and_processor(
+    model_name_or_path, image_size=None, crop_fraction=0.875, superpixel_method=None, num_superpixels=None,
+    seeds_recipe=None, device="cpu",
+):  # fmt: skip
+    """`(model, image_size, processor)` of a classification evaluation: the CAST classifier (`loading.load_cast_model`)
+    on `device`, the view size (default: the model's) and its `classification_processor`."""
+    model = load_cast_model(model_name_or_path, classifier=True, device=device)
+    image_size = image_size or model.config.image_size
+    processor = classification_processor(
+        image_size, crop_fraction, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe
+    )
+    return model, image_size, processor
+
+
 @torch.no_grad()
 def embed_batch(model, pixel_values, superpixels):
     """`(features [B, C], logits [B, K] or None)`: CAST's `pooler_output` (+ `logits` of a classifier), or a ViT's
@@ -184,10 +198,8 @@ def run_classification_evaluation(
     image_column = image_column or image_column_of(eval_examples)
     label_column = label_column or label_column_of(eval_examples)
     train_examples = load_dataset_split(dataset_name, train_split) if knn else None
-    model = load_cast_model(model_name_or_path, classifier=True)
-    image_size = image_size or model.config.image_size
-    processor = classification_processor(
-        image_size, crop_fraction, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe
+    model, image_size, processor = load_classifier_and_processor(
+        model_name_or_path, image_size, crop_fraction, superpixel_method, num_superpixels, seeds_recipe
     )
     results = evaluate_classification(
         model,
@@ -224,5 +236,6 @@ __all__ = [
     "extract_features",
     "labelled_batches",
     "format_classification_table",
+    "load_classifier_and_processor",
     "run_classification_evaluation",
 ]

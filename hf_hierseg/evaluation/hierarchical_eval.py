@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from ..loading import load_cast_model, resolve_model_source
-from .classification_eval import classification_processor, labelled_batches
+from ..loading import resolve_model_source
+from .classification_eval import labelled_batches, load_classifier_and_processor
 from .metrics import hierarchical_accuracy
 from .segmentation_eval import format_score, load_dataset_split
 from .views import superpixel_settings
@@ -127,16 +127,14 @@ def run_hierarchical_evaluation(
     image_column = image_column or image_column_of(examples)
     if not label_columns:
         label_column = label_column or label_column_of(examples)
-    model = load_cast_model(model_name_or_path, classifier=True, device=device)
+    model, image_size, processor = load_classifier_and_processor(
+        model_name_or_path, image_size, crop_fraction, superpixel_method, num_superpixels, seeds_recipe, device
+    )
     if not getattr(model.config, "hierarchy_num_labels", None):
         raise InvalidInputError(
             f"{model_name_or_path} is not a hierarchical classifier (CastForHierarchicalImageClassification): its "
             "config has no taxonomy (`hierarchy_num_labels`)."
         )
-    image_size = image_size or model.config.image_size
-    processor = classification_processor(
-        image_size, crop_fraction, model_name_or_path, superpixel_method, num_superpixels, seeds_recipe
-    )
     paths = model.config.hierarchy_paths()
     results = evaluate_hierarchical(
         model, examples, processor, paths, image_column, label_column, label_columns, batch_size, max_samples
