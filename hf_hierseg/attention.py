@@ -19,8 +19,9 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 def padding_attention_mask(padding_mask, dtype, num_prefix_tokens=0):
-    """Additive key mask [B, 1, 1, N] from a bool padding mask [B, N - prefix] (True = padding), or None."""
-    if padding_mask is None or not bool(padding_mask.any()):
+    """Additive key mask [B, 1, 1, N] from a bool padding mask [B, N - prefix] (True = padding), or None for None.
+    Reads no tensor value (callers pass None where nothing is padded), so it compiles and exports."""
+    if padding_mask is None:
         return None
     if num_prefix_tokens:
         prefix = padding_mask.new_zeros(padding_mask.shape[0], num_prefix_tokens)

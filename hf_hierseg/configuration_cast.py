@@ -13,6 +13,8 @@ CAST_PRESETS = {
 }
 
 NUM_LEVELS = 4
+# Largest estimated attention memory of a forward accepted by default, in bytes (`CastConfig.max_attention_memory`).
+DEFAULT_MAX_ATTENTION_MEMORY = 16 * 2**30
 
 
 class CastConfig(PretrainedConfig):
@@ -39,7 +41,19 @@ class CastConfig(PretrainedConfig):
         assignment_scale (`float`, defaults to 5.0): scale of the cosine assignment logits.
         mask_padding_tokens (`bool`, defaults to `False`): when `True`, segments absent from an image are
             masked in attention, mean-centring and pooling, so an image's output does not depend on its batch
-            partners. `False` reproduces the original, where padding tokens take part.
+            partners. `False` reproduces the original, where padding tokens take part. Implied by
+            `num_segment_tokens`.
+        num_segment_tokens (`int`, *optional*): a static token budget. `None` (the default, and the original's
+            behaviour) makes one level-1 token per superpixel id up to the largest id in the batch (at least
+            `num_clusters[0]`), a count read from the data. With N set, level 1 always has N tokens: superpixel ids
+            must be < N and ids absent from an image are padding tokens, masked as with `mask_padding_tokens=True`
+            (which it implies), so results equal those of the dynamic masked model. The forward then has no shape
+            read from the data and no host synchronisation, so it compiles (`torch.compile(fullgraph=True)`) and
+            exports. N must be at least `num_clusters[0]`; pair the model with a processor that never returns N or
+            more labels (`hf_hierseg.image_processing_cast.static_model_and_processor`).
+        max_attention_memory (`int`, *optional*, defaults to 16 GiB): the largest estimated attention memory of a
+            forward, in bytes; larger batches are refused before anything is allocated (see
+            `modeling_cast.check_attention_memory`). `None` disables the check.
         freeze_last_pooling (`bool`, defaults to `True`): the original freezes the 4th graph pooling (it does
             not affect the embedding).
         initializer_range (`float`, defaults to 0.02): std of the truncated-normal initialiser.
@@ -86,6 +100,8 @@ class CastConfig(PretrainedConfig):
         graph_pooling_num_heads=12,
         assignment_scale=5.0,
         mask_padding_tokens=False,
+        num_segment_tokens=None,
+        max_attention_memory=DEFAULT_MAX_ATTENTION_MEMORY,
         freeze_last_pooling=True,
         initializer_range=0.02,
         projection_dim=256,
@@ -120,7 +136,10 @@ class CastConfig(PretrainedConfig):
         self.pooling_dropout_prob = pooling_dropout_prob
         self.graph_pooling_num_heads = graph_pooling_num_heads
         self.assignment_scale = assignment_scale
-        self.mask_padding_tokens = mask_padding_tokens
+        self.num_segment_tokens = None if num_segment_tokens is None else int(num_segment_tokens)
+        # A static budget pads every image to N tokens: padding is always masked.
+        self.mask_padding_tokens = bool(mask_padding_tokens) or self.num_segment_tokens is not None
+        self.max_attention_memory = None if max_attention_memory is None else int(max_attention_memory)
         self.freeze_last_pooling = freeze_last_pooling
         self.initializer_range = initializer_range
         self.projection_dim = projection_dim
@@ -181,6 +200,11 @@ class CastConfig(PretrainedConfig):
             )
         if self.position_embedding_type == "sincos" and self.hidden_size % 4 != 0:
             raise ValueError(f"Sin-cos position embeddings need `hidden_size` divisible by 4, got {self.hidden_size}.")
+        if self.num_segment_tokens is not None and self.num_segment_tokens < self.num_clusters[0]:
+            raise ValueError(
+                f"`num_segment_tokens` ({self.num_segment_tokens}) must be at least `num_clusters[0]` "
+                f"({self.num_clusters[0]}): the first graph pooling keeps that many of the level-1 tokens."
+            )
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"`image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size})."
@@ -295,6 +319,12 @@ class CastConfig(PretrainedConfig):
         if self.tree_path_kl_weight < 0:
             raise ValueError(f"`tree_path_kl_weight` must be non-negative, got {self.tree_path_kl_weight}.")
 
+    @property
+    def has_static_segment_tokens(self):
+        """Whether level 1 has the fixed token count `num_segment_tokens` (a static budget) rather than one read from
+        the superpixel ids."""
+        return getattr(self, "num_segment_tokens", None) is not None
+
     def hierarchy_paths(self):
         """The taxonomy's root-to-leaf paths (`hierarchy_paths(self)`): one row `(i, parent of i, ...)` per finest
         class, the rows of H-CAST's `data/*_tree.json`. Empty without a taxonomy."""
@@ -382,6 +412,7 @@ def backbone_config(config, out_features=None, out_indices=None):
 
 __all__ = [
     "CAST_PRESETS",
+    "DEFAULT_MAX_ATTENTION_MEMORY",
     "STAGE_NAMES",
     "CastBackboneConfig",
     "CastConfig",

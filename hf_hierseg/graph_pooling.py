@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CastSelfAttention, padding_attention_mask
-from .segment_ops import masked_mean
+from .segment_ops import is_capturing_graph, masked_mean
 
 
 def farthest_point_sampling(points, num_samples, start_index=0):
@@ -19,9 +19,12 @@ def farthest_point_sampling(points, num_samples, start_index=0):
     every remaining distance is 0, this picks the lowest-index unchosen point instead).
 
     The steps run on distances from one batched Gram matrix (|p|^2 + |q|^2 - 2 p.q), so each step costs O(N)
-    instead of O(N * D). Any row where, at some step, the two farthest candidates lie within that formula's
-    rounding bound of each other is recomputed with the direct sum of squared differences
-    (`farthest_point_sampling_direct`), so the picks always equal the direct computation's.
+    instead of O(N * D), in four small ops. Any row where, at some step, the two farthest candidates lie within that
+    formula's rounding bound of each other is recomputed with the direct sum of squared differences
+    (`farthest_point_sampling_direct`), so the picks always equal the direct computation's. Under graph capture
+    (torch.compile, export) and off the CPU both are computed and selected per row with `torch.where`: no branch on
+    tensor values, no host synchronisation; in eager mode on the CPU (where reading a flag costs nothing) the direct
+    computation runs only for the rows that need it.
 
     Args:
         points: [B, N, D] (use float64 for exact ties).
@@ -34,33 +37,37 @@ def farthest_point_sampling(points, num_samples, start_index=0):
     batch, num_points, dim = points.shape
     if num_samples > num_points:
         raise ValueError(f"Cannot sample {num_samples} points from {num_points}.")
+    start = torch.full((batch,), start_index, dtype=torch.long, device=points.device)
+    if num_samples == 1:
+        return start.unsqueeze(1)
     gram = torch.bmm(points, points.transpose(1, 2))  # [B, N, N]
     norms = gram.diagonal(dim1=1, dim2=2)  # [B, N]
-    distances = (norms.unsqueeze(2) + norms.unsqueeze(1)).sub_(gram, alpha=2)  # [B, N, N], symmetric
-    # Row b * N + c: distances of image b's points to its point c (index_select is far cheaper than [rows, c]).
-    distance_rows = distances.view(batch * num_points, num_points)
-    row_offsets = torch.arange(batch, device=points.device) * num_points
     # These differ from the direct sums by <= ~8 (D + 2) u max|p|^2 (u = unit roundoff); twice that as margin.
     tolerance = 8 * (dim + 4) * torch.finfo(points.dtype).eps * norms.amax(dim=1)  # [B]
+    distances = (norms.unsqueeze(2) + norms.unsqueeze(1)).sub_(gram, alpha=2)  # [B, N, N], symmetric
+    # -inf to itself: the running minimum marks every chosen point -inf, so it is never picked again.
+    distances.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    # Row b * N + c: distances of image b's points to its point c (index_select is far cheaper than [rows, c]).
+    distance_rows = distances.view(batch * num_points, num_points)
+    row_offsets = torch.arange(0, batch * num_points, num_points, device=points.device)
 
-    # Min distance to the chosen set; chosen points hold -inf so they are never picked again.
-    score = torch.full((batch, num_points), float("inf"), dtype=points.dtype, device=points.device)
-    current = torch.full((batch,), start_index, dtype=torch.long, device=points.device)
-    picks, top_two = [current], []
-    for _ in range(num_samples - 1):
-        score.scatter_(1, current.unsqueeze(1), float("-inf"))
-        score = torch.minimum(score, distance_rows.index_select(0, row_offsets + current))
-        values, indices = score.topk(2, dim=1)
-        top_two.append(values)
-        current = indices[:, 0]
+    # score: min distance of every point to the chosen set (-inf for chosen points), one [B, N] per step.
+    score = distance_rows.index_select(0, row_offsets + start_index)
+    picks, scores = [start], [score]
+    for _ in range(num_samples - 2):
+        current = score.argmax(dim=1)
         picks.append(current)
-    picks = torch.stack(picks, dim=1)
-    if not top_two:
-        return picks
+        score = torch.minimum(score, distance_rows.index_select(0, row_offsets + current))
+        scores.append(score)
+    picks.append(score.argmax(dim=1))
+    picks = torch.stack(picks, dim=1)  # [B, K]
 
-    top_two = torch.stack(top_two, dim=1)  # [B, K - 1, 2]
+    top_two = torch.stack(scores, dim=1).topk(2, dim=2).values  # [B, K - 1, 2]
     gaps = top_two[..., 0] - top_two[..., 1]
-    ambiguous = (gaps <= 2 * tolerance.unsqueeze(1)).any(dim=1) | ~torch.isfinite(tolerance)
+    ambiguous = (gaps <= 2 * tolerance.unsqueeze(1)).any(dim=1) | ~torch.isfinite(tolerance)  # [B]
+    if is_capturing_graph() or points.device.type != "cpu":
+        exact = farthest_point_sampling_direct(points, num_samples, start_index)
+        return torch.where(ambiguous.unsqueeze(1), exact, picks)
     if ambiguous.any():
         picks[ambiguous] = farthest_point_sampling_direct(points[ambiguous], num_samples, start_index)
     return picks
@@ -68,24 +75,23 @@ def farthest_point_sampling(points, num_samples, start_index=0):
 
 def farthest_point_sampling_direct(points, num_samples, start_index=0):
     """Reference farthest point sampling: every step sums squared differences over D (see
-    `farthest_point_sampling`, which returns the same picks faster)."""
-    batch, num_points, _ = points.shape
+    `farthest_point_sampling`, which returns the same picks faster). Branch-free: it compiles and exports."""
+    batch, num_points, dim = points.shape
     if num_samples > num_points:
         raise ValueError(f"Cannot sample {num_samples} points from {num_points}.")
-    rows = torch.arange(batch, device=points.device)
-    picks = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
+    flat_points = points.reshape(batch * num_points, dim)
+    row_offsets = torch.arange(0, batch * num_points, num_points, device=points.device)
     current = torch.full((batch,), start_index, dtype=torch.long, device=points.device)
-    min_distance = torch.full((batch, num_points), float("inf"), dtype=points.dtype, device=points.device)
-    chosen = torch.zeros(batch, num_points, dtype=torch.bool, device=points.device)
-    for step in range(num_samples):
-        picks[:, step] = current
-        chosen[rows, current] = True
-        if step == num_samples - 1:
-            break
-        distance = (points - points[rows, current].unsqueeze(1)).pow(2).sum(-1)  # [B, N]
-        min_distance = torch.minimum(min_distance, distance)
-        current = min_distance.masked_fill(chosen, -1.0).argmax(dim=1)
-    return picks
+    picks, min_distance = [current], None
+    for _ in range(num_samples - 1):
+        chosen = flat_points.index_select(0, row_offsets + current)  # [B, D]
+        distance = (points - chosen.unsqueeze(1)).pow(2).sum(-1)  # [B, N]
+        min_distance = distance if min_distance is None else torch.minimum(min_distance, distance)
+        # Chosen points hold -inf (distances are >= 0), so they are never picked again; ties go to the lowest index.
+        min_distance = min_distance.scatter(1, current.unsqueeze(1), float("-inf"))
+        current = min_distance.argmax(dim=1)
+        picks.append(current)
+    return torch.stack(picks, dim=1)
 
 
 @dataclass
@@ -106,18 +112,27 @@ class CentroidAttention(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.hidden_size))
 
     def forward(self, tokens, padding_mask=None, mask_padding=False):
-        attention_mask = padding_attention_mask(padding_mask, tokens.dtype) if mask_padding else None
+        """tokens [B, N, C]; padding_mask bool [B, N] or None (nothing padded)."""
+        masked = mask_padding and padding_mask is not None
+        attention_mask = padding_attention_mask(padding_mask, tokens.dtype) if masked else None
         hidden, _ = self.attn(self.norm(tokens), attention_mask)
         hidden = tokens + hidden
-        if mask_padding and padding_mask is not None:
-            mean = masked_mean(hidden, ~padding_mask, keepdim=True)
-        else:
-            mean = hidden.mean(dim=1, keepdim=True)
+        mean = masked_mean(hidden, ~padding_mask, keepdim=True) if masked else hidden.mean(dim=1, keepdim=True)
         return hidden - mean + self.bias
 
 
+def sampling_dtype(dtype):
+    """The float dtype graph pooling groups in: float32 for half-precision models (so the hierarchy does not follow
+    their rounding), else the model's own."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class GraphPooling(nn.Module):
-    """Merge N segment tokens into `num_clusters` tokens (one CAST level)."""
+    """Merge N segment tokens into `num_clusters` tokens (one CAST level).
+
+    Sampling (farthest point sampling, in float64) and assignment (cosine logits, softmax, the assignment-weighted
+    cluster means) run in at least float32, also in a half-precision model (`sampling_dtype`): the hierarchy is the
+    float32 model's up to the rounding of the tokens it is given. `assignment_logits` are float32 there."""
 
     def __init__(self, config, num_clusters):
         super().__init__()
@@ -135,26 +150,31 @@ class GraphPooling(nn.Module):
 
     def sample_centroids(self, tokens, padding_mask):
         """FPS over the tokens with padding replaced by the mean token, which is prepended as the start point."""
+        tokens = tokens.detach().to(sampling_dtype(tokens.dtype))
         if padding_mask is None:
-            padding_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        mean = masked_mean(tokens, ~padding_mask, keepdim=True)  # [B, 1, C]
-        filled = torch.where(padding_mask.unsqueeze(-1), mean.expand_as(tokens), tokens)
-        points = torch.cat([mean, filled], dim=1).detach().to(torch.float64)
+            mean = tokens.sum(dim=1, keepdim=True) / tokens.shape[1]  # [B, 1, C] (as masked_mean computes it)
+            filled = tokens
+        else:
+            mean = masked_mean(tokens, ~padding_mask, keepdim=True)  # [B, 1, C]
+            filled = torch.where(padding_mask.unsqueeze(-1), mean, tokens)
+        points = torch.cat([mean, filled], dim=1).to(torch.float64)
         return farthest_point_sampling(points, self.num_clusters + 1, start_index=0)[:, 1:] - 1
 
     def expand(self, tokens):
         return self.token_dropout(F.gelu(self.token_expand(self.token_norm(tokens))))
 
     def forward(self, cls_token, tokens, padding_mask=None):
-        """cls_token [B, 1, C]; tokens [B, N, C] (after the level's blocks); padding_mask bool [B, N] or None."""
+        """cls_token [B, 1, C]; tokens [B, N, C] (after the level's blocks); padding_mask bool [B, N] or None (nothing
+        padded)."""
         sampled_indices = self.sample_centroids(tokens, padding_mask)  # [B, K]
         gather_index = sampled_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        compute_dtype = sampling_dtype(tokens.dtype)
 
         node_features = self.centroid_fc(tokens, padding_mask, self.mask_padding)
-        centroid_features = torch.gather(node_features, 1, gather_index)
-        assignment_logits = self.assignment_scale * torch.einsum(
-            "bnc,bkc->bnk", F.normalize(node_features, dim=-1), F.normalize(centroid_features, dim=-1)
-        )
+        # Cosine logits: unit node features against the unit features of the sampled ones.
+        node_directions = F.normalize(node_features.to(compute_dtype), dim=-1)  # [B, N, C]
+        centroid_directions = torch.gather(node_directions, 1, gather_index)  # [B, K, C]
+        assignment_logits = self.assignment_scale * torch.bmm(node_directions, centroid_directions.transpose(1, 2))
         assignments = assignment_logits.softmax(dim=-1)  # [B, N, K]
         if self.mask_padding and padding_mask is not None:
             assignments = assignments.masked_fill(padding_mask.unsqueeze(-1), 0.0)
@@ -162,7 +182,8 @@ class GraphPooling(nn.Module):
         expanded = self.expand(torch.cat([cls_token, tokens], dim=1))
         expanded_cls, expanded_tokens = expanded[:, :1], expanded[:, 1:]
         cluster_mass = assignments.sum(dim=1).unsqueeze(-1)  # [B, K, 1]
-        cluster_means = torch.einsum("bnk,bnc->bkc", assignments, expanded_tokens) / cluster_mass
+        cluster_sums = torch.bmm(assignments.transpose(1, 2), expanded_tokens.to(compute_dtype))  # [B, K, 4C]
+        cluster_means = (cluster_sums / cluster_mass).to(expanded.dtype)
         projected = self.cluster_project(self.cluster_norm(torch.cat([expanded_cls, cluster_means], dim=1)))
         pooled_tokens = projected[:, 1:] + torch.gather(tokens, 1, gather_index)
         cls_token = projected[:, :1] + cls_token
@@ -175,4 +196,5 @@ __all__ = [
     "CentroidAttention",
     "farthest_point_sampling",
     "farthest_point_sampling_direct",
+    "sampling_dtype",
 ]

@@ -27,6 +27,7 @@ from .superpixels import (
     denormalize_to_uint8,
     get_seeds_recipe,
     scaled_num_superpixels,
+    seeds_num_superpixels,
 )
 
 
@@ -55,6 +56,13 @@ class CastImageProcessorKwargs(ImagesKwargs, total=False):
     max_superpixels (`int`, *optional*, defaults to 16384):
         Most superpixels (the model's level-1 tokens) accepted per image, estimated from the processed size before
         resizing or computing them; `None` disables the check. See `check_superpixel_count`.
+    num_segment_tokens (`int`, *optional*):
+        The static token budget N of the model (`CastConfig.num_segment_tokens`): every returned map has at most N
+        labels (0..N-1). SEEDS returns the `rows x cols` block grid of `superpixels.seeds_num_superpixels`, about the
+        requested count and often fewer (196 for 196 at 224x224, 36 for 49 at 64x64), never more than its grid: the
+        request (`num_superpixels`, scaled to the image area) is lowered until that grid has at most N cells. Maps
+        that still have more labels (SLIC, precomputed `superpixels`) get their smallest segments merged into the
+        neighbour they share most border with (`limit_segment_count`). `None` (default) caps nothing.
     """
 
     superpixel_method: str | None
@@ -64,6 +72,7 @@ class CastImageProcessorKwargs(ImagesKwargs, total=False):
     num_workers: int | None
     max_image_pixels: int | None
     max_superpixels: int | None
+    num_segment_tokens: int | None
 
 
 class CastImageProcessor(PilBackend):
@@ -110,10 +119,12 @@ class CastImageProcessor(PilBackend):
     num_workers = None
     max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
     max_superpixels = DEFAULT_MAX_SUPERPIXELS
+    num_segment_tokens = None
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         _check_superpixel_settings(self.superpixel_method, self.superpixel_recipe, self.num_superpixels)
+        _check_segment_budget(self.num_segment_tokens)
 
     def preprocess(self, images, superpixels=None, **kwargs) -> BatchFeature:
         r"""
@@ -244,10 +255,12 @@ class CastImageProcessor(PilBackend):
         num_workers=None,
         max_image_pixels=None,
         max_superpixels=DEFAULT_MAX_SUPERPIXELS,
+        num_segment_tokens=None,
         return_tensors=None,
         **kwargs,
     ) -> BatchFeature:
         _check_superpixel_settings(superpixel_method, superpixel_recipe, num_superpixels)
+        _check_segment_budget(num_segment_tokens)
         if superpixels is None:  # before resizing any image or computing superpixels
             for index, image in enumerate(images):
                 height, width = image.shape[:2]
@@ -256,6 +269,8 @@ class CastImageProcessor(PilBackend):
                 if do_center_crop:
                     height, width = crop_size.height, crop_size.width
                 count = scaled_num_superpixels(height, width, num_superpixels, superpixel_reference_size)
+                if num_segment_tokens is not None:
+                    count = min(count, num_segment_tokens)
                 check_superpixel_count(count, max_superpixels, f"Image {index} ({height}x{width} pixels processed)")
         crops, pixel_values = [], []
         for image in images:
@@ -277,14 +292,14 @@ class CastImageProcessor(PilBackend):
                     label_map = self.resize(label_map, size, max_image_pixels=max_image_pixels)
                 if do_center_crop:
                     label_map = self.center_crop(label_map, crop_size, fill_value=-1)
-                label_maps.append(relabel_consecutive(label_map))
+                label_maps.append(limit_segment_count(relabel_consecutive(label_map), num_segment_tokens))
                 count = int(label_maps[-1].max()) + 1
                 check_superpixel_count(count, max_superpixels, f"superpixels[{len(label_maps) - 1}]", estimated=False)
             superpixels = label_maps
         else:
             superpixels = self._compute_superpixels(
                 crops, pixel_values, superpixel_method, superpixel_recipe, num_superpixels,
-                superpixel_reference_size, num_workers, do_normalize, image_mean, image_std,
+                superpixel_reference_size, num_workers, do_normalize, image_mean, image_std, num_segment_tokens,
             )  # fmt: skip
 
         if return_tensors is not None:
@@ -301,15 +316,22 @@ class CastImageProcessor(PilBackend):
 
     def _compute_superpixels(
         self, crops, pixel_values, method, recipe, num_superpixels, reference_size, num_workers,
-        do_normalize, image_mean, image_std,
+        do_normalize, image_mean, image_std, num_segment_tokens=None,
     ):  # fmt: skip
-        """Superpixels of the 8-bit crops; the DeiT recipe sees the normalised crop truncated back to 8 bit."""
+        """Superpixels of the 8-bit crops; the DeiT recipe sees the normalised crop truncated back to 8 bit. With a
+        token budget the requests are lowered to fit it and the maps capped (see `num_segment_tokens`)."""
         if method == "seeds" and get_seeds_recipe(recipe).from_normalized and do_normalize:
             crops = [
                 denormalize_to_uint8(values, image_mean, image_std, rounding="truncate") for values in pixel_values
             ]
         counts = [scaled_num_superpixels(*crop.shape[:2], num_superpixels, reference_size) for crop in crops]
-        return batch_superpixels(crops, method, counts, recipe, num_workers)
+        if num_segment_tokens is not None:
+            counts = [
+                budgeted_request(method, *crop.shape[:2], count, num_segment_tokens)
+                for crop, count in zip(crops, counts)
+            ]
+        label_maps = batch_superpixels(crops, method, counts, recipe, num_workers)
+        return [limit_segment_count(label_map, num_segment_tokens) for label_map in label_maps]
 
     # ----------------------------------------------------------------------------------------------------------
     # Post-processing
@@ -503,6 +525,47 @@ def _sampling_of(source_size, target_size):
     return axes
 
 
+def budgeted_request(method, height, width, num_superpixels, num_segment_tokens):
+    """The superpixel count to request from `method` on a `height x width` image so that it returns at most
+    `num_segment_tokens` labels: SEEDS returns exactly `seeds_num_superpixels(height, width, request)` (its block
+    grid), so the request is lowered until that grid fits; the grid method returns about the request; SLIC's count
+    varies (`limit_segment_count` caps what is still over)."""
+    request = min(int(num_superpixels), int(num_segment_tokens))
+    if method == "seeds":
+        while request > 1 and seeds_num_superpixels(height, width, request) > num_segment_tokens:
+            request -= 1
+    return request
+
+
+def limit_segment_count(labels, max_segments):
+    """Merge segments of a consecutive label map `[H, W]` (numpy int) until it has at most `max_segments` labels:
+    repeatedly, the smallest segment (the lowest id among equals) joins the neighbour (4-connected) it shares the
+    most border pixels with (the lowest id among equals); labels stay consecutive and in their order. Every returned
+    segment is a union of input segments. Returns the map unchanged when it is within the budget or `max_segments`
+    is None."""
+    labels = np.asarray(labels)
+    if max_segments is None or labels.size == 0 or int(labels.max()) < max_segments:
+        return labels
+    labels = labels.astype(np.int64, copy=True)
+    while int(labels.max()) + 1 > max_segments:
+        sizes = np.bincount(labels.ravel())
+        smallest = int(np.argmin(sizes))
+        inside = labels == smallest
+        neighbours = [
+            labels[:, 1:][inside[:, :-1] & ~inside[:, 1:]],
+            labels[:, :-1][inside[:, 1:] & ~inside[:, :-1]],
+            labels[1:, :][inside[:-1, :] & ~inside[1:, :]],
+            labels[:-1, :][inside[1:, :] & ~inside[:-1, :]],
+        ]
+        neighbours = np.concatenate(neighbours)
+        if neighbours.size == 0:  # a segment without neighbours (the whole map): cannot merge further
+            break
+        target = int(np.argmax(np.bincount(neighbours)))
+        labels[inside] = target
+        labels[labels > smallest] -= 1
+    return labels
+
+
 def check_superpixel_count(count, max_superpixels, what, estimated=True):
     """Refuse an image whose superpixel count (CAST's level-1 token count) exceeds `max_superpixels`.
 
@@ -540,6 +603,11 @@ def _check_image_size(height, width, max_image_pixels, what="image"):
             f"The {what} has {height}x{width} = {height * width} pixels, more than max_image_pixels="
             f"{max_image_pixels}: downscale it first or raise max_image_pixels."
         )
+
+
+def _check_segment_budget(num_segment_tokens):
+    if num_segment_tokens is not None and (isinstance(num_segment_tokens, bool) or int(num_segment_tokens) < 1):
+        raise ValueError(f"num_segment_tokens must be a positive token count or None, got {num_segment_tokens!r}.")
 
 
 def _check_superpixel_settings(method, recipe, num_superpixels):
@@ -706,8 +774,10 @@ def _check_target_sizes(target_sizes, batch_size):
 
 __all__ = [
     "CastImageProcessor",
+    "budgeted_request",
     "check_superpixel_count",
     "hierarchy_level_maps",
+    "limit_segment_count",
     "nearest_sampling_indices",
     "segment_statistics",
 ]

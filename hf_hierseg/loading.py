@@ -12,6 +12,7 @@ The user's mistakes (a folder that does not exist, a Hub id that cannot be found
 this machine lacks) raise `errors.MissingInputError` / `errors.InvalidInputError` with a message naming the problem.
 """
 
+import copy
 from pathlib import Path
 
 import torch
@@ -210,10 +211,38 @@ def load_model_and_processor(
             f"{resolve_model_source(model_name_or_path)} has no image processor ({IMAGE_PROCESSOR_FILE}); save the "
             "model's CastImageProcessor beside it."
         )
+    return model, align_processor_with_model(model, processor)
+
+
+def static_model_and_processor(model, processor, num_segment_tokens):
+    """`(model, processor)` with a static token budget of `num_segment_tokens` level-1 tokens: the model is switched
+    in place (`CastPreTrainedModel.set_num_segment_tokens`: `config.num_segment_tokens`, padding masked) and the
+    processor is a copy that never returns more labels (`CastImageProcessor(num_segment_tokens=...)`: SEEDS is
+    asked for fewer superpixels where its block grid would exceed the budget, other maps have their smallest
+    segments merged). Saving both (`save_pretrained` into one folder) keeps them consistent, and
+    `load_model_and_processor` caps a processor saved without the budget.
+
+    The model then compiles with `torch.compile(model, fullgraph=True)` and its outputs equal those of the dynamic
+    model with `mask_padding_tokens=True` on the same inputs (padding tokens aside)."""
+    check_is_cast(model, "static_model_and_processor")
+    model.set_num_segment_tokens(num_segment_tokens)
+    processor = copy.deepcopy(processor)
+    processor.num_segment_tokens = model.config.num_segment_tokens
     return model, processor
 
 
+def align_processor_with_model(model, processor):
+    """Give `processor` the model's static token budget when it has none or a larger one (a processor saved before
+    the budget was set), so that it never returns labels the model refuses. Returns the processor."""
+    budget = getattr(model.config, "num_segment_tokens", None)
+    current = getattr(processor, "num_segment_tokens", None)
+    if budget is not None and (current is None or current > budget):
+        processor.num_segment_tokens = budget
+    return processor
+
+
 __all__ = [
+    "align_processor_with_model",
     "checkpoint_kind",
     "is_hub_id",
     "load_cast_config",
@@ -223,4 +252,5 @@ __all__ = [
     "load_model_and_processor",
     "resolve_device",
     "resolve_model_source",
+    "static_model_and_processor",
 ]

@@ -27,10 +27,17 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import CastSelfAttention, padding_attention_mask
-from .configuration_cast import LEVEL_NAMES, NUM_LEVELS, STAGE_NAMES, CastConfig, backbone_config
+from .configuration_cast import (
+    DEFAULT_MAX_ATTENTION_MEMORY,
+    LEVEL_NAMES,
+    NUM_LEVELS,
+    STAGE_NAMES,
+    CastConfig,
+    backbone_config,
+)
 from .graph_pooling import GraphPooling
 from .hierarchy import compose_hierarchy, paint_hierarchy, paint_segments, parents_from_logits
-from .segment_ops import resize_labels_nearest, segment_mean, unused_label_counts
+from .segment_ops import is_capturing_graph, resize_labels_nearest, segment_mean, unused_label_counts
 from .superpixels import grid_superpixels, scaled_num_superpixels
 
 
@@ -38,9 +45,6 @@ logger = logging.get_logger(__name__)
 
 # Dropout between the fused BatchNorm and the projection (hard-coded in the original BlockFusion).
 FUSION_DROPOUT = 0.2
-# Largest estimated attention memory of a forward accepted by default, in bytes (`config.max_attention_memory`
-# overrides it, None disables the check): see `check_attention_memory`.
-DEFAULT_MAX_ATTENTION_MEMORY = 16 * 2**30
 SEGMENTATION_HEAD_TYPES = ("linear", "mlp_projector")
 
 
@@ -272,11 +276,9 @@ class CastEmbeddings(nn.Module):
             # Slot 0 is the CLS position.
             self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + num_cells, config.hidden_size))
         else:
-            self.register_buffer(
-                "position_embeddings",
-                sincos_position_grid(self.grid_size, self.grid_size, config.hidden_size),
-                persistent=False,
-            )
+            # Non-persistent, in the dtype the model is built in (`from_pretrained(..., dtype=...)`); `.to()` moves it.
+            grid = sincos_position_grid(self.grid_size, self.grid_size, config.hidden_size)
+            self.register_buffer("position_embeddings", grid.to(torch.get_default_dtype()), persistent=False)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def position_grid(self, height, width):
@@ -316,14 +318,21 @@ class CastEmbeddings(nn.Module):
         tokens, counts = segment_mean(cells, labels.reshape(batch, height * width), num_segments)
         return tokens, counts <= 0.5
 
+    def num_segments(self, labels):
+        """The level-1 token count S: `config.num_segment_tokens` when set (static), else (largest label over the
+        batch) + 1, at least `num_clusters[0]` (read from the data: a host synchronisation)."""
+        if self.config.has_static_segment_tokens:
+            return self.config.num_segment_tokens
+        return max(int(labels.max()) + 1, self.config.num_clusters[0])
+
     def forward(self, pixel_values, superpixels):
         """Returns embeddings [B, 1 + S, C] (CLS first), the padding mask [B, S] and the ConvStem grid [B, h, w, C].
-        S = (largest label over the batch) + 1, at least `num_clusters[0]`: token k is superpixel id k."""
+        Token k is superpixel id k; S is `num_segments(...)`."""
         # Inputs of another float dtype follow the weights' (as DINOv2's embeddings do).
         stem = self.patch_embeddings(pixel_values.to(self.cls_token.dtype))  # [B, H / 8, W / 8, C]
         labels, features = self.pooling_grid(stem, superpixels)
-        num_segments = max(int(labels.max()) + 1, self.config.num_clusters[0])
-        positions = self.position_grid(*labels.shape[-2:])
+        num_segments = self.num_segments(labels)
+        positions = self.position_grid(*labels.shape[-2:]).to(features.dtype)
         tokens, padding_mask = self.segment_tokens(features, positions, labels, num_segments)
         cls_token = (self.cls_token + self.cls_position()).expand(stem.shape[0], -1, -1)
         embeddings = self.dropout(torch.cat([cls_token, tokens], dim=1))
@@ -409,6 +418,7 @@ class CastEncoder(nn.ModuleList):
         )
         if config.freeze_last_pooling:
             self[-1].pooling.requires_grad_(False)
+        self.static_segment_tokens = config.has_static_segment_tokens
 
     def __getitem__(self, index):
         if isinstance(index, slice):  # nn.ModuleList would rebuild the class from a list of levels
@@ -416,19 +426,23 @@ class CastEncoder(nn.ModuleList):
         return super().__getitem__(index)
 
     def forward(self, hidden_states, padding_mask, **kwargs) -> CastHierarchyOutput:
-        """hidden_states [B, 1 + N_1, C] (CLS first), padding_mask bool [B, N_1]."""
-        level_hidden_states, pooled_hidden_states, logits, sampled, masks = [], [], [], [], []
+        """hidden_states [B, 1 + N_1, C] (CLS first), padding_mask bool [B, N_1]. Only level 1 can hold padding: the
+        levels after it get no mask. With a static token budget the level-1 mask is always applied; otherwise it is
+        dropped when nothing is padded (one host synchronisation, as the dynamic token count already needs)."""
+        batch, device = padding_mask.shape[0], padding_mask.device
+        tokens_after_level_1 = [level.pooling.num_clusters for level in self][:-1]
+        masks = [padding_mask] + [torch.zeros(batch, k, dtype=torch.bool, device=device) for k in tokens_after_level_1]
+        level_hidden_states, pooled_hidden_states, logits, sampled = [], [], [], []
+        if not self.static_segment_tokens and not bool(padding_mask.any()):
+            padding_mask = None
         for level in self:
-            masks.append(padding_mask)
             hidden_states, pooled = level(hidden_states, padding_mask, **kwargs)
             level_hidden_states.append(hidden_states)
             logits.append(pooled.assignment_logits)
             sampled.append(pooled.sampled_indices)
             hidden_states = torch.cat([pooled.cls_token, pooled.pooled_tokens], dim=1)  # [B, 1 + K, C]
             pooled_hidden_states.append(hidden_states)
-            padding_mask = torch.zeros(
-                hidden_states.shape[0], hidden_states.shape[1] - 1, dtype=torch.bool, device=hidden_states.device
-            )
+            padding_mask = None
         return CastHierarchyOutput(
             level_hidden_states=tuple(level_hidden_states),
             pooled_hidden_states=tuple(pooled_hidden_states),
@@ -448,14 +462,18 @@ def check_attention_memory(config, pixel_values, superpixels, pool_at_full_resol
 
     The cost model: one token per superpixel id (N = the largest id the model samples + 1), so N grows with the image
     area; every ViT block holds a [B, heads, 1 + N, 1 + N] attention map, so memory (and time) grow with N^2. Pooling
-    segments at full resolution also holds the ConvStem features upsampled to [B, H, W, C]. Eager code only: skipped
-    while compiling, exporting or tracing (the shapes are fixed there)."""
+    segments at full resolution also holds the ConvStem features upsampled to [B, H, W, C]. With a static token budget
+    (`config.num_segment_tokens`) N is that budget and no tensor value is read. Eager code only: skipped while
+    compiling, exporting or tracing (the shapes are fixed there)."""
     limit = getattr(config, "max_attention_memory", DEFAULT_MAX_ATTENTION_MEMORY)
-    if limit is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if limit is None or is_capturing_graph():
         return
     batch, _, height, width = pixel_values.shape
     stride = 1 if pool_at_full_resolution else config.patch_size
-    num_tokens = max(int(superpixels[:, ::stride, ::stride].max()) + 1, config.num_clusters[0])
+    if getattr(config, "num_segment_tokens", None) is not None:
+        num_tokens = config.num_segment_tokens
+    else:
+        num_tokens = max(int(superpixels[:, ::stride, ::stride].max()) + 1, config.num_clusters[0])
     element = pixel_values.element_size()
     heads = config.num_attention_heads
     attention = batch * heads * (1 + num_tokens) ** 2 * element
@@ -539,6 +557,26 @@ class CastPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
+    def set_num_segment_tokens(self, num_segment_tokens):
+        """Switch this model, in place, to a static token budget of `num_segment_tokens` level-1 tokens (None: back
+        to the dynamic count; padding then stays masked). Sets `config.num_segment_tokens` and
+        `config.mask_padding_tokens=True`, which the modules read at construction, so they are updated too; saving
+        the model keeps the budget. Returns the model. Pair it with a processor that caps its labels
+        (`hf_hierseg.loading.static_model_and_processor` does both)."""
+        if num_segment_tokens is not None and int(num_segment_tokens) < self.config.num_clusters[0]:
+            raise ValueError(
+                f"`num_segment_tokens` ({num_segment_tokens}) must be at least `num_clusters[0]` "
+                f"({self.config.num_clusters[0]})."
+            )
+        self.config.num_segment_tokens = None if num_segment_tokens is None else int(num_segment_tokens)
+        self.config.mask_padding_tokens = True
+        for module in self.modules():
+            if isinstance(module, (CastLevel, GraphPooling)):
+                module.mask_padding = True
+            elif isinstance(module, CastEncoder):
+                module.static_segment_tokens = self.config.has_static_segment_tokens
+        return self
+
     def _validate_inputs(self, pixel_values, superpixels):
         if pixel_values is None or superpixels is None:
             raise ValueError("CAST needs both `pixel_values` [B, 3, H, W] and `superpixels` [B, H, W].")
@@ -567,6 +605,11 @@ class CastPreTrainedModel(PreTrainedModel):
                 f"`superpixels` shape {tuple(superpixels.shape)} does not match the images: expected "
                 f"{(pixel_values.shape[0], height, width)} (one label map per image, same height and width)."
             )
+        if is_capturing_graph():  # the checks below read tensor values: eager only
+            return
+        if self.config.has_static_segment_tokens:
+            self._validate_static_labels(superpixels)
+            return
         if superpixels.numel() and int(superpixels.min()) < 0:
             raise ValueError("`superpixels` labels must be non-negative (0..S-1).")
         if superpixels.numel() and int(superpixels.max()) >= height * width:
@@ -581,6 +624,19 @@ class CastPreTrainedModel(PreTrainedModel):
                 "tokens and compute, and (unless `mask_padding_tokens=True`) other tokens attend to them. Relabel "
                 "each map with `hf_hierseg.segment_ops.relabel_consecutive` (CastImageProcessor does) so the token "
                 "count follows the segment count."
+            )
+
+    def _validate_static_labels(self, superpixels):
+        """With a static token budget N, labels are token indices 0..N-1: one host synchronisation checks them all."""
+        budget = self.config.num_segment_tokens
+        if superpixels.numel() and bool(((superpixels < 0) | (superpixels >= budget)).any()):
+            low, high = int(superpixels.min()), int(superpixels.max())
+            raise ValueError(
+                f"`superpixels` holds labels in [{low}, {high}], but the model has a static budget of "
+                f"config.num_segment_tokens = {budget} level-1 tokens: labels must lie in 0..{budget - 1}. Use an "
+                f"image processor that returns at most {budget} superpixels (`CastImageProcessor("
+                f"num_segment_tokens={budget})`, see `hf_hierseg.loading.static_model_and_processor`), relabel the maps with "
+                "`hf_hierseg.segment_ops.relabel_consecutive`, or build the model with a larger num_segment_tokens."
             )
 
 
@@ -671,6 +727,8 @@ class CastForImageClassification(CastPreTrainedModel):
             raise ValueError(
                 f"`labels` must be one class id per image, shape ({batch_size},), got {tuple(labels.shape)}."
             )
+        if is_capturing_graph():  # the range check reads tensor values: eager only
+            return labels
         counted = labels[labels != -100]
         if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= self.num_labels):
             raise ValueError(
@@ -810,11 +868,11 @@ def segment_cross_entropy(segment_logits, superpixels, labels, ignore_index):
     labels = labels.reshape(batch, -1)
     valid = labels != ignore_index
     rows = torch.arange(batch, device=labels.device).unsqueeze(1)
-    flat = (rows * num_segments + superpixels.reshape(batch, -1)) * num_labels + labels
-    pixel_log_probs = log_probs[flat[valid]]
-    if pixel_log_probs.numel() == 0:  # every pixel ignored: zero loss that still reaches the graph
-        return segment_logits.sum() * 0.0
-    return -pixel_log_probs.mean()
+    # Ignored pixels read class 0 and weigh 0: no shape follows the data (every pixel ignored gives a zero loss that
+    # still reaches the graph).
+    flat = (rows * num_segments + superpixels.reshape(batch, -1)) * num_labels + labels.masked_fill(~valid, 0)
+    pixel_log_probs = log_probs.take(flat).masked_fill(~valid, 0.0)
+    return -pixel_log_probs.sum() / valid.sum().clamp(min=1)
 
 
 class CastForSemanticSegmentation(CastPreTrainedModel):
@@ -852,6 +910,8 @@ class CastForSemanticSegmentation(CastPreTrainedModel):
                 f"`labels` shape {tuple(labels.shape)} does not match the images and superpixels "
                 f"{tuple(superpixels.shape)}: give one [H, W] class map per image at the image's size."
             )
+        if is_capturing_graph():  # the range check reads tensor values: eager only
+            return
         ids = labels.long()  # an int8 -1 would compare equal to the ignore index 255, a uint8 156 to -100
         valid = ids[ids != self.ignore_index]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.num_labels):

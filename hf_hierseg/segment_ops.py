@@ -5,6 +5,17 @@ import torch
 import torch.nn.functional as F
 
 
+def is_capturing_graph():
+    """Whether the code runs under graph capture (torch.compile, torch.export / ONNX export, TorchScript tracing):
+    there, checks that read tensor values (a host synchronisation, or a shape read from the data) are skipped."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
 def resize_labels_nearest(superpixels, size):
     """Resize an int label map [B, H, W] to `size` with PyTorch's legacy nearest (source index floor(i * in / out)).
 
@@ -25,21 +36,30 @@ def segment_sum_and_count(features, labels, num_segments):
         num_segments: number of output segments S.
 
     Returns:
-        sums [B, S, D] and counts [B, S] (float, same dtype as `features`).
+        sums [B, S, D] and counts [B, S] (float, the dtype of `features` promoted to at least float32).
+
+    No shape depends on the label values (a label >= num_segments is an error the caller checks), so it compiles
+    and exports; the counts are an index_add of ones rather than a `bincount` (whose length follows the data).
     """
-    batch, _, dim = features.shape
+    batch, cells, dim = features.shape
     # One index_add over the flattened batch (label l of image b is row b * S + l) adds whole rows at a time.
-    offsets = torch.arange(batch, device=labels.device).unsqueeze(1) * num_segments
+    offsets = torch.arange(0, batch * num_segments, num_segments, device=labels.device).unsqueeze(1)
     flat_labels = (labels + offsets).reshape(-1)
-    sums = features.new_zeros(batch * num_segments, dim).index_add_(0, flat_labels, features.reshape(-1, dim))
-    counts = torch.bincount(flat_labels, minlength=batch * num_segments).to(features.dtype)
+    # Half-precision features are summed in float32 (bfloat16 holds integers exactly only up to 256).
+    accumulate = torch.promote_types(features.dtype, torch.float32)
+    values = features.reshape(-1, dim).to(accumulate)
+    sums = values.new_zeros(batch * num_segments, dim).index_add_(0, flat_labels, values)
+    counts = values.new_zeros(batch * num_segments).index_add_(
+        0, flat_labels, values.new_ones(()).expand(batch * cells)
+    )
     return sums.view(batch, num_segments, dim), counts.view(batch, num_segments)
 
 
 def segment_mean(features, labels, num_segments):
-    """Mean of `features` [B, P, D] per label; absent labels give zeros. Returns (means [B, S, D], counts [B, S])."""
+    """Mean of `features` [B, P, D] per label; absent labels give zeros. Returns (means [B, S, D], in the dtype of
+    `features`, and counts [B, S], at least float32)."""
     sums, counts = segment_sum_and_count(features, labels, num_segments)
-    return sums / counts.clamp(min=1).unsqueeze(-1), counts
+    return (sums / counts.clamp(min=1).unsqueeze(-1)).to(features.dtype), counts
 
 
 def masked_mean(values, mask, dim=1, keepdim=False):
@@ -106,6 +126,7 @@ def unused_label_counts(label_maps):
 
 
 __all__ = [
+    "is_capturing_graph",
     "resize_labels_nearest",
     "segment_sum_and_count",
     "segment_mean",
