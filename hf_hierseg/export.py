@@ -93,9 +93,7 @@ def static_budget_model(model, num_segment_tokens=None):
         )
     if current == num_segment_tokens:
         return model
-    model = copy.deepcopy(model)
-    model.config.num_segment_tokens = num_segment_tokens
-    return model
+    return copy.deepcopy(model).set_num_segment_tokens(num_segment_tokens)
 
 
 def suggested_num_segment_tokens(processor, config=None):
@@ -241,19 +239,18 @@ def export_module_onnx(module, example_inputs, path, output_names, opset=DEFAULT
     wrapper = NamedOutputs(module, input_names, output_names).eval()
     batch = torch.export.Dim(BATCH_AXIS, min=1, max=4096)
     dynamic_shapes = (tuple({0: batch} for _ in input_names),)  # NamedOutputs.forward(*inputs): one varargs tuple
-    with torch.no_grad():
-        torch.onnx.export(
-            wrapper,
-            tuple(example_inputs[name] for name in input_names),
-            str(path),
-            input_names=input_names,
-            output_names=list(output_names),
-            opset_version=int(opset),
-            dynamic_shapes=dynamic_shapes,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    torch.onnx.export(
+        wrapper,
+        tuple(example_inputs[name] for name in input_names),
+        str(path),
+        input_names=input_names,
+        output_names=list(output_names),
+        opset_version=int(opset),
+        dynamic_shapes=dynamic_shapes,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
     if metadata:
         graph = onnx.load(str(path))
         for key, value in metadata.items():
@@ -265,15 +262,15 @@ def export_module_onnx(module, example_inputs, path, output_names, opset=DEFAULT
 def export_cast_onnx(model, path, processor=None, num_segment_tokens=None, opset=DEFAULT_ONNX_OPSET):
     """Export a CAST model (`CastModel` or a head) to ONNX at `path` with a dynamic batch axis (see the module
     docstring); with `processor`, also save it (`preprocessor_config.json`) and the model config beside `path`, which
-    is what `OnnxCastRunner` reads. The model is exported in float32 on the CPU, in eval mode (it is not changed:
+    is what `OnnxCastRunner` reads (a copy capped to the budget: `CastImageProcessor(num_segment_tokens=N)` never
+    returns more labels, see `loading.static_model_and_processor`). The model is exported in float32 on the CPU, in eval mode (it is not changed:
     a copy is made where the budget or the device has to change).
 
     Returns:
         The `CastOnnxConfig` of the export (its `output_names` are the graph's outputs).
 
     Raises:
-        InvalidInputError: no static token budget (see `static_budget_model`), or a processor whose labels would
-            not fit the budget.
+        InvalidInputError: no static token budget (see `static_budget_model`).
         MissingDependencyError: onnx / onnxscript are not installed.
     """
     require_onnx_package("onnxscript")
@@ -285,13 +282,9 @@ def export_cast_onnx(model, path, processor=None, num_segment_tokens=None, opset
     image_size = None
     if processor is not None:
         image_size = processed_size(processor)
-        needed = suggested_num_segment_tokens(processor)
-        if needed > budget:
-            raise InvalidInputError(
-                f"The processor returns up to {needed} superpixels per image, more than the budget of {budget} "
-                f"tokens (num_segment_tokens): export with num_segment_tokens >= {needed}, or lower the processor's "
-                "num_superpixels."
-            )
+        processor = copy.deepcopy(processor)
+        if getattr(processor, "num_segment_tokens", None) is None or processor.num_segment_tokens > budget:
+            processor.num_segment_tokens = budget  # it never returns labels outside the budget
     onnx_config = CastOnnxConfig.for_model(model, image_size=image_size)
     metadata = {
         "model_class": type(model).__name__,

@@ -48,6 +48,7 @@ from ..configuration_cast import CastConfig
 from ..errors import InvalidInputError
 from ..evaluation.synthetic import generate_example
 from ..image_processing_cast import CastImageProcessor
+from ..loading import static_model_and_processor
 from ..modeling_cast import CastForImageClassification, CastForSelfSupervisedPretraining, CastModel, moco_mlp
 from ..prefetch import processed_batches
 from ..training.moco import contrastive_loss
@@ -249,31 +250,26 @@ def eager_forward(model):
 
 
 def static_cast_model(model, processor):
-    """The eager CAST model's weights in a model with the static token budget the processor's labels fit."""
+    """A copy of the eager CAST model with the static token budget that the processor's labels fit (the number of
+    SEEDS superpixels it returns), and the processor capped to it (`loading.static_model_and_processor`)."""
     from ..export import suggested_num_segment_tokens
 
     budget = suggested_num_segment_tokens(processor, model.config)
-    config = CastConfig.from_dict(
-        {**model.config.to_dict(), "num_segment_tokens": budget, "mask_padding_tokens": True}
-    )
-    static = CastModel(config).eval()
-    static.load_state_dict(model.state_dict())
-    return static
+    return static_model_and_processor(copy.deepcopy(model), processor, budget)
 
 
-def compiled_runtime(eager, static_model):
+def compiled_runtime(static_model, processor, family):
     start = time.perf_counter()
     compiled = torch.compile(static_model, fullgraph=True)
-    return Runtime(eager.family, "compiled", eager_forward(compiled), eager.processor, static_model,
-                   time.perf_counter() - start)  # fmt: skip
+    return Runtime(family, "compiled", eager_forward(compiled), processor, static_model, time.perf_counter() - start)
 
 
-def onnx_runtime(eager, static_model, folder, threads):
+def onnx_runtime(static_model, processor, family, folder, threads):
     from ..export import OnnxRunner, export_cast_onnx, export_module_onnx
 
-    path = os.path.join(folder, f"{eager.family}.onnx")
+    path = os.path.join(folder, f"{family}.onnx")
     start = time.perf_counter()
-    if eager.family == "cast":
+    if family == "cast":
         export_cast_onnx(static_model, path)
         names = ("pixel_values", "superpixels")
     else:
@@ -287,7 +283,7 @@ def onnx_runtime(eager, static_model, folder, threads):
     def forward(inputs):
         return runner.run(**{name: inputs[name] for name in names})
 
-    return Runtime(eager.family, "onnx", forward, eager.processor, static_model, seconds)
+    return Runtime(family, "onnx", forward, processor, static_model, seconds)
 
 
 def build_models(settings, families=FAMILIES):
@@ -310,16 +306,16 @@ def build_runtimes(settings, families=FAMILIES, runtimes=None, folder=None, log=
     for family, (model, processor) in build_models(settings, families).items():
         eager = Runtime(family, "eager", eager_forward(model), processor, model)
         built[family, "eager"] = eager
-        static = static_cast_model(model, processor) if family == "cast" else model
+        static, static_processor = static_cast_model(model, processor) if family == "cast" else (model, processor)
         for runtime in runtimes:
             if runtime == "eager":
                 continue
             log(f"{runtime}: {FAMILY_TITLES[family]}")
             try:
                 if runtime == "compiled":
-                    built[family, runtime] = compiled_runtime(eager, static)
+                    built[family, runtime] = compiled_runtime(static, static_processor, family)
                 else:
-                    built[family, runtime] = onnx_runtime(eager, static, folder, settings.threads)
+                    built[family, runtime] = onnx_runtime(static, static_processor, family, folder, settings.threads)
             except Exception as error:  # reported in the table: one runtime failing must not stop the others
                 failed[family, runtime] = failure_text(error)
     return built, failed
