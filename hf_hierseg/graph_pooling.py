@@ -51,15 +51,21 @@ def farthest_point_sampling(points, num_samples, start_index=0):
     distances = distances.masked_fill(diagonal, float("-inf"))
     # Row b * N + c: distances of image b's points to its point c (index_select is far cheaper than [rows, c]).
     distance_rows = distances.view(batch * num_points, num_points)
-    row_offsets = torch.arange(0, batch * num_points, num_points, device=points.device)
+    # Image b's rows start at b * N; a single image in eager mode needs no offsets (one op less per step).
+    row_offsets = None
+    if is_capturing_graph() or batch > 1:
+        row_offsets = torch.arange(0, batch * num_points, num_points, device=points.device)
+
+    def rows_of(indices):  # [B] point indices -> their distance rows [B, N]
+        return distance_rows.index_select(0, indices if row_offsets is None else row_offsets + indices)
 
     # score: min distance of every point to the chosen set (-inf for chosen points), one [B, N] per step.
-    score = distance_rows.index_select(0, row_offsets + start_index)
+    score = rows_of(start)
     picks, scores = [start], [score]
     for _ in range(num_samples - 2):
         current = score.argmax(dim=1)
         picks.append(current)
-        score = torch.minimum(score, distance_rows.index_select(0, row_offsets + current))
+        score = torch.minimum(score, rows_of(current))
         scores.append(score)
     picks.append(score.argmax(dim=1))
     picks = torch.stack(picks, dim=1)  # [B, K]
@@ -123,10 +129,13 @@ class CentroidAttention(nn.Module):
         return hidden - mean + self.bias
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def sampling_dtype(dtype):
     """The float dtype graph pooling groups in: float32 for half-precision models (so the hierarchy does not follow
     their rounding), else the model's own."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 class GraphPooling(nn.Module):

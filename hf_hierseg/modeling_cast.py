@@ -5,6 +5,7 @@ levels (ViT blocks, then graph pooling) and the encoder over them, then the mode
 constructor switches: `CastModel`, the classification, self-supervised and segmentation heads, and `CastBackbone`.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -86,7 +87,11 @@ class CastHierarchyOutput(ModelOutput):
 
     def hierarchy_fields(self):
         """The fields declared here, by name: what every head copies from its backbone's output."""
-        return {field.name: getattr(self, field.name) for field in fields(CastHierarchyOutput)}
+        return {name: getattr(self, name) for name in HIERARCHY_FIELDS}
+
+
+# The field names of `CastHierarchyOutput`, read once (torch.compile cannot trace `dataclasses.fields`).
+HIERARCHY_FIELDS = tuple(field.name for field in fields(CastHierarchyOutput))
 
 
 @dataclass
@@ -499,6 +504,23 @@ def check_attention_memory(config, pixel_values, superpixels, pool_at_full_resol
     )
 
 
+@contextlib.contextmanager
+def dynamic_batch_compilation(*inputs):
+    """Compile a CAST model once for every batch size: marks dim 0 of `inputs` (e.g. `pixel_values` and
+    `superpixels`) as an unbacked size, one the graph may not specialise on (a plain dynamic size is specialised at
+    0 and 1, and the convolutions' backend choice guards on a range of batch sizes: both recompile). Call it before
+    the first call of the compiled model (the one that compiles); later calls of any batch size reuse the graph.
+    Needs a static token budget (`CastConfig.num_segment_tokens`) so that no other size follows the data::
+
+        compiled = torch.compile(model, fullgraph=True)
+        with dynamic_batch_compilation(pixel_values, superpixels):
+            compiled(pixel_values, superpixels)
+    """
+    for tensor in inputs:
+        torch._dynamo.decorators.mark_unbacked(tensor, 0)
+    yield
+
+
 def _format_bytes(count):
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if count >= size:
@@ -585,7 +607,8 @@ class CastPreTrainedModel(PreTrainedModel):
             raise ValueError(f"`pixel_values` must be a 4-D tensor [B, C, H, W], got {shape}.")
         if not pixel_values.is_floating_point():
             raise ValueError(f"`pixel_values` must be a float tensor, got {pixel_values.dtype}.")
-        if pixel_values.shape[0] == 0:
+        capturing = is_capturing_graph()
+        if not capturing and pixel_values.shape[0] == 0:  # (a batch size compiled as unbacked has no value to test)
             raise ValueError("`pixel_values` is an empty batch (0 images): pass at least one image.")
         if pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
@@ -600,13 +623,16 @@ class CastPreTrainedModel(PreTrainedModel):
             raise ValueError(f"`superpixels` must be an integer tensor [B, H, W], got {type(superpixels).__name__}.")
         if superpixels.is_floating_point() or superpixels.dtype == torch.bool or superpixels.is_complex():
             raise ValueError(f"`superpixels` must hold integer labels, got dtype {superpixels.dtype}.")
+        if capturing:  # the shapes are checked as symbols (batch sizes may be unbacked), the values eagerly only
+            torch._check(superpixels.dim() == 3 and tuple(superpixels.shape[1:]) == (height, width))
+            torch._check(superpixels.shape[0] == pixel_values.shape[0])
+            torch._check(pixel_values.shape[0] >= 1)
+            return
         if tuple(superpixels.shape) != (pixel_values.shape[0], height, width):
             raise ValueError(
                 f"`superpixels` shape {tuple(superpixels.shape)} does not match the images: expected "
                 f"{(pixel_values.shape[0], height, width)} (one label map per image, same height and width)."
             )
-        if is_capturing_graph():  # the checks below read tensor values: eager only
-            return
         if self.config.has_static_segment_tokens:
             self._validate_static_labels(superpixels)
             return
@@ -842,7 +868,8 @@ class CastBlockFusion(nn.Module):
             gather_to_segments(tokens, groups) for tokens, groups in zip(level_tokens[1:], hierarchy)
         ]
         fused = torch.cat([torch.cat(cls_tokens, dim=-1), torch.cat(segments, dim=-1)], dim=1)  # [B, 1 + N_1, 4C]
-        fused = self.batch_norm(fused.transpose(1, 2)).transpose(1, 2)
+        # BatchNorm over the 4C channels of all B * (1 + N_1) tokens (the statistics of [B, 4C, 1 + N_1]).
+        fused = self.batch_norm(fused.flatten(0, 1)).unflatten(0, fused.shape[:2])
         return self.projection(self.dropout(fused))
 
 
@@ -1189,6 +1216,7 @@ __all__ = [
     "CastSemanticSegmenterOutput",
     "check_attention_memory",
     "default_superpixels",
+    "dynamic_batch_compilation",
     "hierarchical_classification_loss",
     "hierarchy_targets",
     "soft_target_cross_entropy",

@@ -46,7 +46,7 @@ def segment_sum_and_count(features, labels, num_segments):
     offsets = torch.arange(0, batch * num_segments, num_segments, device=labels.device).unsqueeze(1)
     flat_labels = (labels + offsets).reshape(-1)
     # Half-precision features are summed in float32 (bfloat16 holds integers exactly only up to 256).
-    accumulate = torch.promote_types(features.dtype, torch.float32)
+    accumulate = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
     values = features.reshape(-1, dim).to(accumulate)
     sums = values.new_zeros(batch * num_segments, dim).index_add_(0, flat_labels, values)
     counts = values.new_zeros(batch * num_segments).index_add_(

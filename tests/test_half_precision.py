@@ -1,0 +1,97 @@
+"""Half precision: bfloat16 / float16 loading and `.to(dtype)` (every buffer follows), graph pooling's sampling and
+assignment in float32, agreement of the hierarchy with float32 on the bundled model and real photos, and autocast
+in training."""
+
+import pytest
+import torch
+from test_static_shapes import inputs, tiny_config
+
+from hf_hierseg import CastConfig, CastForImageClassification, CastModel
+from hf_hierseg.default_model import default_model_path
+from hf_hierseg.evaluation.precision import compare_precisions, grouping_agreement
+from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_imagenet_photos, load_voc_photo
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_dtypes(model, dtype):
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point():
+            assert tensor.dtype == dtype, name
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("static", [False, True])
+def test_from_pretrained_and_to_in_half_precision(tmp_path, dtype, static):
+    torch.manual_seed(0)
+    config = tiny_config(num_segment_tokens=24) if static else tiny_config()
+    reference = CastModel(config).eval()
+    reference.save_pretrained(tmp_path)
+    pixel_values, superpixels = inputs(2)
+    loaded = CastModel.from_pretrained(tmp_path, dtype=dtype).eval()
+    converted = CastModel.from_pretrained(tmp_path).to(dtype).eval()
+    with torch.no_grad():
+        expected = reference(pixel_values, superpixels)
+        for model in (loaded, converted):
+            check_dtypes(model, dtype)
+            output = model(pixel_values, superpixels)  # float32 pixels follow the weights
+            assert output.pooler_output.dtype == dtype
+            assert all(logits.dtype == torch.float32 for logits in output.assignment_logits)  # grouped in float32
+            cosine = torch.nn.functional.cosine_similarity(output.pooler_output.float(), expected.pooler_output)
+            assert bool((cosine > 0.99).all()), cosine
+
+
+def test_grouping_agreement_of_identical_models_is_one():
+    torch.manual_seed(0)
+    model = CastModel(tiny_config()).eval()
+    pixel_values, superpixels = inputs(3)
+    report = grouping_agreement(model, model, {"pixel_values": pixel_values, "superpixels": superpixels})
+    assert report.level_agreement == (1.0, 1.0, 1.0, 1.0) and report.num_pairs > 0
+    assert report.min_embedding_cosine == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def precision_reports():
+    try:
+        photos = [load_voc_photo(download=False)["image"]] + [p["image"] for p in load_imagenet_photos(download=False)]
+    except RealPhotosUnavailableError as error:
+        pytest.skip(f"real photos unavailable: {error}")
+    return compare_precisions(default_model_path(), photos, dtypes=HALF_DTYPES)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_hierarchy_on_real_photos(precision_reports, dtype):
+    report = precision_reports[dtype]
+    assert report.level_agreement[0] >= 0.99, report.as_dict()
+    assert report.min_embedding_cosine >= 0.99, report.as_dict()
+    if dtype == "float16":
+        assert min(report.level_agreement) >= 0.97, report.as_dict()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bfloat16's 8-bit mantissa moves level-1 tokens enough to change some farthest-point seeds; the coarse "
+    "levels then group differently (about 0.97 / 0.96 at levels 3 / 4 on the bundled model), float32 pooling of "
+    "every level does not recover it",
+)
+def test_bfloat16_hierarchy_agrees_at_every_level(precision_reports):
+    assert min(precision_reports["bfloat16"].level_agreement) >= 0.97
+
+
+def test_autocast_training_step():
+    torch.manual_seed(0)
+    model = CastForImageClassification(CastConfig(**{**tiny_config().to_dict(), "num_labels": 5})).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pixel_values, superpixels = inputs(2)
+    labels = torch.tensor([1, 3])
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(pixel_values, superpixels, labels=labels)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert all(g.dtype == torch.float32 for g in grads)
+    optimizer.step()
+    assert any(not torch.equal(before[name], p) for name, p in model.named_parameters() if name in before)
