@@ -225,6 +225,11 @@ DELEGATED_COMMANDS = {
         "hf_hierseg.apps.export_onnx:export_onnx_parser",
         "hf_hierseg.apps.export_onnx:run_export_onnx_command",
     ),
+    "check-device": DelegatedCommand(
+        "CAST on a CUDA device: parity with the CPU, compile, throughput against ViT-S (skips without CUDA)",
+        "hf_hierseg.apps.check_device:check_device_parser",
+        "hf_hierseg.apps.check_device:run_check_device_command",
+    ),
     "benchmark": CommandWithKinds(
         "throughput of CAST against a ViT on this machine (`benchmark`, `benchmark throughput`) or what segmenting "
         "photos costs, stage by stage (`benchmark segment`)",
