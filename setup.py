@@ -2,8 +2,8 @@ from setuptools import find_packages, setup
 
 
 DEMO_REQUIREMENTS = ["gradio>=6.0,<7", "gradio_client>=2.0"]
-# ONNX export (`hf-hierseg export-onnx`, torch.onnx's dynamo exporter needs onnxscript) and ONNX Runtime inference.
-ONNX_REQUIREMENTS = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]
+# ONNX export (`hf-hierseg export-onnx`, torch.onnx.export(dynamo=True) needs onnxscript) and ONNX Runtime.
+ONNX_REQUIREMENTS = ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"]
 
 setup(
     name="hf_hierseg",
@@ -38,11 +38,12 @@ setup(
             "import-linter>=2.1",
             "hypothesis",
             *DEMO_REQUIREMENTS,
-            "selenium>=4.10",
             *ONNX_REQUIREMENTS,
+            "selenium>=4.10",
         ],
         # The hierarchy explorer (`hf-hierseg serve`, `hf-hierseg export-space`).
         "demo": DEMO_REQUIREMENTS,
+        # ONNX export and ONNX Runtime (`hf-hierseg export-onnx`, `hf_hierseg.export`).
         "onnx": ONNX_REQUIREMENTS,
     },
     entry_points={"console_scripts": ["hf-hierseg=hf_hierseg.cli:main"]},

@@ -11,6 +11,7 @@
                                                       (also open-vocabulary, segment-retrieval)
     hf-hierseg benchmark --quick                      throughput against a ViT on this machine
     hf-hierseg benchmark segment                      what segmenting photos costs, stage by stage
+    hf-hierseg export-onnx --output cast.onnx         the model as ONNX for ONNX Runtime (the `onnx` extra)
     hf-hierseg serve [--port 7860]                    the hierarchy explorer in the browser (the `demo` extra)
     hf-hierseg export-space DIR                       the same explorer as a Hugging Face Space
 
@@ -218,6 +219,16 @@ DELEGATED_COMMANDS = {
                 "hf_hierseg.apps.evaluate:run_segment_retrieval",
             ),
         },
+    ),
+    "export-onnx": DelegatedCommand(
+        "export a CAST model to ONNX (dynamic batch, static token budget) with its processor (needs the onnx extra)",
+        "hf_hierseg.apps.export_onnx:export_onnx_parser",
+        "hf_hierseg.apps.export_onnx:run_export_onnx_command",
+    ),
+    "check-device": DelegatedCommand(
+        "CAST on a CUDA device: parity with the CPU, compile, throughput against ViT-S (skips without CUDA)",
+        "hf_hierseg.apps.check_device:check_device_parser",
+        "hf_hierseg.apps.check_device:run_check_device_command",
     ),
     "benchmark": CommandWithKinds(
         "throughput of CAST against a ViT on this machine (`benchmark`, `benchmark throughput`) or what segmenting "

@@ -19,4 +19,8 @@ class InvalidInputError(UserInputError, ValueError):
     """A value that cannot work: a model that is not CAST, a device that is not available, a wrong file type."""
 
 
-__all__ = ["InvalidInputError", "MissingInputError", "UserInputError"]
+class MissingDependencyError(UserInputError, ImportError):
+    """An optional package that the requested feature needs is not installed (the message names the extra)."""
+
+
+__all__ = ["InvalidInputError", "MissingDependencyError", "MissingInputError", "UserInputError"]

@@ -46,7 +46,9 @@ def farthest_point_sampling(points, num_samples, start_index=0):
     tolerance = 8 * (dim + 4) * torch.finfo(points.dtype).eps * norms.amax(dim=1)  # [B]
     distances = (norms.unsqueeze(2) + norms.unsqueeze(1)).sub_(gram, alpha=2)  # [B, N, N], symmetric
     # -inf to itself: the running minimum marks every chosen point -inf, so it is never picked again.
-    distances.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    # (Out of place: an in-place fill of the diagonal view leaves a copy_to that ONNX export's functional graph rejects.)
+    diagonal = torch.eye(num_points, dtype=torch.bool, device=points.device)
+    distances = distances.masked_fill(diagonal, float("-inf"))
     # Row b * N + c: distances of image b's points to its point c (index_select is far cheaper than [rows, c]).
     distance_rows = distances.view(batch * num_points, num_points)
     # Image b's rows start at b * N; a single image in eager mode needs no offsets (one op less per step).

@@ -39,6 +39,7 @@ def tiny_settings(**overrides):
         train_batch_size=2,
         train_repeats=1,
         measure_memory=False,
+        runtimes=("eager",),
         cast_config=TINY_CAST,
         vit_config=TINY_VIT,
     )
@@ -73,8 +74,13 @@ def test_report_has_every_measurement(tiny_report):
 def test_report_markdown(tiny_report):
     text = format_report(tiny_report, "python scripts/benchmark_throughput.py --quick")
     assert text.startswith("Command: `python scripts/benchmark_throughput.py --quick`")
-    assert "| CAST-S end-to-end | 2 |" in text and "| ViT-S/16 forward | 1 |" in text
-    assert "Targets at batch 1 / 2" in text and "paper GMACs" in text and "CAST-S MoCo-v3" in text
+    assert "| CAST-S end-to-end (eager) | 2 |" in text and "| ViT-S/16 forward (eager) | 1 |" in text
+    assert "- CAST-S forward (eager), batch 2: " in text and "paper GMACs" in text and "CAST-S MoCo-v3" in text
+    # Every target line says met or NOT met, and each one not met comes with what bounds it.
+    target_rows = [line for line in text.splitlines() if line.startswith("- CAST-S ") and ">= " in line]
+    assert len(target_rows) == 4 and all(row.endswith((": met", ": NOT met")) for row in target_rows)
+    if any(row.endswith("NOT met") for row in target_rows):
+        assert "What bounds the targets not met" in text and "aten ops per forward" in text
     # Every table row has as many cells as its header.
     for block in text.split("\n\n"):
         rows = [line for line in block.splitlines() if line.startswith("|")]
@@ -122,6 +128,50 @@ def test_peak_memory_in_a_fresh_process():
     memory = measure_peak_memory(settings, benchmark_images(1, 64), ["cast-forward"])
     assert set(memory) == {"cast-forward"} and set(memory["cast-forward"]) == {1}
     assert math.isfinite(memory["cast-forward"][1]) and memory["cast-forward"][1] >= 0
+
+
+@pytest.mark.slow
+def test_quick_mode_with_every_runtime(capsys):
+    """`--quick` on tiny models: eager, torch.compile and ONNX Runtime rows for both models, ratios and targets."""
+    from hf_hierseg.apps.benchmark_throughput import benchmark_parser, run_benchmark_command
+
+    args = benchmark_parser().parse_args(["--quick", "--no-flops", "--threads", "1"])
+    tiny = dict(image_size=64, num_superpixels=49, cast_config=TINY_CAST, vit_config=TINY_VIT)
+    assert run_benchmark_command(args, **tiny) == 0
+    text = capsys.readouterr().out
+    assert "NOT measured" not in text, text
+    for family in ("CAST-S", "ViT-S/16"):
+        for runtime in ("eager", "torch.compile", "ONNX Runtime"):
+            for kind in ("forward", "end-to-end"):
+                for batch in (1, 8):
+                    assert f"| {family} {kind} ({runtime}) | {batch} |" in text
+    for runtime in ("eager", "torch.compile"):
+        assert f"- CAST-S forward ({runtime}), batch 8: " in text
+        assert f"- CAST-S end-to-end ({runtime}), batch 1: " in text and ">= 1.0x" in text
+    assert "- CAST-S forward (ONNX Runtime), batch 1: " in text and "no target" in text
+
+
+def test_static_forward_has_no_host_sync(monkeypatch):
+    """The static-budget CAST forward, on the path a captured graph (and, for FPS, a GPU) takes, dispatches no op
+    that reads a value on the host (GPU-ready: nothing waits for the device); the dynamic one does (its token count
+    is read from the labels)."""
+    from hf_hierseg import CastConfig, CastModel
+    from hf_hierseg.apps.benchmark_throughput import dispatched_ops, host_syncs
+
+    torch.manual_seed(0)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    superpixels = torch.arange(64).div(8, rounding_mode="floor")
+    superpixels = (superpixels[:, None] * 8 + superpixels[None, :]).expand(2, -1, -1).contiguous()
+    config = {key: value for key, value in TINY_CAST.items() if not key.startswith("projection")}
+    dynamic = CastModel(CastConfig(**config)).eval()
+    assert host_syncs(dispatched_ops(dynamic, pixel_values, superpixels))  # the check can see a sync
+    static = CastModel(CastConfig(**config, num_segment_tokens=64)).eval()
+    static.load_state_dict(dynamic.state_dict())
+    # As under torch.compile / export: the eager-only value checks and the CPU-only FPS branch are skipped.
+    monkeypatch.setattr("hf_hierseg.modeling_cast.is_capturing_graph", lambda: True)
+    monkeypatch.setattr("hf_hierseg.graph_pooling.is_capturing_graph", lambda: True)
+    counts = dispatched_ops(static, pixel_values, superpixels)
+    assert sum(counts.values()) > 100 and host_syncs(counts) == {}
 
 
 def test_settings_reject_bad_values():
