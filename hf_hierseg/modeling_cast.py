@@ -246,7 +246,9 @@ class CastConvStem(nn.Module):
         return self._folded.weights, self._folded.biases
 
     def forward(self, pixel_values):
-        hidden = pixel_values.contiguous(memory_format=torch.channels_last)
+        hidden = pixel_values
+        if not is_capturing_graph():  # eager CPU convolutions run faster channels-last; a compiler picks its layouts
+            hidden = hidden.contiguous(memory_format=torch.channels_last)
         layers = self.conv_norm_activations()
         if any(norm.training for _, norm, _ in layers):
             for conv, norm, activation in layers:
@@ -510,15 +512,20 @@ def dynamic_batch_compilation(*inputs):
     `superpixels`) as an unbacked size, one the graph may not specialise on (a plain dynamic size is specialised at
     0 and 1, and the convolutions' backend choice guards on a range of batch sizes: both recompile). Call it before
     the first call of the compiled model (the one that compiles); later calls of any batch size reuse the graph.
-    Needs a static token budget (`CastConfig.num_segment_tokens`) so that no other size follows the data::
+    Inductor compiles it with its layout optimisation off (see below). Needs a static token budget (`CastConfig.num_segment_tokens`) so that no other size follows the data::
 
         compiled = torch.compile(model, fullgraph=True)
         with dynamic_batch_compilation(pixel_values, superpixels):
             compiled(pixel_values, superpixels)
     """
+    from torch._inductor import config as inductor_config
+
     for tensor in inputs:
         torch._dynamo.decorators.mark_unbacked(tensor, 0)
-    yield
+    # Inductor's layout optimisation turns the convolutions channels-last in the graph but, with an unbacked batch
+    # size, not the tensors given at run time (torch 2.13: "expected ... stride" from the convolution).
+    with inductor_config.patch(layout_optimization=False):
+        yield
 
 
 def _format_bytes(count):
