@@ -12,6 +12,7 @@
     hf-hierseg benchmark --quick                      throughput against a ViT on this machine
     hf-hierseg benchmark segment                      what segmenting photos costs, stage by stage
     hf-hierseg export-onnx --output cast.onnx         the model as ONNX for ONNX Runtime (the `onnx` extra)
+    hf-hierseg check-device                           parity, compile and throughput on CUDA (skips without)
     hf-hierseg serve [--port 7860]                    the hierarchy explorer in the browser (the `demo` extra)
     hf-hierseg export-space DIR                       the same explorer as a Hugging Face Space
 

@@ -272,6 +272,9 @@ def compiled_runtime(static_model, processor, family):
     first_call = [family == "cast"]
 
     def forward(inputs):
+        # The processor's pixel values are a strided view of HWC arrays; the graph compiled for unbacked batch
+        # sizes asserts the strides it was traced with, so every call gets contiguous inputs.
+        inputs = {key: value.contiguous() for key, value in inputs.items()}
         if first_call and first_call.pop():
             with dynamic_batch_compilation(*inputs.values()):
                 return compiled(**inputs)

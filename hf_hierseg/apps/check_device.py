@@ -67,7 +67,7 @@ def parity_report(device, log):
     with torch.no_grad():
         reference = model(**inputs)
         on_device = copy.deepcopy(model).to(device)
-        device_inputs = {key: value.to(device) for key, value in inputs.items()}
+        device_inputs = {key: value.to(device).contiguous() for key, value in inputs.items()}
         results = {}
         eager = on_device(**device_inputs)
         compiled_model = torch.compile(on_device, fullgraph=True)
