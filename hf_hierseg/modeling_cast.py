@@ -246,7 +246,9 @@ class CastConvStem(nn.Module):
         return self._folded.weights, self._folded.biases
 
     def forward(self, pixel_values):
-        hidden = pixel_values.contiguous(memory_format=torch.channels_last)
+        # Channels-last in eager mode; under graph capture the compiler picks layouts (with an unbacked batch size the
+        # convolution's fake kernel cannot tell channels-last apart, and Inductor's stride checks then fail).
+        hidden = pixel_values if is_capturing_graph() else pixel_values.contiguous(memory_format=torch.channels_last)
         layers = self.conv_norm_activations()
         if any(norm.training for _, norm, _ in layers):
             for conv, norm, activation in layers:
