@@ -38,6 +38,9 @@ TAXONOMY = dict(
 )
 
 
+# An override that leaves a config field to CastConfig's default (`num_labels=CONFIG_DEFAULT`: the taxonomy's).
+CONFIG_DEFAULT = object()
+
 # The config fields that fix the tiny architecture (`CastModelTester.config_overrides`).
 ARCHITECTURE = ("hidden_size", "num_attention_heads", "depths", "num_clusters", "image_size")
 
@@ -133,10 +136,10 @@ class CastModelTester:
     # -- configs and models ---------------------------------------------------------------------------------------
 
     def get_config_kwargs(self, **overrides):
-        """The config's keyword arguments (a new dict), `overrides` applied; a value None drops the key (the
-        config's own default then applies)."""
+        """The config's keyword arguments (a new dict), `overrides` applied; a value `CONFIG_DEFAULT` drops the key
+        (CastConfig's own default then applies; None is passed on as a value)."""
         values = {**self.config_kwargs, **overrides}
-        return {name: value for name, value in values.items() if value is not None}
+        return {name: value for name, value in values.items() if value is not CONFIG_DEFAULT}
 
     def get_config(self, **overrides):
         return CastConfig(**self.get_config_kwargs(**overrides))
@@ -149,7 +152,7 @@ class CastModelTester:
 
     def get_hierarchical_config(self, **overrides):
         """The tiny config with the species -> genus -> family taxonomy (6 -> 3 -> 2) of `TAXONOMY`."""
-        return self.get_config(**{**TAXONOMY, "num_labels": None, **overrides})
+        return self.get_config(**{**TAXONOMY, "num_labels": CONFIG_DEFAULT, **overrides})
 
     def create_model(self, model_class=CastModel, config=None, seed=0, train=False, **overrides):
         """`model_class` on `config` (default: `get_config(**overrides)`), weights drawn after `manual_seed(seed)`,

@@ -21,11 +21,11 @@ from hf_hierseg.apps.benchmark_throughput import (
 from hf_hierseg.graph_pooling import farthest_point_sampling, farthest_point_sampling_direct
 from hf_hierseg.segment_ops import segment_sum_and_count
 
-from cast_testing import CastModelTester
+from cast_testing import CONFIG_DEFAULT, CastModelTester
 
 
 TESTER = CastModelTester()
-TINY_CAST = TESTER.get_config_kwargs(num_labels=None, projection_dim=16, projection_hidden_dim=32)
+TINY_CAST = TESTER.get_config_kwargs(num_labels=CONFIG_DEFAULT, projection_dim=16, projection_hidden_dim=32)
 TINY_VIT = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 
 

@@ -4,7 +4,7 @@ take minutes on a small CPU, are `slow`."""
 
 import pytest
 import torch
-from test_static_shapes import BUDGET, inputs, tiny_config
+from test_static_shapes import BUDGET, TESTER, inputs
 
 from hf_hierseg import (
     CastForHierarchicalImageClassification,
@@ -46,8 +46,7 @@ def check_compiled(model, backend, batch_sizes=(1, 3, 2, 17)):
 
 
 def static_model(model_class, **overrides):
-    torch.manual_seed(0)
-    return model_class(tiny_config(num_segment_tokens=BUDGET, **overrides)).eval()
+    return TESTER.create_model(model_class, num_segment_tokens=BUDGET, **overrides)
 
 
 def test_model_compiles_fullgraph_for_every_batch_size():

@@ -4,9 +4,9 @@ in training."""
 
 import pytest
 import torch
-from test_static_shapes import inputs, tiny_config
+from test_static_shapes import TESTER, inputs
 
-from hf_hierseg import CastConfig, CastForImageClassification, CastModel
+from hf_hierseg import CastForImageClassification, CastModel
 from hf_hierseg.default_model import default_model_path
 from hf_hierseg.evaluation.precision import compare_precisions, grouping_agreement
 from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_imagenet_photos, load_voc_photo
@@ -25,7 +25,7 @@ def check_dtypes(model, dtype):
 @pytest.mark.parametrize("static", [False, True])
 def test_from_pretrained_and_to_in_half_precision(tmp_path, dtype, static):
     torch.manual_seed(0)
-    config = tiny_config(num_segment_tokens=24) if static else tiny_config()
+    config = TESTER.get_config(num_segment_tokens=24) if static else TESTER.get_config()
     reference = CastModel(config).eval()
     reference.save_pretrained(tmp_path)
     pixel_values, superpixels = inputs(2)
@@ -43,8 +43,7 @@ def test_from_pretrained_and_to_in_half_precision(tmp_path, dtype, static):
 
 
 def test_grouping_agreement_of_identical_models_is_one():
-    torch.manual_seed(0)
-    model = CastModel(tiny_config()).eval()
+    model = TESTER.create_model(CastModel)
     pixel_values, superpixels = inputs(3)
     report = grouping_agreement(model, model, {"pixel_values": pixel_values, "superpixels": superpixels})
     assert report.level_agreement == (1.0, 1.0, 1.0, 1.0) and report.num_pairs > 0
@@ -80,8 +79,7 @@ def test_bfloat16_hierarchy_agrees_at_every_level(precision_reports):
 
 
 def test_autocast_training_step():
-    torch.manual_seed(0)
-    model = CastForImageClassification(CastConfig(**{**tiny_config().to_dict(), "num_labels": 5})).train()
+    model = TESTER.create_model(CastForImageClassification, train=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     pixel_values, superpixels = inputs(2)
     labels = torch.tensor([1, 3])

@@ -17,7 +17,7 @@ from hf_hierseg.apps.hierarchical_demo import (
 from hf_hierseg.convert import read_taxonomy
 from hf_hierseg.evaluation.synthetic import CLASS_NAMES
 
-from cast_testing import CastModelTester
+from cast_testing import CONFIG_DEFAULT, CastModelTester
 
 
 TINY = dict(
@@ -48,7 +48,7 @@ def test_taxonomy_of_the_shapes(tmp_path):
 
 def test_hier_vit_reads_every_level_from_its_final_cls():
     taxonomy = dict(hierarchy_num_labels=(6, 3), hierarchy_parents=((1, 0, 0, 1, 2, 2),))
-    cast = CastModelTester(image_size=32).get_config(num_labels=None, **taxonomy)
+    cast = CastModelTester(image_size=32).get_config(num_labels=CONFIG_DEFAULT, **taxonomy)
     model = hier_vit(HierarchicalDemoSettings(**TINY), cast).eval()
     pixel_values = torch.randn(2, 3, 32, 32)
     labels = torch.tensor([[0, 1], [4, 2]])

@@ -18,7 +18,7 @@ from hf_hierseg.errors import InvalidInputError
 from hf_hierseg.evaluation import hierarchical_accuracy, metric_path
 from hf_hierseg.evaluation.hierarchical_eval import evaluate_hierarchical, level_labels
 
-from cast_testing import CastModelTester
+from cast_testing import CONFIG_DEFAULT, CastModelTester
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ TESTER = CastModelTester()
 def tiny_hcast():
     """A 4 -> 3 H-CAST (shapes -> families)."""
     taxonomy = dict(hierarchy_num_labels=(4, 3), hierarchy_parents=((1, 0, 2, 2),))
-    config = TESTER.get_config(num_labels=None, hierarchy_level_names=("shape", "family"), **taxonomy)
+    config = TESTER.get_config(num_labels=CONFIG_DEFAULT, hierarchy_level_names=("shape", "family"), **taxonomy)
     return TESTER.create_model(CastForHierarchicalImageClassification, config)
 
 
@@ -182,7 +182,7 @@ def test_evaluation_matches_the_metric_on_the_models_predictions(tmp_path, capsy
 def test_evaluation_of_a_model_without_taxonomy_is_named(tmp_path, capsys):
     from hf_hierseg import CastForImageClassification
 
-    TESTER.create_model(CastForImageClassification, num_labels=None).save_pretrained(tmp_path / "flat")
+    TESTER.create_model(CastForImageClassification, num_labels=CONFIG_DEFAULT).save_pretrained(tmp_path / "flat")
     tiny_dataset(tmp_path / "data" / "test", count=2)
     argv = ["evaluate", "hierarchical", "--model_name_or_path", str(tmp_path / "flat")]
     assert main([*argv, "--dataset_name", str(tmp_path / "data"), "--label_column", "fine"]) == 1

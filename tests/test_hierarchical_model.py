@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForImageClassification
 from hf_hierseg import CastConfig, CastForHierarchicalImageClassification, CastForImageClassification, CastModel
 from hf_hierseg.modeling_cast import hierarchy_targets
 
-from cast_testing import TAXONOMY_NAMES, TAXONOMY_PARENTS, CastModelTester, random_superpixels
+from cast_testing import CONFIG_DEFAULT, TAXONOMY_NAMES, TAXONOMY_PARENTS, CastModelTester, random_superpixels
 
 
 # species -> genus -> family: 6 -> 3 -> 2 (the tester's taxonomy).
@@ -20,7 +20,7 @@ TESTER = CastModelTester()
 
 def plain_config(**kwargs):
     """The same CAST without a taxonomy."""
-    return TESTER.get_config(**{"num_labels": None, **kwargs})
+    return TESTER.get_config(**{"num_labels": CONFIG_DEFAULT, **kwargs})
 
 
 def inputs(batch=2, seed=0):

@@ -25,7 +25,7 @@ from hf_hierseg.training.hierarchical import (
 from hf_hierseg.training.loop import read_metrics
 from hf_hierseg.training.supervised import mixup_cutmix
 
-from cast_testing import CastModelTester
+from cast_testing import CONFIG_DEFAULT, CastModelTester
 
 
 # The synthetic shapes (house, mushroom, snowman, arrow, dumbbell, hammer) in three families.
@@ -57,7 +57,7 @@ TINY = TESTER.config_overrides()
 def tiny_model(**kwargs):
     """A 6 -> 3 H-CAST (shapes -> families) in training mode."""
     taxonomy = dict(hierarchy_num_labels=(6, 3), hierarchy_parents=(FAMILY_OF_SHAPE,), hierarchy_label_smoothing=0.1)
-    config = TESTER.get_config(num_labels=None, **taxonomy, **kwargs)
+    config = TESTER.get_config(num_labels=CONFIG_DEFAULT, **taxonomy, **kwargs)
     return TESTER.create_model(CastForHierarchicalImageClassification, config, train=True)
 
 

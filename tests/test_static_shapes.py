@@ -16,21 +16,12 @@ from hf_hierseg.image_processing_cast import budgeted_request, limit_segment_cou
 from hf_hierseg.loading import align_processor_with_model, static_model_and_processor
 from hf_hierseg.superpixels import seeds_num_superpixels
 
+from cast_testing import CastModelTester
+
 
 BUDGET = 24
-TINY = dict(
-    hidden_size=24,
-    num_attention_heads=4,
-    depths=(1, 1, 1, 1),
-    num_clusters=(8, 4, 3, 2),
-    image_size=64,
-    num_labels=5,
-    graph_pooling_num_heads=12,
-)
-
-
-def tiny_config(**overrides):
-    return CastConfig(**{**TINY, **overrides})
+# The tiny CAST these tests were written with: 8 -> 4 -> 3 -> 2 clusters, 5 labels, 12 graph-pooling heads.
+TESTER = CastModelTester(num_clusters=(8, 4, 3, 2), num_labels=5, graph_pooling_num_heads=12)
 
 
 def uneven_superpixels(batch=3, size=64, seed=0):
@@ -56,9 +47,8 @@ def inputs(batch=3, seed=0):
 
 def paired_models(model_class, **overrides):
     """The dynamic masked model and the same weights with a static budget."""
-    torch.manual_seed(0)
-    dynamic = model_class(tiny_config(mask_padding_tokens=True, **overrides)).eval()
-    static = model_class(tiny_config(num_segment_tokens=BUDGET, **overrides)).eval()
+    dynamic = TESTER.create_model(model_class, mask_padding_tokens=True, **overrides)
+    static = model_class(TESTER.get_config(num_segment_tokens=BUDGET, **overrides)).eval()
     static.load_state_dict(dynamic.state_dict())
     return dynamic, static
 
@@ -83,21 +73,21 @@ def test_config_defaults_and_validation(tmp_path):
     config = CastConfig()
     assert config.num_segment_tokens is None and not config.has_static_segment_tokens
     assert config.mask_padding_tokens is False  # converted checkpoints keep the original's behaviour
-    static = tiny_config(num_segment_tokens=BUDGET)
+    static = TESTER.get_config(num_segment_tokens=BUDGET)
     assert static.mask_padding_tokens is True and static.has_static_segment_tokens
     with pytest.raises(ValueError, match="num_segment_tokens.*num_clusters"):
-        tiny_config(num_segment_tokens=7)
+        TESTER.get_config(num_segment_tokens=7)
     CastModel(static).save_pretrained(tmp_path)
     loaded = CastModel.from_pretrained(tmp_path)
     assert loaded.config.num_segment_tokens == BUDGET and loaded.config.mask_padding_tokens is True
-    assert tiny_config(max_attention_memory=None).max_attention_memory is None
+    assert TESTER.get_config(max_attention_memory=None).max_attention_memory is None
 
 
 @pytest.mark.parametrize("model_class", [CastModel, CastForImageClassification])
 def test_static_equals_dynamic_masked(model_class):
     dynamic_model, static_model = paired_models(model_class)
     pixel_values, superpixels = inputs()
-    num_tokens = max(int(superpixels.max()) + 1, TINY["num_clusters"][0])
+    num_tokens = max(int(superpixels.max()) + 1, TESTER.config_kwargs["num_clusters"][0])
     with torch.no_grad():
         dynamic, static = dynamic_model(pixel_values, superpixels), static_model(pixel_values, superpixels)
     assert static.level_hidden_states[0].shape[1] == 1 + BUDGET
@@ -112,8 +102,10 @@ def test_static_equals_dynamic_masked(model_class):
 def test_static_segmentation_equals_dynamic_masked():
     dynamic_model, static_model = paired_models(CastForSemanticSegmentation)
     pixel_values, superpixels = inputs(batch=2)
-    labels = torch.randint(0, TINY["num_labels"], superpixels.shape, generator=torch.Generator().manual_seed(1))
-    num_tokens = max(int(superpixels.max()) + 1, TINY["num_clusters"][0])
+    labels = torch.randint(
+        0, TESTER.config_kwargs["num_labels"], superpixels.shape, generator=torch.Generator().manual_seed(1)
+    )
+    num_tokens = max(int(superpixels.max()) + 1, TESTER.config_kwargs["num_clusters"][0])
     with torch.no_grad():
         dynamic = dynamic_model(pixel_values, superpixels, labels=labels)
         static = static_model(pixel_values, superpixels, labels=labels)
@@ -123,8 +115,7 @@ def test_static_segmentation_equals_dynamic_masked():
 
 
 def test_static_shapes_do_not_follow_the_labels():
-    torch.manual_seed(0)
-    model = CastModel(tiny_config(num_segment_tokens=BUDGET)).eval()
+    model = TESTER.create_model(CastModel, num_segment_tokens=BUDGET)
     pixel_values = torch.randn(1, 3, 64, 64)
     for labels in (torch.zeros(1, 64, 64, dtype=torch.long), uneven_superpixels(1), torch.full((1, 64, 64), 23)):
         with torch.no_grad():
@@ -137,7 +128,7 @@ def test_static_shapes_do_not_follow_the_labels():
 
 
 def test_labels_outside_the_budget_are_refused():
-    model = CastModel(tiny_config(num_segment_tokens=BUDGET)).eval()
+    model = CastModel(TESTER.get_config(num_segment_tokens=BUDGET)).eval()
     pixel_values = torch.randn(1, 3, 64, 64)
     with pytest.raises(ValueError, match=r"labels in \[24, 24\].*num_segment_tokens = 24.*0\.\.23"):
         model(pixel_values, torch.full((1, 64, 64), BUDGET))
@@ -147,7 +138,7 @@ def test_labels_outside_the_budget_are_refused():
 
 def test_set_num_segment_tokens_switches_a_dynamic_model():
     dynamic_model, reference = paired_models(CastModel)
-    switched = CastModel(tiny_config()).eval()  # unmasked, dynamic
+    switched = CastModel(TESTER.get_config()).eval()  # unmasked, dynamic
     switched.load_state_dict(dynamic_model.state_dict())
     switched.set_num_segment_tokens(BUDGET)
     pixel_values, superpixels = inputs()
@@ -197,7 +188,7 @@ def test_processor_caps_labels_and_is_saved(tmp_path):
 
 
 def test_static_model_and_processor(tmp_path):
-    model = CastModel(tiny_config()).eval()
+    model = CastModel(TESTER.get_config()).eval()
     processor = CastImageProcessor(do_resize=False, do_center_crop=False, num_superpixels=49)
     model, static_processor = static_model_and_processor(model, processor, BUDGET)
     assert processor.num_segment_tokens is None and static_processor.num_segment_tokens == BUDGET
