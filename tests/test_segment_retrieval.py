@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import ViTModel
 
-from hf_hierseg import CastConfig, CastForImageClassification, CastForSemanticSegmentation, CastModel
+from hf_hierseg import CastForImageClassification, CastForSemanticSegmentation, CastModel
 from hf_hierseg.errors import InvalidInputError
 from hf_hierseg.evaluation import make_vit_like, write_synthetic_dataset
 from hf_hierseg.evaluation.metrics import majority_mean_iou
@@ -38,16 +38,12 @@ from hf_hierseg.evaluation.segment_retrieval import (
 from hf_hierseg.evaluation.synthetic import generate_example
 from hf_hierseg.evaluation.views import evaluation_processor
 
+from cast_testing import CONFIG_DEFAULT, CastModelTester
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    hidden_size=24,
-    num_attention_heads=4,
-    depths=(1, 1, 1, 1),
-    num_clusters=(16, 8, 4, 2),
-    image_size=64,
-    graph_pooling_num_heads=4,
-)
+TESTER = CastModelTester(graph_pooling_num_heads=4)
+HIDDEN_SIZE = TESTER.config_kwargs["hidden_size"]
 NO_RESIZE = {"do_resize": False, "do_center_crop": False}
 
 
@@ -198,7 +194,7 @@ def images():
 
 def test_cast_segments_follow_the_hierarchy_and_prototypes_are_unit(images):
     torch.manual_seed(0)
-    model = CastForImageClassification(CastConfig(**TINY, num_labels=6)).eval()
+    model = CastForImageClassification(TESTER.get_config(num_labels=6)).eval()
     processor = evaluation_processor(NO_RESIZE, superpixel_method="seeds", num_superpixels=600)
     segmenter = CastRetrievalSegments(model, processor, levels=(1, 4))
     assert segmenter.embedding == "levels"
@@ -213,11 +209,13 @@ def test_cast_segments_follow_the_hierarchy_and_prototypes_are_unit(images):
             assert segment_map.shape == (64, 64) and set(np.unique(segment_map.numpy())) == set(range(len(prototypes)))
             pairs = np.unique(np.stack([segment_map.numpy().ravel(), reference.ravel()]), axis=1)
             assert len(pairs[0]) == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))
-            assert prototypes.shape == (len(np.unique(reference)), 4 * TINY["hidden_size"])
+            assert prototypes.shape == (len(np.unique(reference)), 4 * HIDDEN_SIZE)
             torch.testing.assert_close(prototypes.norm(dim=-1), torch.ones(len(prototypes)))
-        assert len(segments.prototypes[0]) <= TINY["num_clusters"][0] and len(segments.prototypes[1]) <= 2
+        assert (
+            len(segments.prototypes[0]) <= TESTER.config_kwargs["num_clusters"][0] and len(segments.prototypes[1]) <= 2
+        )
     last = CastRetrievalSegments(model, processor, levels=(4,), embedding="last")(images[:1])[0]
-    assert last.prototypes[0].shape[1] == TINY["hidden_size"]
+    assert last.prototypes[0].shape[1] == HIDDEN_SIZE
     with pytest.raises(InvalidInputError, match="CastForSemanticSegmentation"):
         CastRetrievalSegments(model, processor, embedding="fused")(images[:1])
     with pytest.raises(ValueError, match="levels are 1..4"):
@@ -226,7 +224,7 @@ def test_cast_segments_follow_the_hierarchy_and_prototypes_are_unit(images):
 
 def test_fused_embeddings_of_a_segmentation_model_are_the_authors(images):
     torch.manual_seed(0)
-    config = CastConfig(**TINY, num_labels=32, segmentation_head_type="mlp_projector", projection_hidden_dim=48)
+    config = TESTER.get_config(num_labels=32, segmentation_head_type="mlp_projector", projection_hidden_dim=48)
     model = CastForSemanticSegmentation(config).eval()  # a converted MoCo cast_seg: BlockFusion + projector
     processor = evaluation_processor(NO_RESIZE, superpixel_method="seeds", num_superpixels=600)
     segmenter = CastRetrievalSegments(model, processor, levels=(4,))
@@ -247,9 +245,11 @@ def test_fused_embeddings_of_a_segmentation_model_are_the_authors(images):
 
 def test_vit_segments_are_its_kmeans_levels(images):
     torch.manual_seed(0)
-    vit = ViTModel(make_vit_like(CastConfig(**TINY), patch_size=8), add_pooling_layer=False).eval()
+    vit = ViTModel(
+        make_vit_like(TESTER.get_config(num_labels=CONFIG_DEFAULT), patch_size=8), add_pooling_layer=False
+    ).eval()
     processor = evaluation_processor(NO_RESIZE, superpixel_method="grid")
-    for embedding, width in (("levels", 4 * TINY["hidden_size"]), ("last", TINY["hidden_size"])):
+    for embedding, width in (("levels", 4 * HIDDEN_SIZE), ("last", HIDDEN_SIZE)):
         segmenter = VitRetrievalSegments(
             vit, processor, (16, 4), levels=(1, 3), embedding=embedding, max_fit_pixels=256, max_prototype_pixels=1024
         )
@@ -267,7 +267,7 @@ def test_a_shared_embedding_retrieves_its_own_images_perfectly(images):
     # Memory = queries: each query segment's nearest memory segment (k=1) is itself, so its label is its majority
     # label, and the score is the majority-label mIoU of the segments (here computed independently).
     torch.manual_seed(0)
-    model = CastModel(CastConfig(**TINY)).eval()
+    model = CastModel(TESTER.get_config(num_labels=CONFIG_DEFAULT)).eval()
     processor = evaluation_processor(NO_RESIZE, superpixel_method="seeds", num_superpixels=600)
     segmenter = CastRetrievalSegments(model, processor, levels=(2,))
     pairs = []
@@ -289,7 +289,7 @@ def test_a_shared_embedding_retrieves_its_own_images_perfectly(images):
 def tiny_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("retrieval")
     torch.manual_seed(0)
-    CastForImageClassification(CastConfig(**TINY, num_labels=6)).save_pretrained(root / "cast")
+    CastForImageClassification(TESTER.get_config(num_labels=6)).save_pretrained(root / "cast")
     data = write_synthetic_dataset(root / "data", num_images=6, num_test_images=3, variant="camouflage")
     return SimpleNamespace(root=root, model_dir=root / "cast", data_dir=data)
 
