@@ -1,6 +1,7 @@
 """Graph pooling: farthest point sampling picks K centroid tokens, every token is softly assigned to them, and
 the assignments average the tokens into K new (coarser) segment tokens."""
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -138,12 +139,21 @@ def sampling_dtype(dtype):
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
+def without_autocast(device_type):
+    """A context in which `torch.autocast` (if enabled on `device_type`) is off, so the grouping runs in the dtypes
+    `sampling_dtype` gives it also inside an autocast region (a no-op context otherwise)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class GraphPooling(nn.Module):
     """Merge N segment tokens into `num_clusters` tokens (one CAST level).
 
     Sampling (farthest point sampling, in float64) and assignment (cosine logits, softmax, the assignment-weighted
     cluster means) run in at least float32, also in a half-precision model (`sampling_dtype`): the hierarchy is the
-    float32 model's up to the rounding of the tokens it is given. `assignment_logits` are float32 there."""
+    float32 model's up to the rounding of the tokens it is given. `assignment_logits` are float32 there. Inside a
+    `torch.autocast` region they run with autocast off (`without_autocast`), in the tokens' own dtype."""
 
     def __init__(self, config, num_clusters):
         super().__init__()
@@ -177,24 +187,28 @@ class GraphPooling(nn.Module):
     def forward(self, cls_token, tokens, padding_mask=None):
         """cls_token [B, 1, C]; tokens [B, N, C] (after the level's blocks); padding_mask bool [B, N] or None (nothing
         padded)."""
-        sampled_indices = self.sample_centroids(tokens, padding_mask)  # [B, K]
+        device_type = tokens.device.type
+        with without_autocast(device_type):
+            sampled_indices = self.sample_centroids(tokens, padding_mask)  # [B, K]
         gather_index = sampled_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
         compute_dtype = sampling_dtype(tokens.dtype)
 
         node_features = self.centroid_fc(tokens, padding_mask, self.mask_padding)
-        # Cosine logits: unit node features against the unit features of the sampled ones.
-        node_directions = F.normalize(node_features.to(compute_dtype), dim=-1)  # [B, N, C]
-        centroid_directions = torch.gather(node_directions, 1, gather_index)  # [B, K, C]
-        assignment_logits = self.assignment_scale * torch.bmm(node_directions, centroid_directions.transpose(1, 2))
-        assignments = assignment_logits.softmax(dim=-1)  # [B, N, K]
-        if self.mask_padding and padding_mask is not None:
-            assignments = assignments.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        with without_autocast(device_type):
+            # Cosine logits: unit node features against the unit features of the sampled ones.
+            node_directions = F.normalize(node_features.to(compute_dtype), dim=-1)  # [B, N, C]
+            centroid_directions = torch.gather(node_directions, 1, gather_index)  # [B, K, C]
+            assignment_logits = self.assignment_scale * torch.bmm(node_directions, centroid_directions.transpose(1, 2))
+            assignments = assignment_logits.softmax(dim=-1)  # [B, N, K]
+            if self.mask_padding and padding_mask is not None:
+                assignments = assignments.masked_fill(padding_mask.unsqueeze(-1), 0.0)
 
         expanded = self.expand(torch.cat([cls_token, tokens], dim=1))
         expanded_cls, expanded_tokens = expanded[:, :1], expanded[:, 1:]
-        cluster_mass = assignments.sum(dim=1).unsqueeze(-1)  # [B, K, 1]
-        cluster_sums = torch.bmm(assignments.transpose(1, 2), expanded_tokens.to(compute_dtype))  # [B, K, 4C]
-        cluster_means = (cluster_sums / cluster_mass).to(expanded.dtype)
+        with without_autocast(device_type):
+            cluster_mass = assignments.sum(dim=1).unsqueeze(-1)  # [B, K, 1]
+            cluster_sums = torch.bmm(assignments.transpose(1, 2), expanded_tokens.to(compute_dtype))  # [B, K, 4C]
+            cluster_means = (cluster_sums / cluster_mass).to(expanded.dtype)
         projected = self.cluster_project(self.cluster_norm(torch.cat([expanded_cls, cluster_means], dim=1)))
         pooled_tokens = projected[:, 1:] + torch.gather(tokens, 1, gather_index)
         cls_token = projected[:, :1] + cls_token
@@ -208,4 +222,5 @@ __all__ = [
     "farthest_point_sampling",
     "farthest_point_sampling_direct",
     "sampling_dtype",
+    "without_autocast",
 ]
