@@ -13,6 +13,7 @@ from hf_hierseg.apps.benchmark_throughput import (
     BenchmarkSettings,
     build_cases,
     cast_time_split,
+    compute_bound_line,
     count_flops,
     format_report,
     measure_peak_memory,
@@ -81,6 +82,7 @@ def test_report_markdown(tiny_report):
     assert len(target_rows) == 4 and all(row.endswith((": met", ": NOT met")) for row in target_rows)
     if any(row.endswith("NOT met") for row in target_rows):
         assert "What bounds the targets not met" in text and "aten ops per forward" in text
+        assert "would run" in text and "GMAC/s against ViT-S's" in text
     # Every table row has as many cells as its header.
     for block in text.split("\n\n"):
         rows = [line for line in block.splitlines() if line.startswith("|")]
@@ -117,6 +119,15 @@ def test_flops_match_a_hand_count():
     parts = flops["cast_parts"]
     assert sum(parts.values()) == flops["cast"]
     assert parts["conv_stem"] > 0 and parts["blocks"] > 0 and parts["graph_pooling"] > 0 and parts["fps"] > 0
+
+
+def test_compute_bound_from_flops_and_times():
+    """4.6 against 3.2 GMACs: at equal rates CAST would run 1.44x the ViT; 40 ms against 60 ms per image are rates
+    of 80 and 76.7 GMAC/s (104 %); 1.4x needs 97 % of the ViT's rate."""
+    line = compute_bound_line({"cast": 6.4e9, "vit": 9.2e9}, cast_ms=40.0, vit_ms=60.0)
+    assert "CAST-S does 3.20 GMACs per image, ViT-S 4.60" in line
+    assert "would run 1.44x ViT-S at most" in line
+    assert "it runs 80 GMAC/s against ViT-S's 77 (104 %; the target needs 97 %)" in line
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
@@ -179,7 +190,8 @@ def test_settings_reject_bad_values():
         BenchmarkSettings(batch_sizes=(0,))
     with pytest.raises(ValueError, match="repeats"):
         BenchmarkSettings(repeats=0)
-    assert BenchmarkSettings(repeats=5).repeats_for(32) == 2
+    assert BenchmarkSettings(repeats=5).repeats_for(32) == 3 and BenchmarkSettings(repeats=20).repeats_for(32) == 5
+    assert BenchmarkSettings(repeats=2).repeats_for(32) == 2
     assert BenchmarkSettings(repeats=5).repeats_for(8) == 5
 
 

@@ -123,7 +123,7 @@ def vit_small_config(**overrides):
 @dataclass
 class BenchmarkSettings:
     """What to measure. `cast_config` / `vit_config` default to CAST-S and ViT-S/16; `repeats` is used for batch
-    sizes up to 8 and scaled down (to at least 2) for larger batches. `runtimes`: of `RUNTIMES`; end to end, each
+    sizes up to 8 and scaled down (to at least 3, or `repeats` if fewer) for larger batches. `runtimes`: of `RUNTIMES`; end to end, each
     timed call runs `stream_batches` batches, the next one's superpixels computed while the model runs."""
 
     batch_sizes: tuple = (1, 8, 32)
@@ -158,7 +158,7 @@ class BenchmarkSettings:
             raise InvalidInputError(f"runtimes must include 'eager' and be among {RUNTIMES}, got {self.runtimes}.")
 
     def repeats_for(self, batch_size):
-        return max(min(2, self.repeats), round(self.repeats * min(1.0, 8 / batch_size)))
+        return max(min(3, self.repeats), round(self.repeats * min(1.0, 8 / batch_size)))
 
     def build_cast_config(self, num_segment_tokens=None):
         values = dict(self.cast_config or {})
@@ -906,6 +906,8 @@ def bound_lines(report):
                 f"forward the end-to-end ratio would be at most the forward ratio; not hidden at all, "
                 f"{vit_e2e / (cast_ms + seeds_ms):.2f}x"
             )
+            if report.flops:
+                lines.append("  " + compute_bound_line(report.flops, cast_ms, vit_ms))
     if report.ops and 1 in report.throughput and {"cast", "vit"} <= set(report.ops):
         cast_ops, vit_ops = report.ops["cast"]["ops"], report.ops["vit"]["ops"]
         cast_ms = 1000 * report.throughput[1]["cast-forward"][0]
@@ -916,6 +918,19 @@ def bound_lines(report):
             f"per op); host synchronisations in CAST-S's eager forward: {report.ops['cast']['host_syncs'] or 'none'}"
         )
     return lines
+
+
+def compute_bound_line(flops, cast_ms, vit_ms):
+    """The arithmetic bound on the forward ratio: from the FLOPs per image of both models (`count_flops`) and their
+    forward ms per image, the ratio CAST-S would reach at ViT-S's rate of multiply-adds and the rates measured."""
+    cast_gmacs, vit_gmacs = flops["cast"] / 2e9, flops["vit"] / 2e9
+    cast_rate, vit_rate = cast_gmacs / (cast_ms / 1000), vit_gmacs / (vit_ms / 1000)
+    return (
+        f"compute: CAST-S does {cast_gmacs:.2f} GMACs per image, ViT-S {vit_gmacs:.2f}, so at ViT-S's rate CAST-S "
+        f"would run {vit_gmacs / cast_gmacs:.2f}x ViT-S at most; it runs {cast_rate:.0f} GMAC/s against ViT-S's "
+        f"{vit_rate:.0f} ({100 * cast_rate / vit_rate:.0f} %; the target needs "
+        f"{100 * FORWARD_TARGET * cast_gmacs / vit_gmacs:.0f} %)"
+    )
 
 
 def format_report(report, command=None):
@@ -1045,7 +1060,7 @@ def benchmark_parser():
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="inference batch sizes")
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed calls per case (scaled down, to at least 2, for batches above 8)"
+        "--repeats", type=int, default=5, help="timed calls per case (scaled down, to at least 3, for batches above 8)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and ONNX Runtime's threads)")
     parser.add_argument(
