@@ -19,13 +19,13 @@ def farthest_point_sampling(points, num_samples, start_index=0):
     index. Points already chosen are never chosen again (where DGL would re-pick a chosen point, i.e. only when
     every remaining distance is 0, this picks the lowest-index unchosen point instead).
 
-    The steps run on distances from one batched Gram matrix (|p|^2 + |q|^2 - 2 p.q), so each step costs O(N)
-    instead of O(N * D), in four small ops. Any row where, at some step, the two farthest candidates lie within that
-    formula's rounding bound of each other is recomputed with the direct sum of squared differences
-    (`farthest_point_sampling_direct`), so the picks always equal the direct computation's. Under graph capture
-    (torch.compile, export) and off the CPU both are computed and selected per row with `torch.where`: no branch on
-    tensor values, no host synchronisation; in eager mode on the CPU (where reading a flag costs nothing) the direct
-    computation runs only for the rows that need it.
+    In eager mode on the CPU the steps run on distances from one batched Gram matrix (|p|^2 + |q|^2 - 2 p.q), so
+    each step costs O(N) instead of O(N * D), in four small ops. Any row where, at some step, the two farthest
+    candidates lie within that formula's rounding bound of each other is recomputed with the direct sum of squared
+    differences (`farthest_point_sampling_direct`; reading that flag costs nothing on the CPU), so the picks always
+    equal the direct computation's. Under graph capture (torch.compile, export) and off the CPU the direct
+    computation alone runs: no branch on tensor values, no host synchronisation, and half the graph that computing
+    both and selecting per row would unroll (a compiler fuses each of its steps).
 
     Args:
         points: [B, N, D] (use float64 for exact ties).
@@ -38,6 +38,8 @@ def farthest_point_sampling(points, num_samples, start_index=0):
     batch, num_points, dim = points.shape
     if num_samples > num_points:
         raise ValueError(f"Cannot sample {num_samples} points from {num_points}.")
+    if is_capturing_graph() or points.device.type != "cpu":
+        return farthest_point_sampling_direct(points, num_samples, start_index)
     start = torch.full((batch,), start_index, dtype=torch.long, device=points.device)
     if num_samples == 1:
         return start.unsqueeze(1)
@@ -47,15 +49,12 @@ def farthest_point_sampling(points, num_samples, start_index=0):
     tolerance = 8 * (dim + 4) * torch.finfo(points.dtype).eps * norms.amax(dim=1)  # [B]
     distances = (norms.unsqueeze(2) + norms.unsqueeze(1)).sub_(gram, alpha=2)  # [B, N, N], symmetric
     # -inf to itself: the running minimum marks every chosen point -inf, so it is never picked again.
-    # (Out of place: an in-place fill of the diagonal view leaves a copy_to that ONNX export's functional graph rejects.)
     diagonal = torch.eye(num_points, dtype=torch.bool, device=points.device)
     distances = distances.masked_fill(diagonal, float("-inf"))
     # Row b * N + c: distances of image b's points to its point c (index_select is far cheaper than [rows, c]).
     distance_rows = distances.view(batch * num_points, num_points)
-    # Image b's rows start at b * N; a single image in eager mode needs no offsets (one op less per step).
-    row_offsets = None
-    if is_capturing_graph() or batch > 1:
-        row_offsets = torch.arange(0, batch * num_points, num_points, device=points.device)
+    # Image b's rows start at b * N; a single image needs no offsets (one op less per step).
+    row_offsets = torch.arange(0, batch * num_points, num_points, device=points.device) if batch > 1 else None
 
     def rows_of(indices):  # [B] point indices -> their distance rows [B, N]
         return distance_rows.index_select(0, indices if row_offsets is None else row_offsets + indices)
@@ -74,9 +73,6 @@ def farthest_point_sampling(points, num_samples, start_index=0):
     top_two = torch.stack(scores, dim=1).topk(2, dim=2).values  # [B, K - 1, 2]
     gaps = top_two[..., 0] - top_two[..., 1]
     ambiguous = (gaps <= 2 * tolerance.unsqueeze(1)).any(dim=1) | ~torch.isfinite(tolerance)  # [B]
-    if is_capturing_graph() or points.device.type != "cpu":
-        exact = farthest_point_sampling_direct(points, num_samples, start_index)
-        return torch.where(ambiguous.unsqueeze(1), exact, picks)
     if ambiguous.any():
         picks[ambiguous] = farthest_point_sampling_direct(points[ambiguous], num_samples, start_index)
     return picks
