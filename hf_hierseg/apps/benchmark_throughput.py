@@ -123,8 +123,9 @@ def vit_small_config(**overrides):
 @dataclass
 class BenchmarkSettings:
     """What to measure. `cast_config` / `vit_config` default to CAST-S and ViT-S/16; `repeats` is used for batch
-    sizes up to 8 and scaled down (to at least 3, or `repeats` if fewer) for larger batches. `runtimes`: of `RUNTIMES`; end to end, each
-    timed call runs `stream_batches` batches, the next one's superpixels computed while the model runs."""
+    sizes up to 8 and scaled down (to at least 3, or `repeats` if fewer) for larger batches. `runtimes`: of
+    `RUNTIMES`; end to end, each timed call runs `stream_batches` batches, the next one's superpixels computed while
+    the model runs."""
 
     batch_sizes: tuple = (1, 8, 32)
     repeats: int = 5
