@@ -207,6 +207,22 @@ def test_stop_signals_are_ignored_outside_the_process_that_installed_them():
         assert stop.received == signal.SIGUSR1
 
 
+def test_a_signal_after_the_stop_s_checkpoint_exits_as_preempted():
+    """Once the stop's checkpoint is complete (another rank may already have exited, and the launcher then signals
+    this one), a stop signal exits with the stop's status, not killed by it."""
+    script = (
+        "import signal\n"
+        "from hf_hierseg.training.interruption import StopSignals\n"
+        "with StopSignals(timeout=None) as stop:\n"
+        "    signal.raise_signal(signal.SIGTERM)\n"
+        "    stop.mark_checkpoint_complete()\n"
+        "    signal.raise_signal(signal.SIGTERM)\n"
+        "    raise SystemExit(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr
+
+
 @pytest.mark.slow
 def test_a_stop_that_takes_too_long_exits_after_the_timeout():
     script = (

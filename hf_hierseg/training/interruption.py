@@ -52,7 +52,7 @@ class TrainingPreempted(SystemExit):
 
 
 def exit_as_preempted(number, frame):
-    """Handler after a clean stop on several processes: this rank's checkpoint is complete, exit as preempted."""
+    """A stop signal once this rank's part of the stop's checkpoint is written: exit as preempted."""
     os._exit(PREEMPTED_EXIT_CODE)
 
 
@@ -76,6 +76,7 @@ class StopSignals:
         self.previous = {}
         self.pid = None
         self.watchdog = None
+        self.checkpoint_complete = False
 
     @property
     def requested(self):
@@ -88,13 +89,21 @@ class StopSignals:
                 self.previous[number] = signal.signal(number, self.handle)
         return self
 
+    def mark_checkpoint_complete(self):
+        """This rank's part of the stop's checkpoint is written: from now on a stop signal (a launcher tearing this rank
+        down because another rank has already exited with the stop's status) exits at once with
+        `PREEMPTED_EXIT_CODE`, since nothing is lost."""
+        self.checkpoint_complete = True
+
     def __exit__(self, exc_type, exc_value, traceback):
         if self.watchdog is not None:
             self.watchdog.cancel()
         stopped_cleanly = exc_type is not None and issubclass(exc_type, TrainingPreempted)
         for number, handler in self.previous.items():
             if stopped_cleanly and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                handler = exit_as_preempted  # the launcher tearing down this rank after another one exited
+                # The launcher tearing down this rank after another one exited: ignored, the rank is exiting with
+                # the stop's status anyway (a Python handler would not run once the interpreter shuts down).
+                handler = signal.SIG_IGN
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
         return False
@@ -102,6 +111,8 @@ class StopSignals:
     def handle(self, number, frame):
         if os.getpid() != self.pid:  # a forked DataLoader worker: the training process decides
             return
+        if self.checkpoint_complete:
+            exit_as_preempted(number, frame)
         name = signal.Signals(number).name
         if self.received is None:
             self.received = number

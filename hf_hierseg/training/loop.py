@@ -392,6 +392,9 @@ def train(
                     max_steps,
                     saved,
                 )
+                # This rank's part is written: a launcher's signal from here on (another rank left the barrier and
+                # exited first) is no loss, and `latest` skips a checkpoint that another rank did not finish.
+                stop_signals.mark_checkpoint_complete()
                 accelerator.wait_for_everyone()  # every rank's part of the checkpoint is written before any exits
                 accelerator.end_training()
                 raise TrainingPreempted(completed, saved)
