@@ -182,8 +182,11 @@ class CastConvStem(nn.Module):
     """4 x (3x3 conv without bias, BatchNorm, ReLU) with strides 2, 2, 2, 1 and widths C/8..C, then a 1x1 conv.
     Output channels-last [B, H/8, W/8, C].
 
-    Two paths compute `self.proj`, both on channels-last activations with the final 1x1 convolution as a Linear over
-    channels (1.5x faster on CPU at batch 32):
+    `forward` is `project(convolutions(pixel_values))`: the 3x3 stages, then the final 1x1 convolution as a Linear over
+    channels (1.5x faster on CPU at batch 32). Being linear, the projection commutes with any average over grid
+    cells, so `CastEmbeddings` projects the segment means instead of every cell.
+
+    Two paths compute the 3x3 stages, both on channels-last activations:
     - while any BatchNorm is in training mode, the Sequential's conv, BatchNorm and ReLU modules run as they are;
     - in eval mode each BatchNorm is folded into its convolution. Without gradients the folded weights are computed
       once and cached; the cache is dropped by `train()` / `eval()` and rebuilt whenever a weight or BatchNorm
@@ -245,7 +248,9 @@ class CastConvStem(nn.Module):
             self._folded = FoldedConvolutions(signature, tuple(t.detach() for t in sources), weights, biases)
         return self._folded.weights, self._folded.biases
 
-    def forward(self, pixel_values):
+    def convolutions(self, pixel_values):
+        """The four 3x3 conv, BatchNorm, ReLU stages: features [B, H / 8, W / 8, C] (channels-last), before the final
+        1x1 projection."""
         hidden = pixel_values
         if not is_capturing_graph():  # eager CPU convolutions run faster channels-last; a compiler picks its layouts
             hidden = hidden.contiguous(memory_format=torch.channels_last)
@@ -257,8 +262,15 @@ class CastConvStem(nn.Module):
             weights, biases = self.folded_batch_norms()
             for (conv, _, activation), weight, bias in zip(layers, weights, biases):
                 hidden = activation(F.conv2d(hidden, weight, bias, conv.stride, conv.padding))
+        return hidden.permute(0, 2, 3, 1)
+
+    def project(self, features):
+        """The final 1x1 convolution on channels-last `features` [..., C]."""
         final = self.proj[-1]
-        return F.linear(hidden.permute(0, 2, 3, 1), final.weight.flatten(1), final.bias)  # [B, h, w, C]
+        return F.linear(features, final.weight.flatten(1), final.bias)
+
+    def forward(self, pixel_values):
+        return self.project(self.convolutions(pixel_values))  # [B, H / 8, W / 8, C]
 
 
 class CastEmbeddings(nn.Module):
@@ -304,26 +316,33 @@ class CastEmbeddings(nn.Module):
             return self.position_embeddings[:, :1]
         return torch.zeros_like(self.cls_token)
 
-    def pooling_grid(self, stem, superpixels):
-        """The label map the segments are pooled over and the features on its grid: int64 [B, h, w] and
-        [B, h, w, C], with (h, w) the ConvStem grid, or the image size when pooling at full resolution."""
+    def pooling_grid(self, stem_features, superpixels):
+        """The label map the segments are pooled over and the ConvStem features [B, h, w, C] on its grid: int64
+        [B, h, w] and [B, h, w, C], with (h, w) the ConvStem grid, or the image size when pooling at full resolution
+        (bilinear weights sum to 1, so upsampling also commutes with the stem's 1x1 projection)."""
         if not self.pool_at_full_resolution:
-            return resize_labels_nearest(superpixels, stem.shape[1:3]), stem
+            return resize_labels_nearest(superpixels, stem_features.shape[1:3]), stem_features
         labels = superpixels.long()
         features = F.interpolate(
-            stem.permute(0, 3, 1, 2), size=labels.shape[-2:], mode="bilinear", align_corners=False
+            stem_features.permute(0, 3, 1, 2), size=labels.shape[-2:], mode="bilinear", align_corners=False
         )
         return labels, features.permute(0, 2, 3, 1)
 
     def segment_tokens(self, features, positions, labels, num_segments):
-        """Average features [B, h, w, C] and positions [1, h, w, C] over the cells of each label in [B, h, w].
+        """ConvStem features and positions [1, h, w, C] averaged over the cells of each label in [B, h, w], where
+        `features` [B, h, w, C] are the stem's convolutions before its 1x1 projection.
 
-        Returns tokens [B, S, C] and the padding mask [B, S] (True for labels absent from an image)."""
+        The token is mean(project(features)) + mean(positions) = project(mean(features)) + mean(positions), and zero
+        for labels absent from an image (as in the original): the projection runs on S tokens instead of h * w cells. Returns tokens [B, S, C] and the padding mask [B, S] (True for labels absent
+        from an image)."""
         batch, height, width, channels = features.shape
-        # mean(features) + mean(positions) == mean(features + positions): one segment mean over C channels.
-        cells = (features + positions).reshape(batch, height * width, channels)
-        tokens, counts = segment_mean(cells, labels.reshape(batch, height * width), num_segments)
-        return tokens, counts <= 0.5
+        labels = labels.reshape(batch, height * width)
+        feature_means, counts = segment_mean(features.reshape(batch, height * width, channels), labels, num_segments)
+        cell_positions = positions.reshape(1, height * width, -1).expand(batch, -1, -1)
+        position_means, _ = segment_mean(cell_positions, labels, num_segments)
+        padding_mask = counts <= 0.5  # [B, S]
+        projected = self.patch_embeddings.project(feature_means).masked_fill(padding_mask.unsqueeze(-1), 0)
+        return projected + position_means, padding_mask
 
     def num_segments(self, labels):
         """The level-1 token count S: `config.num_segment_tokens` when set (static), else (largest label over the
@@ -333,17 +352,18 @@ class CastEmbeddings(nn.Module):
         return max(int(labels.max()) + 1, self.config.num_clusters[0])
 
     def forward(self, pixel_values, superpixels):
-        """Returns embeddings [B, 1 + S, C] (CLS first), the padding mask [B, S] and the ConvStem grid [B, h, w, C].
-        Token k is superpixel id k; S is `num_segments(...)`."""
+        """Returns embeddings [B, 1 + S, C] (CLS first), the padding mask [B, S] and the ConvStem's convolution
+        features [B, h, w, C] before its 1x1 projection (`patch_embeddings.project` turns them into the stem's
+        output). Token k is superpixel id k; S is `num_segments(...)`."""
         # Inputs of another float dtype follow the weights' (as DINOv2's embeddings do).
-        stem = self.patch_embeddings(pixel_values.to(self.cls_token.dtype))  # [B, H / 8, W / 8, C]
-        labels, features = self.pooling_grid(stem, superpixels)
+        stem_features = self.patch_embeddings.convolutions(pixel_values.to(self.cls_token.dtype))  # [B, H/8, W/8, C]
+        labels, features = self.pooling_grid(stem_features, superpixels)
         num_segments = self.num_segments(labels)
         positions = self.position_grid(*labels.shape[-2:]).to(features.dtype)
         tokens, padding_mask = self.segment_tokens(features, positions, labels, num_segments)
-        cls_token = (self.cls_token + self.cls_position()).expand(stem.shape[0], -1, -1)
+        cls_token = (self.cls_token + self.cls_position()).expand(stem_features.shape[0], -1, -1)
         embeddings = self.dropout(torch.cat([cls_token, tokens], dim=1))
-        return embeddings, padding_mask, stem
+        return embeddings, padding_mask, stem_features
 
 
 # --- levels -------------------------------------------------------------------------------------------------------
@@ -1034,10 +1054,12 @@ class CastBackbone(BackboneMixin, CastPreTrainedModel):
             superpixels = default_superpixels(pixel_values)
         self._validate_inputs(pixel_values, superpixels)
         check_attention_memory(self.config, pixel_values, superpixels)
-        embeddings, padding_mask, stem = self.embeddings(pixel_values, superpixels)
+        embeddings, padding_mask, stem_features = self.embeddings(pixel_values, superpixels)
         encoded = self.levels(embeddings, padding_mask, **kwargs)
-        grid_labels = resize_labels_nearest(superpixels, stem.shape[1:3])  # [B, h, w], level-1 token of each cell
-        stage_maps = {"stem": stem}  # [B, h, w, C] each
+        grid_labels = resize_labels_nearest(superpixels, stem_features.shape[1:3])  # [B, h, w], token of each cell
+        stage_maps = {}  # [B, h, w, C] each
+        if "stem" in self.out_features:
+            stage_maps["stem"] = self.embeddings.patch_embeddings.project(stem_features)
         cell_token = grid_labels.flatten(1)  # [B, h * w]
         for level, (name, tokens) in enumerate(zip(LEVEL_NAMES, encoded.level_hidden_states)):
             if level > 0:  # level-l tokens are the groups of level l - 1
@@ -1045,7 +1067,7 @@ class CastBackbone(BackboneMixin, CastPreTrainedModel):
             if name in self.out_features:
                 tokens = self.layernorm(tokens[:, 1:])
                 index = cell_token.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-                stage_maps[name] = torch.gather(tokens, 1, index).reshape(stem.shape)
+                stage_maps[name] = torch.gather(tokens, 1, index).reshape(stem_features.shape)
         feature_maps = tuple(stage_maps[name].permute(0, 3, 1, 2).contiguous() for name in self.out_features)
         return BackboneOutput(feature_maps=feature_maps)
 

@@ -18,6 +18,8 @@ from hf_hierseg.apps.benchmark_throughput import (
     format_report,
     measure_peak_memory,
     run_benchmark,
+    sampling_methods,
+    stem_methods,
 )
 from hf_hierseg.graph_pooling import farthest_point_sampling, farthest_point_sampling_direct
 from hf_hierseg.segment_ops import segment_sum_and_count
@@ -103,7 +105,8 @@ def test_time_split_hooks_are_removed():
         assert seconds["blocks"] > 0 and seconds["fps"] > 0 and seconds["conv_stem"] > 0
         assert torch.equal(reference, timed)
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
-    assert all("sample_centroids" not in vars(level.pooling) for level in model.levels)
+    wrapped = stem_methods(model) + sampling_methods(model)  # the stem's methods and FPS, timed on the instances
+    assert len(wrapped) == 2 + len(model.levels) and all(name not in vars(module) for module, name in wrapped)
 
 
 def test_flops_match_a_hand_count():

@@ -541,6 +541,35 @@ def test_conv_stem_eval_folds_batch_norm_once(tester):
     assert torch.equal(stem(pixel_values), first)
 
 
+@pytest.mark.parametrize("full_resolution", [False, True])
+def test_segment_tokens_project_the_means_as_the_original_averages_projected_cells(tester, full_resolution):
+    """The embeddings average the stem's convolutions per segment and then apply its 1x1 projection (linear, so the
+    two commute): tokens equal the original's order (project every cell, then average), absent labels stay zero."""
+    from hf_hierseg.modeling_cast import CastEmbeddings
+    from hf_hierseg.segment_ops import resize_labels_nearest, segment_mean
+
+    config = tester.get_config()
+    torch.manual_seed(0)
+    embeddings = CastEmbeddings(config, pool_at_full_resolution=full_resolution).eval()
+    torch.nn.init.normal_(embeddings.patch_embeddings.proj[-1].bias)
+    pixel_values, superpixels = tester.prepare_inputs()["pixel_values"], grid_superpixels(2, 64, cell=8) % 40
+    superpixels[1] = superpixels[1] % 24  # labels 24..39 are absent from image 1
+    with torch.no_grad():
+        tokens, padding_mask, _ = embeddings(pixel_values, superpixels)
+        stem = embeddings.patch_embeddings(pixel_values)  # [B, 8, 8, C]: projected on every cell
+        if full_resolution:
+            labels = superpixels
+            stem = torch.nn.functional.interpolate(stem.permute(0, 3, 1, 2), size=(64, 64), mode="bilinear")
+            stem = stem.permute(0, 2, 3, 1)
+        else:
+            labels = resize_labels_nearest(superpixels, (8, 8))
+        cells = stem + embeddings.position_grid(*labels.shape[-2:])
+        expected, counts = segment_mean(cells.flatten(1, 2), labels.flatten(1), 40)
+    assert bool(padding_mask[1, 24:].all()) and not bool(padding_mask[0].any())
+    torch.testing.assert_close(tokens[:, 1:], expected, atol=1e-5, rtol=1e-5)
+    assert bool((tokens[1, 1 + 24 :] == 0).all())  # no bias on absent labels
+
+
 def test_conv_stem_keeps_channels_last(tester, monkeypatch):
     stem, pixel_values = conv_stem(tester), stem_input()
     layouts = []

@@ -40,19 +40,14 @@ def seg_fixture(shared_dir):
 def collect_outputs(model, inputs):
     """Our outputs under the original's names (`features` is the head's input, caught by a hook)."""
     captured = {}
-    hooks = [
-        model.cast.embeddings.patch_embeddings.register_forward_hook(
-            lambda module, args, output: captured.__setitem__("patch_embed", output)
-        ),
-        model.classifier.register_forward_pre_hook(lambda module, args: captured.__setitem__("features", args[0])),
-    ]
+    hook = model.classifier.register_forward_pre_hook(lambda module, args: captured.__setitem__("features", args[0]))
     with torch.no_grad():
         out = model(inputs["pixel_values"], inputs["superpixels"], output_hidden_states=True)
-    for hook in hooks:
-        hook.remove()
+        patch_embed = model.cast.embeddings.patch_embeddings(inputs["pixel_values"])
+    hook.remove()
     batch = inputs["pixel_values"].shape[0]
     got = {
-        "patch_embed": captured["patch_embed"],
+        "patch_embed": patch_embed,
         "embeddings": out.hidden_states[0],
         "features": captured["features"].unflatten(0, (batch, -1)),
         "fused_cls": out.fused_hidden_states[:, :1],

@@ -491,12 +491,39 @@ def measure_peak_memory(settings, images, names=INFERENCE_CASES):
 # Time split of the CAST forward
 
 
+def stem_methods(model):
+    """The ConvStem's methods the CAST forward calls (its 3x3 stages, and the 1x1 projection on the segment means):
+    (module, method name) pairs. `CastEmbeddings` calls them directly, so no forward hook of the stem sees them."""
+    stem = model.embeddings.patch_embeddings
+    return [(stem, "convolutions"), (stem, "project")]
+
+
+def sampling_methods(model):
+    """Graph pooling's farthest point sampling at every level: (module, method name) pairs."""
+    return [(level.pooling, "sample_centroids") for level in model.levels]
+
+
+@contextlib.contextmanager
+def wrapped_methods(methods, wrapper):
+    """Replace each (module, name) of `methods` by `wrapper(bound_method)` on the instance inside the block (the
+    class's method is untouched, and is what the instance calls again afterwards)."""
+    patched = []
+    try:
+        for module, name in methods:
+            setattr(module, name, wrapper(getattr(module, name)))
+            patched.append((module, name))
+        yield
+    finally:
+        for module, name in patched:
+            delattr(module, name)
+
+
 @contextlib.contextmanager
 def cast_time_split(model):
     """Accumulate wall-clock seconds of CAST's parts during the calls inside the block: yields a dict with
     `SPLIT_PARTS` keys (`other` is filled in by `split_forward`). Works on a `CastModel`."""
     seconds = dict.fromkeys(SPLIT_PARTS, 0.0)
-    handles, patched = [], []
+    handles = []
 
     def add_timer(module, part):
         def start(*_):
@@ -508,29 +535,30 @@ def cast_time_split(model):
         handles.append(module.register_forward_pre_hook(start))
         handles.append(module.register_forward_hook(stop))
 
+    def timer(part):
+        def wrap(method):
+            def timed_method(*args, **kwargs):
+                start = time.perf_counter()
+                result = method(*args, **kwargs)
+                seconds[part] += time.perf_counter() - start
+                return result
+
+            return timed_method
+
+        return wrap
+
     add_timer(model.embeddings, "segment_pooling")  # the ConvStem is subtracted below
-    add_timer(model.embeddings.patch_embeddings, "conv_stem")
     for level in model.levels:
         for block in level.blocks:
             add_timer(block, "blocks")
         add_timer(level.pooling, "graph_pooling")  # FPS is subtracted below
-        sample_centroids = level.pooling.sample_centroids
-
-        def timed_sampling(*args, _sample=sample_centroids):
-            start = time.perf_counter()
-            result = _sample(*args)
-            seconds["fps"] += time.perf_counter() - start
-            return result
-
-        level.pooling.sample_centroids = timed_sampling
-        patched.append(level.pooling)
     try:
-        yield seconds
+        with wrapped_methods(stem_methods(model), timer("conv_stem")):
+            with wrapped_methods(sampling_methods(model), timer("fps")):
+                yield seconds
     finally:
         for handle in handles:
             handle.remove()
-        for pooling in patched:
-            del pooling.sample_centroids
         seconds["segment_pooling"] -= seconds["conv_stem"]
         seconds["graph_pooling"] -= seconds["fps"]
 
@@ -575,27 +603,28 @@ def count_flops(settings, images):
 
         cast, processor = models["cast"]
         inputs = model_inputs(processor(images[:1], return_tensors="pt"))
-        fps_flops = []
-        for level in cast.levels:
-            sample_centroids = level.pooling.sample_centroids
+        stem_flops, fps_flops = [], []
 
-            def counted_sampling(*args, _sample=sample_centroids):
-                with FlopCounterMode(display=False) as inner:
-                    picks = _sample(*args)
-                fps_flops.append(inner.get_total_flops())
-                return picks
+        def flop_counter(totals):
+            def wrap(method):
+                def counted_method(*args, **kwargs):
+                    with FlopCounterMode(display=False) as inner:
+                        result = method(*args, **kwargs)
+                    totals.append(inner.get_total_flops())
+                    return result
 
-            level.pooling.sample_centroids = counted_sampling
-        try:
-            with FlopCounterMode(display=False) as counter:
-                cast(**inputs)
-        finally:
-            for level in cast.levels:
-                del level.pooling.sample_centroids
+                return counted_method
+
+            return wrap
+
+        with wrapped_methods(stem_methods(cast), flop_counter(stem_flops)):
+            with wrapped_methods(sampling_methods(cast), flop_counter(fps_flops)):
+                with FlopCounterMode(display=False) as counter:
+                    cast(**inputs)
     counts = counter.get_flop_counts()
     fps = sum(fps_flops)
     parts = {
-        "conv_stem": _module_flops(counts, r"\.embeddings\.patch_embeddings$"),
+        "conv_stem": sum(stem_flops),
         "blocks": _module_flops(counts, r"\.levels\.\d+\.blocks\.\d+$"),
         "graph_pooling": _module_flops(counts, r"\.levels\.\d+\.pooling$") - fps,
         "fps": fps,
@@ -1150,8 +1179,11 @@ __all__ = [
     "measure_training",
     "run_benchmark",
     "run_benchmark_command",
+    "sampling_methods",
     "settings_from_arguments",
     "split_forward",
+    "stem_methods",
     "target_results",
     "vit_small_config",
+    "wrapped_methods",
 ]
