@@ -564,7 +564,7 @@ def test_segment_tokens_project_the_means_as_the_original_averages_projected_cel
         else:
             labels = resize_labels_nearest(superpixels, (8, 8))
         cells = stem + embeddings.position_grid(*labels.shape[-2:])
-        expected, counts = segment_mean(cells.flatten(1, 2), labels.flatten(1), 40)
+        expected, _ = segment_mean(cells.flatten(1, 2), labels.flatten(1), 40)
     assert bool(padding_mask[1, 24:].all()) and not bool(padding_mask[0].any())
     torch.testing.assert_close(tokens[:, 1:], expected, atol=1e-5, rtol=1e-5)
     assert bool((tokens[1, 1 + 24 :] == 0).all())  # no bias on absent labels
