@@ -333,11 +333,12 @@ class CastEmbeddings(nn.Module):
         `features` [B, h, w, C] are the stem's convolutions before its 1x1 projection.
 
         The token is mean(project(features)) + mean(positions) = project(mean(features)) + mean(positions), and zero
-        for labels absent from an image (as in the original): the projection runs on S tokens instead of h * w cells. Returns tokens [B, S, C] and the padding mask [B, S] (True for labels absent
-        from an image)."""
+        for labels absent from an image (as in the original): the projection runs on S tokens instead of h * w
+        cells. Returns tokens [B, S, C] and the padding mask [B, S] (True for labels absent from an image)."""
         batch, height, width, channels = features.shape
         labels = labels.reshape(batch, height * width)
         feature_means, counts = segment_mean(features.reshape(batch, height * width, channels), labels, num_segments)
+        # A second mean for the positions: one mean over both, concatenated, copies every cell (slower on the CPU).
         cell_positions = positions.reshape(1, height * width, -1).expand(batch, -1, -1)
         position_means, _ = segment_mean(cell_positions, labels, num_segments)
         padding_mask = counts <= 0.5  # [B, S]
