@@ -165,6 +165,44 @@ def test_quick_mode_with_every_runtime(capsys):
     assert "- CAST-S forward (ONNX Runtime), batch 1: " in text and "no target" in text
 
 
+def test_compile_per_batch_size_makes_one_graph_per_batch_size():
+    """`--compile-per-batch-size` adds the runtime to the settings, the command and the report (rows and targets);
+    it compiles one graph per batch size for each model, where CAST's one-graph runtime compiles once for all. The
+    `eager` Dynamo backend keeps it quick: the graph count does not depend on the backend."""
+    from torch._dynamo.utils import counters
+
+    from hf_hierseg.apps.benchmark_throughput import benchmark_parser, format_command, settings_from_arguments
+
+    asked = settings_from_arguments(benchmark_parser().parse_args(["--compile-per-batch-size"]))
+    assert asked.runtimes == ("eager", "compiled", "compiled_per_batch", "onnx")
+    assert "--compile-per-batch-size" in format_command(asked)
+    default = settings_from_arguments(benchmark_parser().parse_args([]))
+    assert "compiled_per_batch" not in default.runtimes and "--compile-per-batch-size" not in format_command(default)
+
+    torch._dynamo.reset()
+    graphs = {}
+    for runtime in ("compiled", "compiled_per_batch"):
+        runtime_settings = tiny_settings(
+            runtimes=("eager", runtime),
+            compile_backend="eager",
+            measure_flops=False,
+            measure_training=False,
+            batch_sizes=(1, 2, 3),
+        )
+        before = counters["stats"]["unique_graphs"]
+        report = run_benchmark(runtime_settings)
+        graphs[runtime] = counters["stats"]["unique_graphs"] - before
+        assert not report.failed, report.failed
+        text = format_report(report)
+        title = "torch.compile" if runtime == "compiled" else "torch.compile, per batch size"
+        for batch in (1, 2, 3):
+            assert f"| CAST-S forward ({title}) | {batch} |" in text
+            assert f"- CAST-S forward ({title}), batch {batch}: " in text
+    # The ViT: static at its first batch size, then dynamic (2 graphs); CAST: one unbacked graph. Per batch size: 3
+    # each.
+    assert graphs == {"compiled": 2 + 1, "compiled_per_batch": 3 + 3}
+
+
 def test_static_forward_has_no_host_sync(monkeypatch):
     """The static-budget CAST forward, on the path a captured graph (and, for FPS, a GPU) takes, dispatches no op
     that reads a value on the host (GPU-ready: nothing waits for the device); the dynamic one does (its token count

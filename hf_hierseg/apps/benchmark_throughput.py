@@ -7,7 +7,9 @@ Measured (see `run_benchmark`):
   `hf_hierseg.prefetch`), with the ratio to the ViT, for three runtimes of each model: eager PyTorch,
   `torch.compile(fullgraph=True)` and ONNX Runtime (an export with `torch.onnx.export(dynamo=True)`). CAST's compiled
   and ONNX runtimes use the static token budget (`num_segment_tokens` = the superpixels the processor returns), its
-  eager runtime the default (dynamic) model, with the same weights;
+  eager runtime the default (dynamic) model, with the same weights. Asked for (`--compile-per-batch-size`), a fourth
+  runtime compiles both models once per batch size (static shapes, Inductor's layout optimisation on), beside the
+  one graph for every batch size;
 - the peak resident memory of each eager call, measured in a fresh process per model;
 - where CAST's forward time goes: ConvStem, segment pooling, transformer blocks, farthest point sampling and the
   rest of graph pooling (forward hooks; on CPU every op is synchronous, so wall-clock hooks are exact), and the
@@ -64,13 +66,20 @@ from ..training.moco import contrastive_loss
 PAPER_GMACS = {"vit": 4.60, "cast": 3.12}
 FAMILIES = ("vit", "cast")
 FAMILY_TITLES = {"vit": "ViT-S/16", "cast": "CAST-S"}
-RUNTIMES = ("eager", "compiled", "onnx")
-RUNTIME_TITLES = {"eager": "eager", "compiled": "torch.compile", "onnx": "ONNX Runtime"}
+RUNTIMES = ("eager", "compiled", "compiled_per_batch", "onnx")
+# Measured unless skipped; "compiled_per_batch" (one graph per batch size) only when asked for.
+DEFAULT_RUNTIMES = ("eager", "compiled", "onnx")
+RUNTIME_TITLES = {
+    "eager": "eager",
+    "compiled": "torch.compile",
+    "compiled_per_batch": "torch.compile, per batch size",
+    "onnx": "ONNX Runtime",
+}
 KINDS = ("forward", "end-to-end")
 # The issue's targets: CAST / ViT images/s of the same runtime and kind, at least this, per batch size (None: any).
 FORWARD_TARGET = 1.4
 END_TO_END_TARGETS = {1: 1.0, None: 1.1}
-TARGET_RUNTIMES = ("eager", "compiled")
+TARGET_RUNTIMES = ("eager", "compiled", "compiled_per_batch")
 # Host synchronisations: an op that reads a tensor's value on the host.
 HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::unique")
 SPLIT_PARTS = ("conv_stem", "segment_pooling", "blocks", "fps", "graph_pooling", "other")
@@ -137,7 +146,8 @@ class BenchmarkSettings:
     measure_memory: bool = True
     measure_training: bool = True
     measure_flops: bool = True
-    runtimes: tuple = RUNTIMES
+    runtimes: tuple = DEFAULT_RUNTIMES
+    compile_backend: str = "inductor"  # torch.compile's backend for the compiled runtimes
     stream_batches: int = 3
     seed: int = 0
     cast_config: dict | None = None  # CastConfig kwargs; None = CastConfig.from_preset("cast-small")
@@ -265,12 +275,19 @@ def static_cast_model(model, processor):
     return static_model_and_processor(copy.deepcopy(model), processor, budget)
 
 
-def compiled_runtime(static_model, processor, family):
+def compiled_runtime(static_model, processor, family, per_batch_size=False, backend="inductor"):
     """`torch.compile(fullgraph=True)`; CAST compiles once for every batch size (`dynamic_batch_compilation` at the
-    first call), the ViT recompiles at its second batch size (then dynamic), which the warm-up call absorbs."""
+    first call), the ViT recompiles at its second batch size (then dynamic), which the warm-up call absorbs. With
+    `per_batch_size`, both compile one static graph per batch size (`dynamic=False`, the warm-up call of each batch
+    size compiles it), with Inductor's default options (layout optimisation on). `backend`: torch.compile's."""
     start = time.perf_counter()
-    compiled = torch.compile(static_model, fullgraph=True)
-    first_call = [family == "cast"]
+    if per_batch_size:
+        compiled = torch.compile(static_model, fullgraph=True, dynamic=False, backend=backend)
+        name = "compiled_per_batch"
+    else:
+        compiled = torch.compile(static_model, fullgraph=True, backend=backend)
+        name = "compiled"
+    first_call = [family == "cast" and not per_batch_size]
 
     def forward(inputs):
         # The processor's pixel values are a strided view of HWC arrays; the graph compiled for unbacked batch
@@ -281,7 +298,7 @@ def compiled_runtime(static_model, processor, family):
                 return compiled(**inputs)
         return compiled(**inputs)
 
-    return Runtime(family, "compiled", forward, processor, static_model, time.perf_counter() - start)
+    return Runtime(family, name, forward, processor, static_model, time.perf_counter() - start)
 
 
 def onnx_runtime(static_model, processor, family, folder, threads):
@@ -332,8 +349,11 @@ def build_runtimes(settings, families=FAMILIES, runtimes=None, folder=None, log=
                 continue
             log(f"{runtime}: {FAMILY_TITLES[family]}")
             try:
-                if runtime == "compiled":
-                    built[family, runtime] = compiled_runtime(static, static_processor, family)
+                if runtime in ("compiled", "compiled_per_batch"):
+                    per_batch_size = runtime == "compiled_per_batch"
+                    built[family, runtime] = compiled_runtime(
+                        static, static_processor, family, per_batch_size, settings.compile_backend
+                    )
                 else:
                     built[family, runtime] = onnx_runtime(static, static_processor, family, folder, settings.threads)
             except Exception as error:  # reported in the table: one runtime failing must not stop the others
@@ -811,55 +831,68 @@ def count_forward_ops(cases, images):
     return result
 
 
+def recompile_budget(settings):
+    """A context raising Dynamo's limit of graphs per code object (8) to what `settings` may compile: transformers'
+    output wrapper is one code object for both models, and the per-batch-size runtime adds a graph per batch size of
+    each."""
+    graphs = 8 + len(FAMILIES) * len(settings.runtimes) * len(settings.batch_sizes)
+    return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, graphs))
+
+
 def run_benchmark(settings=None, log=None):
     """Run everything `settings` asks for (CPU). `log` receives progress lines."""
     settings = settings or BenchmarkSettings()
-    log = log or (lambda line: None)
-    started = time.perf_counter()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        report = BenchmarkReport(settings=settings, machine=machine_description(settings.threads))
-        report.machine["load_average_start"] = load_average()
-        images = benchmark_images(
-            max(max(settings.batch_sizes), settings.train_batch_size), settings.image_size, settings.seed
-        )
-        with tempfile.TemporaryDirectory(prefix="hf-hierseg-benchmark-") as folder:
-            cases, failed = build_benchmark_cases(settings, folder=folder, log=log)
-        report.failed = {f"{family}-{runtime}": why for (family, runtime), why in failed.items()}
-        for case in cases:
-            report.setup_seconds[f"{case.family}-{case.runtime_name}"] = case.runtime.setup_seconds
-        cast_forward = next(case for case in cases if case.name == "cast-forward")
-        report.ops = count_forward_ops(cases, images)
-        cases = [case for case in cases if f"{case.family}-{case.runtime_name}" not in report.failed]
-        for batch_size in settings.batch_sizes:
-            log(f"throughput, batch {batch_size}")
-            report.warmup[batch_size], failed_cases = {}, {}
-            report.throughput[batch_size] = measure_throughput(
-                cases, images, batch_size, settings.repeats_for(batch_size), report.warmup[batch_size], failed_cases
-            )
-            for name, why in failed_cases.items():
-                family, runtime, _ = parse_case_name(name)
-                report.failed.setdefault(f"{family}-{runtime}", f"at batch {batch_size}: {why}")
-            cases = [case for case in cases if f"{case.family}-{case.runtime_name}" not in report.failed]
-            log(f"time split, batch {batch_size}")
-            processed = cast_forward.prepare(images[:batch_size])
-            report.split[batch_size] = split_forward(cast_forward, processed, images[:batch_size])
-        del cases, cast_forward
-        if settings.measure_flops:
-            log("FLOPs")
-            report.flops = count_flops(settings, images)
-        if settings.measure_training:
-            log(f"training steps, batch {settings.train_batch_size}")
-            report.training = measure_training(settings, images)
-        if settings.measure_memory:
-            log("peak memory (one process per case)")
-            report.memory = measure_peak_memory(settings, images)
-        report.machine["load_average_end"] = load_average()
-        report.wall_seconds = time.perf_counter() - started
-        return report
+        with recompile_budget(settings):
+            return measure_everything(settings, log or (lambda line: None))
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def measure_everything(settings, log):
+    """`run_benchmark`'s measurements, with the threads and the recompile limit set."""
+    started = time.perf_counter()
+    report = BenchmarkReport(settings=settings, machine=machine_description(settings.threads))
+    report.machine["load_average_start"] = load_average()
+    images = benchmark_images(
+        max(max(settings.batch_sizes), settings.train_batch_size), settings.image_size, settings.seed
+    )
+    with tempfile.TemporaryDirectory(prefix="hf-hierseg-benchmark-") as folder:
+        cases, failed = build_benchmark_cases(settings, folder=folder, log=log)
+    report.failed = {f"{family}-{runtime}": why for (family, runtime), why in failed.items()}
+    for case in cases:
+        report.setup_seconds[f"{case.family}-{case.runtime_name}"] = case.runtime.setup_seconds
+    cast_forward = next(case for case in cases if case.name == "cast-forward")
+    report.ops = count_forward_ops(cases, images)
+    cases = [case for case in cases if f"{case.family}-{case.runtime_name}" not in report.failed]
+    for batch_size in settings.batch_sizes:
+        log(f"throughput, batch {batch_size}")
+        report.warmup[batch_size], failed_cases = {}, {}
+        report.throughput[batch_size] = measure_throughput(
+            cases, images, batch_size, settings.repeats_for(batch_size), report.warmup[batch_size], failed_cases
+        )
+        for name, why in failed_cases.items():
+            family, runtime, _ = parse_case_name(name)
+            report.failed.setdefault(f"{family}-{runtime}", f"at batch {batch_size}: {why}")
+        cases = [case for case in cases if f"{case.family}-{case.runtime_name}" not in report.failed]
+        log(f"time split, batch {batch_size}")
+        processed = cast_forward.prepare(images[:batch_size])
+        report.split[batch_size] = split_forward(cast_forward, processed, images[:batch_size])
+    del cases, cast_forward
+    if settings.measure_flops:
+        log("FLOPs")
+        report.flops = count_flops(settings, images)
+    if settings.measure_training:
+        log(f"training steps, batch {settings.train_batch_size}")
+        report.training = measure_training(settings, images)
+    if settings.measure_memory:
+        log("peak memory (one process per case)")
+        report.memory = measure_peak_memory(settings, images)
+    report.machine["load_average_end"] = load_average()
+    report.wall_seconds = time.perf_counter() - started
+    return report
 
 
 def _percent(part, total):
@@ -1097,6 +1130,12 @@ def benchmark_parser():
         "--stream-batches", type=int, default=3, help="batches per end-to-end call (the next one prefetched)"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile runtime")
+    parser.add_argument(
+        "--compile-per-batch-size",
+        action="store_true",
+        help="also measure torch.compile with one static graph per batch size (dynamic=False, Inductor's defaults: "
+        "layout optimisation on), both models; a compile per batch size",
+    )
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime runtime (and the exports)")
     parser.add_argument("--train-batch-size", type=int, default=8)
     parser.add_argument("--train-repeats", type=int, default=2, help="timed training steps after one warm-up step")
@@ -1126,7 +1165,11 @@ def settings_from_arguments(args, **overrides):
         measure_training=not args.no_training,
         measure_flops=not args.no_flops,
         runtimes=tuple(
-            r for r in RUNTIMES if not (r == "compiled" and args.no_compile or r == "onnx" and args.no_onnx)
+            runtime
+            for runtime, wanted in zip(
+                RUNTIMES, (True, not args.no_compile, args.compile_per_batch_size, not args.no_onnx)
+            )
+            if wanted
         ),
     )
     if args.quick:
@@ -1142,6 +1185,7 @@ def format_command(settings):
     words += ["--stream-batches", str(settings.stream_batches)]
     words += ["--train-batch-size", str(settings.train_batch_size), "--train-repeats", str(settings.train_repeats)]
     words += [] if "compiled" in settings.runtimes else ["--no-compile"]
+    words += ["--compile-per-batch-size"] if "compiled_per_batch" in settings.runtimes else []
     words += [] if "onnx" in settings.runtimes else ["--no-onnx"]
     words += [] if settings.measure_training else ["--no-training"]
     words += [] if settings.measure_memory else ["--no-memory"]
