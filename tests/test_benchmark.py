@@ -16,6 +16,7 @@ from hf_hierseg.apps.benchmark_throughput import (
     compute_bound_line,
     count_flops,
     format_report,
+    matmul_bound_line,
     measure_peak_memory,
     run_benchmark,
     sampling_methods,
@@ -66,6 +67,10 @@ def test_report_has_every_measurement(tiny_report):
         assert all(split[part] >= 0 for part in SPLIT_PARTS if part != "other")
         assert sum(split[part] for part in SPLIT_PARTS) == pytest.approx(split["total"])
         assert split["processor"] > 0
+        rates = report.matmul_rates[batch_size]
+        assert rates["cast_tokens"] == [1 + 49, *(1 + k for k in TINY_CAST["num_clusters"][:-1])]
+        assert rates["vit_tokens"] == 1 + 16 and set(rates["rates"]) == {*rates["cast_tokens"], 17}
+        assert all(math.isfinite(rate) and rate > 0 for rate in rates["rates"].values())
     assert set(report.training) == {"ViT-S/16 supervised", "CAST-S supervised", "ViT-S/16 MoCo-v3", "CAST-S MoCo-v3"}
     assert all(best > 0 for best, _ in report.training.values())
     # The ratio is CAST's images/s over the ViT's, of the same kind.
@@ -85,6 +90,8 @@ def test_report_markdown(tiny_report):
     if any(row.endswith("NOT met") for row in target_rows):
         assert "What bounds the targets not met" in text and "aten ops per forward" in text
         assert "would run" in text and "GMAC/s against ViT-S's" in text
+    if any("forward" in row and row.endswith("NOT met") for row in target_rows):
+        assert "matmuls: one MLP linear on batch x n rows runs at" in text
     # Every table row has as many cells as its header.
     for block in text.split("\n\n"):
         rows = [line for line in block.splitlines() if line.startswith("|")]
@@ -131,6 +138,18 @@ def test_compute_bound_from_flops_and_times():
     assert "CAST-S does 3.20 GMACs per image, ViT-S 4.60" in line
     assert "would run 1.44x ViT-S at most" in line
     assert "it runs 80 GMAC/s against ViT-S's 77 (104 %; the target needs 97 %)" in line
+
+
+def test_matmul_bound_from_rates():
+    """Levels of 10 and 5 tokens with 1 and 2 blocks do equal work (10 rows each); at 100 and 50 GMAC/s that is 20 units
+    in 0.3 time units, 66.7 GMAC/s: 67 % of the ViT's 100 at 10 tokens; with 1.5x fewer FLOPs, 1.00x at most."""
+    rates = {"cast_tokens": [10, 5], "cast_blocks": [1, 2], "vit_tokens": 10, "rates": {"10": 100.0, "5": 50.0}}
+    line = matmul_bound_line(rates, {"cast": 2.0, "vit": 3.0})
+    assert (
+        "runs at 100 / 50 GMAC/s for CAST-S's levels (n = 10 / 5 tokens, 1 / 2 blocks) and 100 for ViT-S's 10" in line
+    )
+    assert line.endswith("run at 67 % of ViT-S's rate, which alone bounds the forward ratio at about 1.00x")
+    assert matmul_bound_line(rates).endswith("67 % of ViT-S's rate")
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")

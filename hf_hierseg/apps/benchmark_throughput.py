@@ -770,6 +770,8 @@ class BenchmarkReport:
     split: dict = field(default_factory=dict)  # {batch: {part: ms}}
     ops: dict = field(default_factory=dict)  # {family: {"ops": aten ops per forward, "host_syncs": {op: n}}}
     flops: dict = field(default_factory=dict)
+    # {batch: {"cast_tokens": [n per level], "cast_blocks": [blocks per level], "vit_tokens": n, "rates": {n: GMAC/s}}}
+    matmul_rates: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)  # {step: (best s, median s)}
     wall_seconds: float = 0.0
 
@@ -819,6 +821,60 @@ def load_average():
     with contextlib.suppress(OSError, AttributeError):
         return os.getloadavg()[0]
     return float("nan")
+
+
+def matmul_rates(settings, batch_size, token_counts, repeats=10):
+    """{n: GMAC/s} of one `F.linear` of the MLP's shape (hidden -> mlp_ratio x hidden, CAST-S's and ViT-S's alike) on
+    `batch_size` x n rows, per token count n (best of `repeats`): how fast the blocks' matmuls run at the token counts
+    of CAST's levels against the ViT's."""
+    config = settings.build_cast_config()
+    hidden = config.hidden_size
+    weight, bias = torch.randn(int(config.mlp_ratio * hidden), hidden), torch.randn(int(config.mlp_ratio * hidden))
+    rates = {}
+    with torch.inference_mode():
+        for count in token_counts:
+            rows = torch.randn(batch_size * count, hidden)
+            torch.nn.functional.linear(rows, weight, bias)
+            seconds = min(timed(torch.nn.functional.linear, rows, weight, bias) for _ in range(repeats))
+            rates[count] = rows.shape[0] * weight.numel() / seconds / 1e9
+    return rates
+
+
+def block_token_counts(settings):
+    """(tokens per level the CAST blocks see, blocks per level, the ViT's tokens), CLS included; CAST's first level
+    with the superpixels requested."""
+    config, vit_config = settings.build_cast_config(), settings.build_vit_config()
+    cast_tokens = [1 + settings.num_superpixels] + [1 + clusters for clusters in config.num_clusters[:-1]]
+    vit_tokens = 1 + (vit_config.image_size // vit_config.patch_size) ** 2
+    return cast_tokens, list(config.depths), vit_tokens
+
+
+def measure_matmul_rates(settings, batch_size):
+    """`BenchmarkReport.matmul_rates` of one batch size."""
+    cast_tokens, blocks, vit_tokens = block_token_counts(settings)
+    rates = matmul_rates(settings, batch_size, sorted({*cast_tokens, vit_tokens}, reverse=True))
+    return {"cast_tokens": cast_tokens, "cast_blocks": blocks, "vit_tokens": vit_tokens, "rates": rates}
+
+
+def matmul_bound_line(rates, flops=None):
+    """The matmul-size bound on the forward ratio at one batch size (`measure_matmul_rates`'s): the rates per token
+    count, CAST's blocks' rate (weighted by their multiply-adds, which scale with blocks x tokens) as a share of the
+    ViT's, and with `flops` the forward ratio that share alone allows."""
+    counts, blocks, vit_count = rates["cast_tokens"], rates["cast_blocks"], rates["vit_tokens"]
+    rate = {int(count): value for count, value in rates["rates"].items()}  # JSON keys are strings
+    work = [depth * count for depth, count in zip(blocks, counts)]
+    cast_rate = sum(work) / sum(share / rate[count] for share, count in zip(work, counts))
+    share = cast_rate / rate[vit_count]
+    line = (
+        "matmuls: one MLP linear on batch x n rows runs at "
+        + " / ".join(f"{rate[count]:.0f}" for count in counts)
+        + f" GMAC/s for CAST-S's levels (n = {' / '.join(map(str, counts))} tokens, "
+        f"{' / '.join(map(str, blocks))} blocks) and {rate[vit_count]:.0f} for ViT-S's {vit_count}: CAST-S's block "
+        f"matmuls run at {100 * share:.0f} % of ViT-S's rate"
+    )
+    if flops:
+        line += f", which alone bounds the forward ratio at about {flops['vit'] / flops['cast'] * share:.2f}x"
+    return line
 
 
 def count_forward_ops(cases, images):
@@ -877,6 +933,7 @@ def measure_everything(settings, log):
             family, runtime, _ = parse_case_name(name)
             report.failed.setdefault(f"{family}-{runtime}", f"at batch {batch_size}: {why}")
         cases = [case for case in cases if f"{case.family}-{case.runtime_name}" not in report.failed]
+        report.matmul_rates[batch_size] = measure_matmul_rates(settings, batch_size)
         log(f"time split, batch {batch_size}")
         processed = cast_forward.prepare(images[:batch_size])
         report.split[batch_size] = split_forward(cast_forward, processed, images[:batch_size])
@@ -946,7 +1003,8 @@ def target_lines(report):
 def bound_lines(report):
     """What bounds each target not met: per image, the forward and the processor (SEEDS for CAST) of both models,
     what the end-to-end ratio would be with the processor fully hidden behind the forward (the forward ratio) or not
-    at all, and the per-op overhead at small batch (aten ops per forward, ms per op)."""
+    at all, the arithmetic bound (FLOPs) and the matmul-size bound (`matmul_bound_line`) of the forward, and the per-op
+    overhead at small batch (aten ops per forward, ms per op)."""
     missed = [(case, batch) for case, batch, ratio, _, target in target_results(report) if target and ratio < target]
     if not missed:
         return []
@@ -971,6 +1029,9 @@ def bound_lines(report):
             )
             if report.flops:
                 lines.append("  " + compute_bound_line(report.flops, cast_ms, vit_ms))
+        forward_missed = any(parse_case_name(case)[2] == "forward" for case, batch in missed if batch == batch_size)
+        if forward_missed and batch_size in report.matmul_rates:
+            lines.append(f"- batch {batch_size}, " + matmul_bound_line(report.matmul_rates[batch_size], report.flops))
     if report.ops and 1 in report.throughput and {"cast", "vit"} <= set(report.ops):
         cast_ops, vit_ops = report.ops["cast"]["ops"], report.ops["vit"]["ops"]
         cast_ms = 1000 * report.throughput[1]["cast-forward"][0]
@@ -1219,6 +1280,8 @@ __all__ = [
     "format_report",
     "host_syncs",
     "measure_peak_memory",
+    "matmul_bound_line",
+    "matmul_rates",
     "measure_throughput",
     "measure_training",
     "run_benchmark",
