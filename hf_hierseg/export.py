@@ -312,9 +312,12 @@ class OnnxRunner:
         path: the `.onnx` file.
         providers: ONNX Runtime execution providers (default: CUDA when available, else CPU).
         num_threads: intra-op threads (default: ONNX Runtime's).
+        allow_spinning: whether ONNX Runtime's idle intra-op threads spin-wait for the next run (its default: lower
+            latency for back-to-back runs, but they hold the CPU after a run, away from other work in the process,
+            e.g. a PyTorch model run next; `False` lets them sleep).
     """
 
-    def __init__(self, path, providers=None, num_threads=None):
+    def __init__(self, path, providers=None, num_threads=None, allow_spinning=True):
         ort = require_onnx_package("onnxruntime")
         self.path = Path(path)
         if not self.path.is_file():
@@ -323,6 +326,7 @@ class OnnxRunner:
         if num_threads is not None:
             options.intra_op_num_threads = int(num_threads)
             options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         if providers is None:
             available = ort.get_available_providers()
             providers = [name for name in ("CUDAExecutionProvider", "CPUExecutionProvider") if name in available]
@@ -350,8 +354,8 @@ class OnnxCastRunner(OnnxRunner):
     (`outputs["hierarchy"][0]`) as in the model output; `run(..., grouped=False)` keeps the flat graph names.
     """
 
-    def __init__(self, path, processor=None, providers=None, num_threads=None):
-        super().__init__(path, providers=providers, num_threads=num_threads)
+    def __init__(self, path, processor=None, providers=None, num_threads=None, allow_spinning=True):
+        super().__init__(path, providers=providers, num_threads=num_threads, allow_spinning=allow_spinning)
         if "num_segment_tokens" not in self.metadata:
             raise InvalidInputError(
                 f"{self.path} is not a CAST export of hf_hierseg (no num_segment_tokens metadata)."

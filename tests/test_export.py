@@ -120,6 +120,16 @@ def test_tiny_classifier_onnx_runtime_equals_eager_at_batch_1_and_3(tiny_export,
     assert_parity(model, processor, runner, photos[:3], strict=False)
 
 
+def test_onnx_runner_threads_may_sleep_when_idle(tiny_export):
+    """ONNX Runtime's idle threads spin by default; `allow_spinning=False` (the benchmark's, which times PyTorch
+    right after ONNX Runtime in one process) lets them sleep."""
+    path = tiny_export[2]
+    key = "session.intra_op.allow_spinning"
+    assert OnnxCastRunner(path).session.get_session_options().get_session_config_entry(key) == "1"
+    sleeping = OnnxCastRunner(path, num_threads=2, allow_spinning=False)
+    assert sleeping.session.get_session_options().get_session_config_entry(key) == "0"
+
+
 def test_default_model_by_the_command_line(default_export, photos):
     model, processor, path = default_export
     assert (path.parent / "preprocessor_config.json").is_file() and (path.parent / "config.json").is_file()

@@ -314,7 +314,9 @@ def onnx_runtime(static_model, processor, family, folder, threads):
         example = {"pixel_values": torch.randn(2, 3, side, side)}
         export_module_onnx(static_model, example, path, ["last_hidden_state"])
         names = ("pixel_values",)
-    runner = OnnxRunner(path, providers=["CPUExecutionProvider"], num_threads=threads)
+    # Idle threads sleep: spinning ones would take the CPU from the case timed next (ViT-S eager after CAST-S's
+    # ONNX run: about 1.7x slower at batch 1).
+    runner = OnnxRunner(path, providers=["CPUExecutionProvider"], num_threads=threads, allow_spinning=False)
     seconds = time.perf_counter() - start
 
     def forward(inputs):
@@ -862,8 +864,8 @@ def matmul_bound_line(rates, flops=None):
     ViT's, and with `flops` the forward ratio that share alone allows."""
     counts, blocks, vit_count = rates["cast_tokens"], rates["cast_blocks"], rates["vit_tokens"]
     rate = {int(count): value for count, value in rates["rates"].items()}  # JSON keys are strings
-    work = [depth * count for depth, count in zip(blocks, counts)]
-    cast_rate = sum(work) / sum(share / rate[count] for share, count in zip(work, counts))
+    work = [depth * count for depth, count in zip(blocks, counts)]  # multiply-adds per level, up to a factor
+    cast_rate = sum(work) / sum(macs / rate[count] for macs, count in zip(work, counts))
     share = cast_rate / rate[vit_count]
     line = (
         "matmuls: one MLP linear on batch x n rows runs at "
