@@ -275,18 +275,15 @@ def static_cast_model(model, processor):
     return static_model_and_processor(copy.deepcopy(model), processor, budget)
 
 
-def compiled_runtime(static_model, processor, family, per_batch_size=False, backend="inductor"):
+def compiled_runtime(static_model, processor, family, runtime="compiled", backend="inductor"):
     """`torch.compile(fullgraph=True)`; CAST compiles once for every batch size (`dynamic_batch_compilation` at the
     first call), the ViT recompiles at its second batch size (then dynamic), which the warm-up call absorbs. With
-    `per_batch_size`, both compile one static graph per batch size (`dynamic=False`, the warm-up call of each batch
-    size compiles it), with Inductor's default options (layout optimisation on). `backend`: torch.compile's."""
+    `runtime="compiled_per_batch"`, both compile one static graph per batch size (`dynamic=False`, the warm-up call
+    of each batch size compiles it), with Inductor's default options (layout optimisation on). `backend`:
+    torch.compile's."""
     start = time.perf_counter()
-    if per_batch_size:
-        compiled = torch.compile(static_model, fullgraph=True, dynamic=False, backend=backend)
-        name = "compiled_per_batch"
-    else:
-        compiled = torch.compile(static_model, fullgraph=True, backend=backend)
-        name = "compiled"
+    per_batch_size = runtime == "compiled_per_batch"
+    compiled = torch.compile(static_model, fullgraph=True, dynamic=False if per_batch_size else None, backend=backend)
     first_call = [family == "cast" and not per_batch_size]
 
     def forward(inputs):
@@ -298,7 +295,7 @@ def compiled_runtime(static_model, processor, family, per_batch_size=False, back
                 return compiled(**inputs)
         return compiled(**inputs)
 
-    return Runtime(family, name, forward, processor, static_model, time.perf_counter() - start)
+    return Runtime(family, runtime, forward, processor, static_model, time.perf_counter() - start)
 
 
 def onnx_runtime(static_model, processor, family, folder, threads):
@@ -352,9 +349,8 @@ def build_runtimes(settings, families=FAMILIES, runtimes=None, folder=None, log=
             log(f"{runtime}: {FAMILY_TITLES[family]}")
             try:
                 if runtime in ("compiled", "compiled_per_batch"):
-                    per_batch_size = runtime == "compiled_per_batch"
                     built[family, runtime] = compiled_runtime(
-                        static, static_processor, family, per_batch_size, settings.compile_backend
+                        static, static_processor, family, runtime, settings.compile_backend
                     )
                 else:
                     built[family, runtime] = onnx_runtime(static, static_processor, family, folder, settings.threads)
@@ -1217,6 +1213,12 @@ def benchmark_parser():
 
 def settings_from_arguments(args, **overrides):
     """The `BenchmarkSettings` of `benchmark_parser`'s arguments (`overrides`: other fields, e.g. tiny configs)."""
+    wanted = {
+        "eager": True,
+        "compiled": not args.no_compile,
+        "compiled_per_batch": args.compile_per_batch_size,
+        "onnx": not args.no_onnx,
+    }
     values = dict(
         batch_sizes=tuple(args.batch_sizes),
         repeats=args.repeats,
@@ -1227,13 +1229,7 @@ def settings_from_arguments(args, **overrides):
         measure_memory=not args.no_memory,
         measure_training=not args.no_training,
         measure_flops=not args.no_flops,
-        runtimes=tuple(
-            runtime
-            for runtime, wanted in zip(
-                RUNTIMES, (True, not args.no_compile, args.compile_per_batch_size, not args.no_onnx)
-            )
-            if wanted
-        ),
+        runtimes=tuple(runtime for runtime in RUNTIMES if wanted[runtime]),
     )
     if args.quick:
         values.update(QUICK)
@@ -1281,9 +1277,9 @@ __all__ = [
     "format_command",
     "format_report",
     "host_syncs",
-    "measure_peak_memory",
     "matmul_bound_line",
     "matmul_rates",
+    "measure_peak_memory",
     "measure_throughput",
     "measure_training",
     "run_benchmark",
