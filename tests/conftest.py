@@ -19,6 +19,19 @@ from hub_server import HubServer  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`pytest -n 2`) the workers share the CPU's cores out: each worker's torch, and the
+    processes its tests start (`OMP_NUM_THREADS`), get cores / workers threads, so that the workers do not fight
+    over the cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cast_tester() -> CastModelTester:
     """The tiny CAST of the test suite with its default settings (see `CastModelTester`)."""

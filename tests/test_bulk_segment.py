@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launching import accelerate_launch
 from PIL import Image
 
 from hf_hierseg import load_default
@@ -259,10 +260,7 @@ def test_an_image_dataset_map_style_and_streamed(photos, tmp_path, capsys):
 
 def launch_two_processes(arguments, cwd):
     """`hf-hierseg segment ARGUMENTS` under `accelerate launch` with two CPU processes."""
-    launcher = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_hierseg", "segment",
-    ]  # fmt: skip
+    launcher = [*accelerate_launch(2), "-m", "hf_hierseg", "segment"]
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [*launcher, *map(str, arguments)], capture_output=True, text=True, timeout=900, cwd=cwd, env=environment

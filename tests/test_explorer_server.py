@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+from launching import free_port
 from test_explorer import inner_pixels
 
 from hf_hierseg.apps.explorer.analysis import DIMMED, HIGHLIGHT_COLOR, OUTLINE_WIDTH
@@ -37,12 +38,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 SERVER_START_TIMEOUT = 300  # seconds: importing torch, transformers and gradio on a busy 2-core machine
 WAIT = 120  # seconds for one step of the page (a segmentation on a busy machine)
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ServerProcess:

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 from accelerate import debug_launcher
 from accelerate.state import AcceleratorState, GradientState
+from launching import accelerate_launch
 from safetensors.torch import load_file
 
 from hf_hierseg import cli
@@ -246,34 +246,11 @@ def script_environment():
     return environment
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def launch_command(processes, arguments):
     script = str(REPO_ROOT / "scripts" / "train_supervised.py")
     if processes == 1:
         return [sys.executable, script, *arguments]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        script,
-        *arguments,
-    ]
+    return [*accelerate_launch(processes), script, *arguments]
 
 
 def run_script(processes, arguments):

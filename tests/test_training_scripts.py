@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from launching import accelerate_launch
 
 from hf_hierseg.evaluation.synthetic import write_synthetic_dataset
 from hf_hierseg.training.arguments import moco_parser, supervised_parser
@@ -140,18 +141,7 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(shapes, tmp_path
 def test_two_processes_split_the_data_and_end_with_identical_weights(shapes, tmp_path):
     output_dir = tmp_path / "two_processes"
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2),
         str(REPO_ROOT / "scripts" / "train_moco.py"),
         "--dataset_name",
         shapes,
