@@ -33,7 +33,7 @@ setup(
         # The tests include the explorer's: its page served by Gradio, driven in Chromium through selenium.
         "test": [
             "pytest>=8",
-            "pytest-xdist>=3.5",  # the suite on every core: `pytest -n auto --dist loadfile`
+            "pytest-xdist>=3.5",  # the suite on every core: `pytest -n logical --dist loadfile`
             "tensorboard",
             "ruff",
             "import-linter>=2.1",
