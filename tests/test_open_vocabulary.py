@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_sam_masks import save_tiny_sam
 from transformers import (
     CLIPImageProcessorPil,
     CLIPTokenizer,
@@ -789,6 +790,23 @@ def test_the_whole_run_with_cast(tmp_path, clip, segmenter):
     }  # fmt: skip
     assert 0 <= summary["objects"]["mean_per_image_jaccard"] <= 1 and 0 <= summary["parts"]["mean_iou"] <= 1
     assert run["settings"]["masking"] == "fill" and run["settings"]["object_level"] == 4
+
+
+def test_the_whole_run_with_sam_without_torchvision(tmp_path, clip, segmenter):
+    """The SAM baseline runs through transformers' mask-generation pipeline, whose torchvision step is replaced
+    (`sam_masks`): a tiny random SAM, whose masks all fall under the pipeline's quality thresholds, so that both
+    images have none (everything background) and the authors' selection, which skips such images, keeps neither."""
+    _, clip_folder, data = saved_models(tmp_path, clip, segmenter)
+    run = run_open_vocabulary_evaluation(
+        None, str(clip_folder), annotation_file=data / "val.json", image_root=data, image_size=64, skip_cast=True,
+        sam_model=str(save_tiny_sam(tmp_path / "sam")), sam_points_per_batch=256,
+    )  # fmt: skip
+    assert set(run["summary"]) == {"sam"} and run["settings"]["sam_model"] == str(tmp_path / "sam")
+    for kind in ("objects", "parts"):
+        summary = run["summary"]["sam"][kind]
+        assert summary["num_images"] == 2 and summary["authors_selection"]["num_images"] == 0
+        ious = dict(summary["per_category_iou"])
+        assert 0 < ious.pop(BACKGROUND_LABEL) < 1 and set(ious.values()) == {0.0}  # all predicted background
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ twke18/CAST) evaluate on the 224 x 224 centre crop of every validation image:
 - CAST sees the image resized (bilinear, shorter side 224) and centre cropped, superpixels on that crop; its level-4
   segments are the objects, its level-3 segments the parts; the ViT baseline clusters ViT patch features of the
   same crop by k-means into 64, 32, 16 and 8 segments (objects: 8, parts: 16); SAM (the `mask-generation`
-  pipeline) sees the bicubic crop, its masks sorted by area, largest first, serve as objects and as parts;
+  pipeline, its last step without torchvision: `sam_masks`) sees the bicubic crop, its masks sorted by area,
+  largest first, serve as objects and as parts;
 - CLIP (ViT-B/16) sees the bicubic crop; every segment is labelled as `hf_hierseg.segment_labeling` describes (the
   same code as the `zero-shot-hierarchical-segmentation` pipeline); where SAM's masks overlap, the largest mask
   labels an object pixel and the smallest a part pixel, pixels in no mask are background;
@@ -62,6 +63,7 @@ from ..segment_labeling import (
 from ..segment_ops import resize_labels_nearest
 from .baselines import DEFAULT_NUM_CLUSTERS, images_to_pixel_values, vit_kmeans_hierarchy
 from .metrics import intersect_and_union, jaccard_from_counts
+from .sam_masks import sam_mask_generator
 
 
 logger = logging.getLogger(__name__)
@@ -513,8 +515,9 @@ class VitKMeansSegments:
 
 
 class SamSegments:
-    """SAM's masks (transformers' `mask-generation` pipeline) on the bicubic crop, sorted by area (largest first),
-    as objects and as parts; `generate_kwargs` go to the pipeline call (e.g. `points_per_batch`)."""
+    """SAM's masks (transformers' `mask-generation` pipeline, as `sam_masks.sam_mask_generator` makes it) on the
+    bicubic crop, sorted by area (largest first), as objects and as parts; `generate_kwargs` go to the pipeline call
+    (e.g. `points_per_batch`)."""
 
     name = "sam"
 
@@ -788,8 +791,6 @@ def run_open_vocabulary_evaluation(
     bundled default model; `skip_cast` leaves it out), the ViT + k-means baseline (`vit_model`, a ViT folder or Hub
     id) and SAM (`sam_model`, e.g. "facebook/sam-vit-huge"). Returns `{"settings", "summary"}`.
     """
-    from transformers import pipeline as make_pipeline
-
     from ..loading import load_cast_model, load_config, resolve_device, resolve_model_source
     from .segmentation_eval import load_dataset_split, vit_baseline_model
     from .views import evaluation_processor
@@ -847,7 +848,7 @@ def run_open_vocabulary_evaluation(
             )
         )
     if sam_model is not None:
-        generator = make_pipeline("mask-generation", model=sam_model, device=device)
+        generator = sam_mask_generator(sam_model, device=device)
         segmenters.append(SamSegments(generator, points_per_batch=sam_points_per_batch))
     if not segmenters:
         raise InvalidInputError("Nothing to evaluate: CAST is skipped and no --vit_model or --sam_model is given.")
