@@ -16,8 +16,10 @@ from hf_hierseg.apps.benchmark_throughput import (
     compute_bound_line,
     count_flops,
     format_report,
+    linear_kernel,
     matmul_bound_line,
     measure_peak_memory,
+    onednn_linear_available,
     run_benchmark,
     sampling_methods,
     stem_methods,
@@ -71,6 +73,9 @@ def test_report_has_every_measurement(tiny_report):
         assert rates["cast_tokens"] == [1 + 49, *(1 + k for k in TINY_CAST["num_clusters"][:-1])]
         assert rates["vit_tokens"] == 1 + 16 and set(rates["rates"]) == {*rates["cast_tokens"], 17}
         assert all(math.isfinite(rate) and rate > 0 for rate in rates["rates"].values())
+        if onednn_linear_available():
+            assert set(rates["onednn_rates"]) == set(rates["rates"])
+            assert all(math.isfinite(rate) and rate > 0 for rate in rates["onednn_rates"].values())
     assert set(report.training) == {"ViT-S/16 supervised", "CAST-S supervised", "ViT-S/16 MoCo-v3", "CAST-S MoCo-v3"}
     assert all(best > 0 for best, _ in report.training.values())
     # The ratio is CAST's images/s over the ViT's, of the same kind.
@@ -150,6 +155,18 @@ def test_matmul_bound_from_rates():
     )
     assert line.endswith("run at 67 % of ViT-S's rate, which alone bounds the forward ratio at about 1.00x")
     assert matmul_bound_line(rates).endswith("67 % of ViT-S's rate")
+    rates["onednn_rates"] = {"10": 200.0, "5": 200.0}  # no slower on few rows: the same share as the ViT's
+    assert matmul_bound_line(rates).endswith("runs the same shapes at 200 / 200 and 200 GMAC/s (100 %)")
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear")
+def test_both_linear_kernels_compute_the_linear():
+    weight, bias, rows = torch.randn(12, 8), torch.randn(12), torch.randn(5, 8)
+    expected = rows @ weight.T + bias
+    for kernel in ("default", "onednn"):
+        torch.testing.assert_close(linear_kernel(kernel, weight, bias, 5)(rows), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kernel must be"):
+        linear_kernel("blas", weight, bias, 5)
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")

@@ -821,10 +821,27 @@ def load_average():
     return float("nan")
 
 
-def matmul_rates(settings, batch_size, token_counts, repeats=10):
-    """{n: GMAC/s} of one `F.linear` of the MLP's shape (hidden -> mlp_ratio x hidden, CAST-S's and ViT-S's alike) on
-    `batch_size` x n rows, per token count n (best of `repeats`): how fast the blocks' matmuls run at the token counts
-    of CAST's levels against the ViT's."""
+def onednn_linear_available():
+    """Whether this torch build has oneDNN's linear on prepacked weights (`torch.ops.mkldnn._linear_pointwise`)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear_kernel(kernel, weight, bias, num_rows):
+    """`rows -> rows @ weight.T + bias` by `kernel`: "default", PyTorch's `F.linear` (its float32 BLAS: MKL on x86), or
+    "onednn", oneDNN's linear on the weight prepacked for `num_rows` rows (the op Inductor's freezing uses for
+    bfloat16 Linear layers; PyTorch does not use it for float32)."""
+    if kernel == "default":
+        return lambda rows: torch.nn.functional.linear(rows, weight, bias)
+    if kernel == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, num_rows)
+        return lambda rows: torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    raise ValueError(f"kernel must be 'default' or 'onednn', got {kernel!r}.")
+
+
+def matmul_rates(settings, batch_size, token_counts, repeats=10, kernel="default"):
+    """{n: GMAC/s} of one linear of the MLP's shape (hidden -> mlp_ratio x hidden, CAST-S's and ViT-S's alike) on
+    `batch_size` x n rows, per token count n (best of `repeats`), by `linear_kernel`'s `kernel`: how fast the blocks'
+    matmuls run at the token counts of CAST's levels against the ViT's."""
     config = settings.build_cast_config()
     hidden = config.hidden_size
     weight, bias = torch.randn(int(config.mlp_ratio * hidden), hidden), torch.randn(int(config.mlp_ratio * hidden))
@@ -832,8 +849,9 @@ def matmul_rates(settings, batch_size, token_counts, repeats=10):
     with torch.inference_mode():
         for count in token_counts:
             rows = torch.randn(batch_size * count, hidden)
-            torch.nn.functional.linear(rows, weight, bias)
-            seconds = min(timed(torch.nn.functional.linear, rows, weight, bias) for _ in range(repeats))
+            linear = linear_kernel(kernel, weight, bias, rows.shape[0])
+            linear(rows)
+            seconds = min(timed(linear, rows) for _ in range(repeats))
             rates[count] = rows.shape[0] * weight.numel() / seconds / 1e9
     return rates
 
@@ -850,28 +868,50 @@ def block_token_counts(settings):
 def measure_matmul_rates(settings, batch_size):
     """`BenchmarkReport.matmul_rates` of one batch size."""
     cast_tokens, blocks, vit_tokens = block_token_counts(settings)
-    rates = matmul_rates(settings, batch_size, sorted({*cast_tokens, vit_tokens}, reverse=True))
-    return {"cast_tokens": cast_tokens, "cast_blocks": blocks, "vit_tokens": vit_tokens, "rates": rates}
+    counts = sorted({*cast_tokens, vit_tokens}, reverse=True)
+    rates = matmul_rates(settings, batch_size, counts)
+    onednn = matmul_rates(settings, batch_size, counts, kernel="onednn") if onednn_linear_available() else {}
+    return {
+        "cast_tokens": cast_tokens, "cast_blocks": blocks, "vit_tokens": vit_tokens, "rates": rates,
+        "onednn_rates": onednn,
+    }  # fmt: skip
+
+
+def block_rate_share(rates_by_count, counts, blocks, vit_count):
+    """CAST's blocks' matmul rate (the rates of its levels weighted by their multiply-adds, which scale with blocks x
+    tokens) as a share of the ViT's rate. `rates_by_count`: {n: GMAC/s}, keys ints or their strings (JSON)."""
+    rate = {int(count): value for count, value in rates_by_count.items()}
+    work = [depth * count for depth, count in zip(blocks, counts)]  # multiply-adds per level, up to a factor
+    cast_rate = sum(work) / sum(macs / rate[count] for macs, count in zip(work, counts))
+    return cast_rate / rate[vit_count]
 
 
 def matmul_bound_line(rates, flops=None):
     """The matmul-size bound on the forward ratio at one batch size (`measure_matmul_rates`'s): the rates per token
-    count, CAST's blocks' rate (weighted by their multiply-adds, which scale with blocks x tokens) as a share of the
-    ViT's, and with `flops` the forward ratio that share alone allows."""
+    count, CAST's blocks' rate as a share of the ViT's (`block_rate_share`), with `flops` the forward ratio that share
+    alone allows, and oneDNN's rates where they were measured."""
     counts, blocks, vit_count = rates["cast_tokens"], rates["cast_blocks"], rates["vit_tokens"]
-    rate = {int(count): value for count, value in rates["rates"].items()}  # JSON keys are strings
-    work = [depth * count for depth, count in zip(blocks, counts)]  # multiply-adds per level, up to a factor
-    cast_rate = sum(work) / sum(macs / rate[count] for macs, count in zip(work, counts))
-    share = cast_rate / rate[vit_count]
+
+    def listed(rates_by_count):
+        rate = {int(count): value for count, value in rates_by_count.items()}
+        return " / ".join(f"{rate[count]:.0f}" for count in counts), f"{rate[vit_count]:.0f}"
+
+    share = block_rate_share(rates["rates"], counts, blocks, vit_count)
+    cast_rates, vit_rate = listed(rates["rates"])
     line = (
-        "matmuls: one MLP linear on batch x n rows runs at "
-        + " / ".join(f"{rate[count]:.0f}" for count in counts)
-        + f" GMAC/s for CAST-S's levels (n = {' / '.join(map(str, counts))} tokens, "
-        f"{' / '.join(map(str, blocks))} blocks) and {rate[vit_count]:.0f} for ViT-S's {vit_count}: CAST-S's block "
-        f"matmuls run at {100 * share:.0f} % of ViT-S's rate"
+        f"matmuls: one MLP linear on batch x n rows runs at {cast_rates} GMAC/s for CAST-S's levels (n = "
+        f"{' / '.join(map(str, counts))} tokens, {' / '.join(map(str, blocks))} blocks) and {vit_rate} for ViT-S's "
+        f"{vit_count}: CAST-S's block matmuls run at {100 * share:.0f} % of ViT-S's rate"
     )
     if flops:
         line += f", which alone bounds the forward ratio at about {flops['vit'] / flops['cast'] * share:.2f}x"
+    if rates.get("onednn_rates"):
+        onednn_share = block_rate_share(rates["onednn_rates"], counts, blocks, vit_count)
+        cast_rates, vit_rate = listed(rates["onednn_rates"])
+        line += (
+            f"; oneDNN's linear on prepacked weights (not what PyTorch uses for float32) runs the same shapes at "
+            f"{cast_rates} and {vit_rate} GMAC/s ({100 * onednn_share:.0f} %)"
+        )
     return line
 
 
@@ -1269,6 +1309,7 @@ __all__ = [
     "DispatchedOps",
     "InferenceCase",
     "benchmark_parser",
+    "block_rate_share",
     "build_benchmark_cases",
     "build_cases",
     "cast_time_split",
@@ -1277,11 +1318,13 @@ __all__ = [
     "format_command",
     "format_report",
     "host_syncs",
+    "linear_kernel",
     "matmul_bound_line",
     "matmul_rates",
     "measure_peak_memory",
     "measure_throughput",
     "measure_training",
+    "onednn_linear_available",
     "run_benchmark",
     "run_benchmark_command",
     "sampling_methods",
