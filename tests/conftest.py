@@ -19,10 +19,21 @@ from hub_server import HubServer  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# pytest-xdist's ways of sharing tests out that keep every test file in one worker: tests/test_readme.py runs the
+# README's blocks in order, each on what the blocks above it made.
+FILE_PRESERVING_DIST_MODES = ("no", "each", "loadfile", "loadscope")
+
+
 def pytest_configure(config):
-    """Under pytest-xdist (`pytest -n 2`) the workers share the CPU's cores out: each worker's torch, and the
-    processes its tests start (`OMP_NUM_THREADS`), get cores / workers threads, so that the workers do not fight
-    over the cores."""
+    """Under pytest-xdist (`pytest -n 2`): a mode that would split a test file between workers is refused, and the
+    workers share the CPU's cores out: each worker's torch, and the processes its tests start (`OMP_NUM_THREADS`), get
+    cores / workers threads, so that the workers do not fight over the cores."""
+    dist = getattr(config.option, "dist", "no")
+    if getattr(config.option, "numprocesses", None) and dist not in FILE_PRESERVING_DIST_MODES:
+        raise pytest.UsageError(
+            f"--dist {dist} would split tests/test_readme.py, whose blocks run in order, between workers: add "
+            "--dist loadfile (the README's command: pytest -q -n logical --dist loadfile tests)."
+        )
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch

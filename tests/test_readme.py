@@ -78,6 +78,15 @@ def test_the_readme_starts_with_the_two_commands_ci_runs():
     assert "pip install" in commands[0] and "pytest" in commands[1]
 
 
+def test_a_test_run_that_would_split_this_file_between_workers_is_refused():
+    """These blocks run in order, so pytest-xdist must keep the file in one worker (`--dist loadfile`, as the
+    README's command has it); its default, `--dist load`, is refused before any worker starts."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "tests/test_layers.py"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "--dist load would split tests/test_readme.py" in result.stderr and "--dist loadfile" in result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "language, code, line", [pytest.param(*block, id=f"line{block[2]}") for block in runnable_blocks()]
