@@ -877,10 +877,15 @@ def measure_matmul_rates(settings, batch_size):
     }  # fmt: skip
 
 
+def rates_by_token_count(rates_by_count):
+    """{n: GMAC/s} with int keys (a report read back from JSON has them as strings)."""
+    return {int(count): value for count, value in rates_by_count.items()}
+
+
 def block_rate_share(rates_by_count, counts, blocks, vit_count):
     """CAST's blocks' matmul rate (the rates of its levels weighted by their multiply-adds, which scale with blocks x
     tokens) as a share of the ViT's rate. `rates_by_count`: {n: GMAC/s}, keys ints or their strings (JSON)."""
-    rate = {int(count): value for count, value in rates_by_count.items()}
+    rate = rates_by_token_count(rates_by_count)
     work = [depth * count for depth, count in zip(blocks, counts)]  # multiply-adds per level, up to a factor
     cast_rate = sum(work) / sum(macs / rate[count] for macs, count in zip(work, counts))
     return cast_rate / rate[vit_count]
@@ -893,7 +898,7 @@ def matmul_bound_line(rates, flops=None):
     counts, blocks, vit_count = rates["cast_tokens"], rates["cast_blocks"], rates["vit_tokens"]
 
     def listed(rates_by_count):
-        rate = {int(count): value for count, value in rates_by_count.items()}
+        rate = rates_by_token_count(rates_by_count)
         return " / ".join(f"{rate[count]:.0f}" for count in counts), f"{rate[vit_count]:.0f}"
 
     share = block_rate_share(rates["rates"], counts, blocks, vit_count)

@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from transformers import MaskGenerationPipeline
+from transformers import MaskGenerationPipeline, pipeline
 
 
 def box_iou(boxes: torch.Tensor) -> torch.Tensor:
@@ -85,8 +85,6 @@ class SamMaskGenerationPipeline(MaskGenerationPipeline):
 def sam_mask_generator(model, device="cpu", **pipeline_kwargs):
     """The `mask-generation` pipeline of a SAM model (Hub id, folder or `SamModel`) as `SamMaskGenerationPipeline`:
     no torchvision needed."""
-    from transformers import pipeline
-
     return pipeline(
         "mask-generation", model=model, device=device, pipeline_class=SamMaskGenerationPipeline, **pipeline_kwargs
     )
