@@ -223,6 +223,50 @@ def test_a_signal_after_the_stop_s_checkpoint_exits_as_preempted():
     assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr
 
 
+def test_a_stopped_rank_exits_as_preempted_with_its_logs_written_and_its_workers_gone(tmp_path):
+    """`exit_stopped_rank` ends the process with the stop's status, without the interpreter's teardown, after
+    flushing a buffered log handler and killing a daemonic child that ignores SIGTERM (a DataLoader worker)."""
+    log_file, pid_file = tmp_path / "run.log", tmp_path / "worker.pid"
+    script = (
+        "import logging, multiprocessing, os, signal, sys, time\n"
+        "from hf_hierseg.training.interruption import exit_stopped_rank, ignore_stop_signals\n"
+        "def worker(path):\n"
+        "    ignore_stop_signals()\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(600)\n"
+        "if __name__ == '__main__':\n"
+        "    handler = logging.handlers.MemoryHandler(1000, target=logging.FileHandler(sys.argv[1]))\n"
+        "    logging.getLogger().addHandler(handler)\n"
+        "    child = multiprocessing.get_context('fork').Process(target=worker, args=(sys.argv[2],), daemon=True)\n"
+        "    child.start()\n"
+        "    while not os.path.exists(sys.argv[2]) or not open(sys.argv[2]).read():\n"
+        "        time.sleep(0.01)\n"
+        "    logging.getLogger().warning('checkpoint written')\n"
+        "    exit_stopped_rank()\n"
+        "    raise SystemExit(3)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", "import logging.handlers\n" + script, str(log_file), str(pid_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr
+    assert log_file.read_text() == "checkpoint written\n"
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while is_running(worker):
+        assert time.monotonic() < deadline, "the worker outlived its process"
+        time.sleep(0.05)
+
+
+def is_running(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.mark.slow
 def test_a_stop_that_takes_too_long_exits_after_the_timeout():
     script = (

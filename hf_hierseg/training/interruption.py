@@ -15,10 +15,12 @@ again; nothing of the current step is saved, earlier checkpoints stay intact (th
 clean stop takes more than `timeout` seconds (a step, an evaluation and a checkpoint normally fit well within it; a
 hung collective does not), the process exits with status 128 + the signal number.
 
-On several processes, every rank has written its part of the checkpoint before any of them raises
-`TrainingPreempted`; a launcher that terminates the remaining ranks as soon as the first one exits (torchrun,
-`accelerate launch`) then finds a run that stopped cleanly: from there on a stop signal ends the process with
-`PREEMPTED_EXIT_CODE` at once, not as a kill.
+On several processes, every rank has written its part of the checkpoint before any of them exits, and then each rank
+ends its process with `PREEMPTED_EXIT_CODE` at once (`exit_stopped_rank`) instead of raising `TrainingPreempted`:
+no teardown of the process group (`destroy_process_group` can hang, pytorch/pytorch#75097) or of the DataLoader
+workers; a teardown that hangs once another rank has exited makes a launcher that terminates the remaining ranks as
+soon as the first one exits (torchrun, `accelerate launch`) SIGKILL a rank whose checkpoint was complete, after 30 s. A stop signal that arrives while
+a rank waits for the others to finish their parts also ends it with `PREEMPTED_EXIT_CODE`, not as a kill.
 
 Only the process that installed the handlers acts on them. DataLoader workers (SLURM signals every process of a job
 step) ignore the signals: forked workers inherit the handler, which does nothing outside its own process, and
@@ -26,8 +28,10 @@ step) ignore the signals: forked workers inherit the handler, which does nothing
 """
 
 import logging
+import multiprocessing
 import os
 import signal
+import sys
 import threading
 
 
@@ -53,6 +57,19 @@ class TrainingPreempted(SystemExit):
 
 def exit_as_preempted(number, frame):
     """A stop signal once this rank's part of the stop's checkpoint is written: exit as preempted."""
+    os._exit(PREEMPTED_EXIT_CODE)
+
+
+def exit_stopped_rank():
+    """End this rank of a multi-process run with `PREEMPTED_EXIT_CODE` now, once every rank has written its part of
+    the stop's checkpoint (see the module docstring): logs flushed, this process's daemonic children (the DataLoader
+    workers, which ignore SIGTERM) killed as a normal exit would terminate them, nothing else torn down."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
     os._exit(PREEMPTED_EXIT_CODE)
 
 
@@ -98,12 +115,7 @@ class StopSignals:
     def __exit__(self, exc_type, exc_value, traceback):
         if self.watchdog is not None:
             self.watchdog.cancel()
-        stopped_cleanly = exc_type is not None and issubclass(exc_type, TrainingPreempted)
         for number, handler in self.previous.items():
-            if stopped_cleanly and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                # The launcher tearing down this rank after another one exited: ignored, the rank is exiting with
-                # the stop's status anyway (a Python handler would not run once the interpreter shuts down).
-                handler = signal.SIG_IGN
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
         return False
@@ -147,5 +159,6 @@ __all__ = [
     "STOP_SIGNALS",
     "StopSignals",
     "TrainingPreempted",
+    "exit_stopped_rank",
     "ignore_stop_signals",
 ]

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .. import hub
 from ..errors import InvalidInputError
 from .checkpointing import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
-from .interruption import StopSignals, TrainingPreempted
+from .interruption import StopSignals, TrainingPreempted, exit_stopped_rank
 from .optim import create_optimizer, create_scheduler
 
 
@@ -244,7 +244,8 @@ def train(
     """Run the optimisation, then save (and push) the model. Returns the final metrics.
 
     SIGTERM / SIGUSR1 stop the run after the current step with a checkpoint of it (`TrainingPreempted`, exit status
-    75: see `interruption`); a NaN / infinite loss skips the step's update up to `--max_nonfinite_steps` times in a
+    75; on several processes each rank ends its process with status 75 once all have written their parts: see
+    `interruption`); a NaN / infinite loss skips the step's update up to `--max_nonfinite_steps` times in a
     row, then raises `NonFiniteLossError` (a skipped step still counts towards `max_steps`: it consumes its batches
     and moves the learning-rate schedule on, but changes no weight, optimiser state, momentum encoder or EMA).
 
@@ -396,6 +397,9 @@ def train(
                 # exited first) is no loss, and `latest` skips a checkpoint that another rank did not finish.
                 stop_signals.mark_checkpoint_complete()
                 accelerator.wait_for_everyone()  # every rank's part of the checkpoint is written before any exits
+                if accelerator.num_processes > 1:
+                    finish_trackers(accelerator)
+                    exit_stopped_rank()  # no collective teardown once a rank may have exited: see `interruption`
                 accelerator.end_training()
                 raise TrainingPreempted(completed, saved)
             if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
@@ -426,6 +430,12 @@ def train(
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_metrics
+
+
+def finish_trackers(accelerator):
+    """`accelerator.end_training()` without its `destroy_process_group()`."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def signal_name(number):
