@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import psutil
 import pytest
 import torch
@@ -390,6 +391,41 @@ def test_a_signalled_run_stops_at_one_step_on_every_process_and_resumes_with_the
 # ---------------------------------------------------------------------------------------------------------------
 # Broken checkpoints, full disks
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_with_dataloader_workers_running_exits_instead_of_hanging(shapes, tmp_path):
+    """An error half-way (here: an evaluation split with no decodable image, at step 2) leaves the process with the
+    training DataLoader's workers running. They ignore SIGTERM, so an interpreter exit that left them to
+    multiprocessing would wait for them for ever; the loop closes them on its way out."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for source in Path(shapes).glob("train-*.parquet"):
+        (data / source.name).write_bytes(source.read_bytes())
+    test = datasets.load_dataset("parquet", data_files=str(next(Path(shapes).glob("test-*.parquet"))), split="train")
+    broken_image = {"bytes": b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "path": None}  # a PNG header and nothing else
+    test = test.cast_column("image", datasets.Image(decode=False)).map(lambda row: {"image": broken_image})
+    test.cast_column("image", datasets.Image()).to_parquet(str(data / "test-00000-of-00001.parquet"))
+    arguments = supervised_arguments(
+        str(data), tmp_path / "run", "--dataloader_num_workers", "2", "--eval_steps", "2", steps=6
+    )
+    process = subprocess.Popen(
+        launch_command(1, arguments),
+        env=script_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        raise AssertionError("the failed run did not exit:\n" + stderr.decode()[-3000:]) from None
+    stderr = stderr.decode()
+    assert process.returncode not in (0, PREEMPTED_EXIT_CODE), stderr[-3000:]
+    assert "The evaluation split gave no image to evaluate" in stderr, stderr[-3000:]
+    assert max(losses_by_step(tmp_path / "run")) == 2  # the workers had served two steps
 
 
 def truncate(path):

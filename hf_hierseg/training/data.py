@@ -237,6 +237,11 @@ class TrainingBatches:
 
     Each process iterates its own data independently: processes step in lockstep for as many steps as the training
     runs, whatever the number of batches per epoch on each (their epochs may end a batch apart).
+
+    Close the iterator when done (`contextlib.closing(iter(batches))`), also on an error: that stops its DataLoader
+    workers. Left to the interpreter's exit (an uncaught error keeps the frames alive), they would block it for ever:
+    PyTorch then leaves them to multiprocessing, which terminates them with SIGTERM, and they ignore SIGTERM
+    (`ignore_stop_signals`). The same holds for `evaluation_loader`.
     """
 
     def __init__(self, batches: SuperpixelBatches, num_workers=0, pin_memory=False, worker_timeout=600.0):
@@ -351,7 +356,8 @@ def datasets_transform(transform, image_column, label_column=None):
 
 
 def evaluation_loader(batches: SuperpixelBatches, num_workers=0, worker_timeout=600.0):
-    """One pass over evaluation batches (no shuffling, last batch kept); yields (batch, skipped count)."""
+    """One pass over evaluation batches (no shuffling, last batch kept); yields (batch, skipped count). Close it
+    when done, also on an error (`contextlib.closing`; see `TrainingBatches`)."""
     loader = DataLoader(
         batches,
         batch_size=None,

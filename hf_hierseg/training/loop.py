@@ -302,10 +302,14 @@ def train(
     progress = tqdm(
         total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc=objective.name
     )
-    batches = iter(training_batches)
     window_losses, window_metrics, window_start, window_from = [], {}, time.perf_counter(), start_step
     module.train()
-    with StopSignals(output_args.preemption_timeout) as stop_signals, contextlib.closing(progress):
+    # Closing the batches on the way out, also on an error, stops their DataLoader workers (see `TrainingBatches`).
+    with (
+        StopSignals(output_args.preemption_timeout) as stop_signals,
+        contextlib.closing(progress),
+        contextlib.closing(iter(training_batches)) as batches,
+    ):
         for step in range(start_step, max_steps):
             step_losses, batch_metrics = [], {}  # of this step's micro-batches
             # A skipped step leaves the running statistics as they were (its forward may have made them NaN).

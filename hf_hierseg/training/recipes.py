@@ -8,6 +8,7 @@ model card fields, the loop) plus its own model, objective and views. LoRA (`lor
 (`arguments.moco_parser()` ...) and call the runners with the parsed dataclasses.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -272,9 +273,8 @@ class Evaluator:
     def evaluate(self, model, accelerator):
         """`metrics` over the evaluation batches; an `InvalidInputError` if not one image could be evaluated (an
         accuracy of nothing would read as 0)."""
-        metrics = self.metrics(
-            model, evaluation_loader(self.batches, self.num_workers, self.worker_timeout), accelerator
-        )
+        with contextlib.closing(evaluation_loader(self.batches, self.num_workers, self.worker_timeout)) as batches:
+            metrics = self.metrics(model, batches, accelerator)
         if metrics.get("eval_samples") == 0:
             raise InvalidInputError(
                 f"The evaluation split gave no image to evaluate ({metrics.get('eval_skipped_images', 0)} "
