@@ -229,7 +229,7 @@ def test_a_stopped_rank_exits_as_preempted_with_its_logs_written_and_its_workers
     flushing a buffered log handler and killing a daemonic child that ignores SIGTERM (a DataLoader worker)."""
     log_file, pid_file = tmp_path / "run.log", tmp_path / "worker.pid"
     script = (
-        "import logging, multiprocessing, os, signal, sys, time\n"
+        "import logging, logging.handlers, multiprocessing, os, sys, time\n"
         "from hf_hierseg.training.interruption import exit_stopped_rank, ignore_stop_signals\n"
         "def worker(path):\n"
         "    ignore_stop_signals()\n"
@@ -247,7 +247,7 @@ def test_a_stopped_rank_exits_as_preempted_with_its_logs_written_and_its_workers
         "    raise SystemExit(3)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", "import logging.handlers\n" + script, str(log_file), str(pid_file)],
+        [sys.executable, "-c", script, str(log_file), str(pid_file)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -388,11 +388,6 @@ def test_a_signalled_run_stops_at_one_step_on_every_process_and_resumes_with_the
         assert fingerprint(stopped, rank) == fingerprint(reference, rank)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Broken checkpoints, full disks
-# ---------------------------------------------------------------------------------------------------------------
-
-
 @pytest.mark.slow
 def test_a_run_that_fails_with_dataloader_workers_running_exits_instead_of_hanging(shapes, tmp_path):
     """An error half-way (here: an evaluation split with no decodable image, at step 2) leaves the process with the
@@ -426,6 +421,11 @@ def test_a_run_that_fails_with_dataloader_workers_running_exits_instead_of_hangi
     assert process.returncode not in (0, PREEMPTED_EXIT_CODE), stderr[-3000:]
     assert "The evaluation split gave no image to evaluate" in stderr, stderr[-3000:]
     assert max(losses_by_step(tmp_path / "run")) == 2  # the workers had served two steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Broken checkpoints, full disks
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def truncate(path):
