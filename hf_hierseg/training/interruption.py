@@ -18,9 +18,10 @@ hung collective does not), the process exits with status 128 + the signal number
 On several processes, every rank has written its part of the checkpoint before any of them exits, and then each rank
 ends its process with `PREEMPTED_EXIT_CODE` at once (`exit_stopped_rank`) instead of raising `TrainingPreempted`:
 no teardown of the process group (`destroy_process_group` can hang, pytorch/pytorch#75097) or of the DataLoader
-workers; a teardown that hangs once another rank has exited makes a launcher that terminates the remaining ranks as
-soon as the first one exits (torchrun, `accelerate launch`) SIGKILL a rank whose checkpoint was complete, after 30 s. A stop signal that arrives while
-a rank waits for the others to finish their parts also ends it with `PREEMPTED_EXIT_CODE`, not as a kill.
+workers. A teardown that hangs once another rank has exited would make the launcher, which terminates the remaining
+ranks as soon as the first one exits (torchrun, `accelerate launch`), SIGKILL after 30 s a rank whose checkpoint was
+complete. A stop signal that arrives while a rank waits for the others to finish their parts also ends it with
+`PREEMPTED_EXIT_CODE`, not as a kill.
 
 Only the process that installed the handlers acts on them. DataLoader workers (SLURM signals every process of a job
 step) ignore the signals: forked workers inherit the handler, which does nothing outside its own process, and
