@@ -21,6 +21,7 @@ from accelerate import debug_launcher
 from accelerate.state import AcceleratorState, GradientState
 from launching import accelerate_launch
 from safetensors.torch import load_file
+from test_training_data import truncated_png
 
 from hf_hierseg import cli
 from hf_hierseg.errors import InvalidInputError
@@ -398,7 +399,7 @@ def test_a_run_that_fails_with_dataloader_workers_running_exits_instead_of_hangi
     for source in Path(shapes).glob("train-*.parquet"):
         (data / source.name).write_bytes(source.read_bytes())
     test = datasets.load_dataset("parquet", data_files=str(next(Path(shapes).glob("test-*.parquet"))), split="train")
-    broken_image = {"bytes": b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "path": None}  # a PNG header and nothing else
+    broken_image = {"bytes": truncated_png(), "path": None}
     test = test.cast_column("image", datasets.Image(decode=False)).map(lambda row: {"image": broken_image})
     test.cast_column("image", datasets.Image()).to_parquet(str(data / "test-00000-of-00001.parquet"))
     arguments = supervised_arguments(
